@@ -1,0 +1,248 @@
+"""The vector bank: named forget vectors for one frozen classifier.
+
+On disk a bank is a folder::
+
+    vectors.safetensors   name -> float32 [C, H, W]
+    manifest.json         schema_version, model fingerprint + arch, IOSpec, sha256 of the tensors
+                          file, and per vector: what it forgets, its recipe, metrics, composition
+
+No pickle: tensors go through safetensors, everything else through JSON. Saving writes the tensors
+file first and the manifest last, each atomically; the manifest records the tensors file's sha256,
+so a bank interrupted between the two renames is detected as inconsistent instead of half-loaded.
+
+Example::
+
+    bank = VectorBank.load("runs/bank")
+    bank.check_model(fingerprint, iospec)   # MismatchError if trained for another model
+    delta = bank.combine({"forget-0": 1.0, "forget-3": 1.0})
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
+from .files import atomic_write, atomic_write_json, read_json, sha256_file
+from .iospec import IOSpec
+
+__all__ = ["VectorBank", "BANK_SCHEMA_VERSION", "VECTORS_FILE", "MANIFEST_FILE", "validate_vector_name"]
+
+BANK_SCHEMA_VERSION = 1
+VECTORS_FILE = "vectors.safetensors"
+MANIFEST_FILE = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def validate_vector_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidInputError(
+            f"invalid vector name {name!r}: use 1-128 characters from letters, digits, '.', '_', '+', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class VectorBank:
+    """An in-memory bank; :meth:`load` and :meth:`save` move it to and from its folder."""
+
+    fingerprint: str
+    arch: str
+    iospec: IOSpec
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def names(self) -> list[str]:
+        return list(self.vectors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.vectors
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.vectors:
+            raise unknown("vector", name, self.vectors)
+        return self.vectors[name]
+
+    def entry(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self.entries[name]
+
+    def stack(self, names: Iterable[str] | None = None) -> np.ndarray:
+        """The selected vectors as a float32 matrix [K, C·H·W], in the given order."""
+        names = self.names if names is None else list(names)
+        if not names:
+            return np.zeros((0, self.iospec.numel), np.float32)
+        return np.stack([self.get(n).reshape(-1) for n in names]).astype(np.float32, copy=False)
+
+    def combine(self, weights: Mapping[str, float]) -> np.ndarray:
+        """Forget-vector arithmetic: ``sum_i w_i * delta_i`` as float32 [C, H, W]."""
+        out = np.zeros(self.iospec.shape, np.float32)
+        for name, w in weights.items():
+            w = float(w)
+            if not math.isfinite(w):
+                raise InvalidInputError(f"weight for {name!r} must be finite, got {w}")
+            out += np.float32(w) * self.get(name)
+        return out
+
+    def check_model(self, fingerprint: str, iospec: IOSpec, what: str = "model") -> None:
+        """Refuse to pair this bank with a classifier it was not trained for."""
+        if fingerprint != self.fingerprint:
+            raise MismatchError(
+                f"vector bank {self.path or '(unsaved)'} was trained for the model with weights fingerprint "
+                f"{self.fingerprint[:16]}… (arch {self.arch}), but {what} has fingerprint {fingerprint[:16]}…"
+            )
+        if tuple(iospec.shape) != tuple(self.iospec.shape):
+            raise MismatchError(
+                f"vector bank shape {self.iospec.shape} does not match {what} input shape {iospec.shape}"
+            )
+
+    # ------------------------------------------------------------------ edits
+    def add(
+        self,
+        name: str,
+        vector: np.ndarray,
+        *,
+        forgets: Mapping[str, Any],
+        recipe: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None = None,
+        composition: Mapping[str, float] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Add (or with ``overwrite``, replace) one vector, validated before anything changes."""
+        validate_vector_name(name)
+        if name in self.vectors and not overwrite:
+            raise InvalidInputError(f"vector {name!r} already exists in the bank; pass overwrite=True to replace it")
+        arr = np.asarray(vector)
+        if arr.shape != tuple(self.iospec.shape):
+            raise InvalidInputError(f"vector {name!r} has shape {arr.shape}, the bank holds {tuple(self.iospec.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise InvalidInputError(f"vector {name!r} contains NaN or Inf")
+        entry: dict[str, Any] = {
+            "forgets": dict(forgets),
+            "recipe": dict(recipe),
+            "created": _now(),
+            "norm_l2": float(np.linalg.norm(arr.astype(np.float64))),
+        }
+        if metrics is not None:
+            entry["metrics"] = dict(metrics)
+        if composition is not None:
+            entry["composition"] = {k: float(v) for k, v in composition.items()}
+        self.vectors[name] = np.ascontiguousarray(arr, dtype=np.float32)
+        self.entries[name] = entry
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self.vectors[name]
+        del self.entries[name]
+
+    def set_metrics(self, name: str, metrics: Mapping[str, Any]) -> None:
+        self.entry(name)["metrics"] = dict(metrics)
+
+    # ------------------------------------------------------------------ disk
+    def manifest(self, vectors_sha256: str) -> dict[str, Any]:
+        return {
+            "schema_version": BANK_SCHEMA_VERSION,
+            "kind": "forgetrt.vector_bank",
+            "model": {"fingerprint": self.fingerprint, "arch": self.arch},
+            "iospec": self.iospec.to_dict(),
+            "vectors_sha256": vectors_sha256,
+            "vectors": {name: self.entries[name] for name in self.vectors},
+        }
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the bank folder (tensors first, manifest last, each atomically)."""
+        from safetensors.numpy import save_file
+
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise InvalidInputError("VectorBank.save needs a path for a bank that was never saved")
+        if target.exists() and not target.is_dir():
+            raise ArtifactError(f"bank path {target} exists and is not a folder")
+        target.mkdir(parents=True, exist_ok=True)
+        tensors = {n: np.ascontiguousarray(v, np.float32) for n, v in self.vectors.items()}
+        atomic_write(
+            target / VECTORS_FILE,
+            lambda p: save_file(tensors, str(p), metadata={"format": "forgetrt.vector_bank"}),
+        )
+        atomic_write_json(target / MANIFEST_FILE, self.manifest(sha256_file(target / VECTORS_FILE)))
+        self.path = target
+        return target
+
+    @classmethod
+    def create(cls, fingerprint: str, arch: str, iospec: IOSpec) -> "VectorBank":
+        return cls(fingerprint=fingerprint, arch=arch, iospec=iospec)
+
+    @classmethod
+    def exists(cls, path: str | os.PathLike) -> bool:
+        return (Path(path) / MANIFEST_FILE).is_file()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "VectorBank":
+        """Load and validate a bank folder; every defect is a typed error naming the file."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise ArtifactError(f"vector bank folder not found: {path}")
+        man_path = path / MANIFEST_FILE
+        m = read_json(man_path, "bank manifest")
+        if not isinstance(m, dict) or m.get("kind") != "forgetrt.vector_bank":
+            raise CorruptArtifactError(f"{man_path} is not a ForgetRT vector bank manifest")
+        if m.get("schema_version") != BANK_SCHEMA_VERSION:
+            raise CorruptArtifactError(
+                f"{man_path}: schema_version {m.get('schema_version')!r} is not supported (expected {BANK_SCHEMA_VERSION})"
+            )
+        try:
+            fingerprint = str(m["model"]["fingerprint"])
+            arch = str(m["model"]["arch"])
+            entries = dict(m["vectors"])
+            want_sha = str(m["vectors_sha256"])
+        except (KeyError, TypeError) as e:
+            raise CorruptArtifactError(f"{man_path} lacks field {e}") from e
+        iospec = IOSpec.from_dict(m.get("iospec") or {})
+        vec_path = path / VECTORS_FILE
+        if not vec_path.is_file():
+            raise ArtifactError(f"bank tensors file not found: {vec_path}")
+        got_sha = sha256_file(vec_path)
+        if got_sha != want_sha:
+            raise CorruptArtifactError(
+                f"{vec_path} has sha256 {got_sha[:16]}…, the manifest records {want_sha[:16]}…: "
+                "the file was modified or the bank was not saved completely"
+            )
+        try:
+            tensors = load_file(str(vec_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptArtifactError(f"cannot read {vec_path}: {e}") from e
+        if set(tensors) != set(entries):
+            raise CorruptArtifactError(
+                f"{path}: tensors {sorted(tensors)} and manifest entries {sorted(entries)} differ"
+            )
+        vectors: dict[str, np.ndarray] = {}
+        for name in entries:  # manifest order is the bank's order
+            arr = tensors[name]
+            if arr.dtype != np.float32 or arr.shape != tuple(iospec.shape):
+                raise CorruptArtifactError(
+                    f"{vec_path}: vector {name!r} is {arr.dtype} {arr.shape}, expected float32 {tuple(iospec.shape)}"
+                )
+            vectors[name] = arr
+        return cls(fingerprint=fingerprint, arch=arch, iospec=iospec, vectors=vectors, entries=entries, path=path)

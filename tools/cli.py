@@ -1,0 +1,353 @@
+"""The ``forgetrt`` command line: a thin layer over the library.
+
+Each command parses its options, calls one library function, and prints. Library errors
+(:class:`forgetrt.runtime.errors.ForgetRTError`) become a one-line message and an exit code at one
+boundary (:class:`_Group`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from forgetrt import __version__
+from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
+
+__all__ = ["cli", "main"]
+
+
+class _Group(click.Group):
+    """Maps every ForgetRTError raised by a subcommand to a clean ClickException with its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ForgetRTError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from e
+
+
+# --------------------------------------------------------------------------- parameter types
+
+
+class CsvList(click.ParamType):
+    """'0,3' -> [0, 3]; items that are not integers stay strings (class labels, vector names)."""
+
+    name = "LIST"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list:
+        if isinstance(value, list):
+            return value
+        items = [t.strip() for t in str(value).split(",") if t.strip()]
+        if not items:
+            self.fail(f"expected a comma-separated list, got {value!r}", param, ctx)
+        return [int(t) if t.lstrip("-").isdigit() else t for t in items]
+
+
+class Weights(click.ParamType):
+    """'forget-0=1,forget-3=0.5' -> {'forget-0': 1.0, 'forget-3': 0.5}."""
+
+    name = "NAME=W,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, float]:
+        if isinstance(value, dict):
+            return value
+        out: dict[str, float] = {}
+        for part in (p.strip() for p in str(value).split(",") if p.strip()):
+            name, sep, w = part.partition("=")
+            try:
+                weight = float(w) if sep else 1.0
+            except ValueError:
+                self.fail(f"weight of {name!r} must be a number, got {w!r}", param, ctx)
+            if not math.isfinite(weight):
+                self.fail(f"weight of {name!r} must be finite, got {w!r}", param, ctx)
+            if name in out:
+                self.fail(f"vector {name!r} given twice", param, ctx)
+            out[name.strip()] = weight
+        if not out:
+            self.fail("expected NAME=WEIGHT pairs separated by commas", param, ctx)
+        return out
+
+
+class DataSpec(click.ParamType):
+    """'digits' or 'cifar10:PATH', checked at parse time."""
+
+    name = "SPEC"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from forgetrt.train.data import parse_data_spec
+
+        try:
+            parse_data_spec(str(value))
+        except ForgetRTError as e:
+            self.fail(str(e), param, ctx)
+        return str(value)
+
+
+CSV = CsvList()
+WEIGHTS = Weights()
+DATA = DataSpec()
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _device_option(default: str = "auto") -> Callable:
+    return click.option("--device", type=DEVICE, default=default, show_default=True, help="Torch device.")
+
+
+def _forget_options(prefix: str = "forget") -> Callable:
+    """--{prefix}-classes / --{prefix}-fraction / --{prefix}-indices (exactly one, checked later)."""
+
+    def deco(f: Callable) -> Callable:
+        f = click.option(f"--{prefix}-indices", type=click.Path(dir_okay=False), help="File of training indices to forget (text or JSON list).")(f)
+        f = click.option(f"--{prefix}-fraction", type=float, help="Forget this random fraction of the training set (with --seed).")(f)
+        f = click.option(f"--{prefix}-classes", type=CSV, help="Forget whole classes, e.g. 0,3 (indices or labels).")(f)
+        return f
+
+    return deco
+
+
+def _forget_spec(classes: list | None, fraction: float | None, indices: str | None, seed: int, required: bool = True):
+    from forgetrt.train.data import ForgetSpec
+
+    given = [x is not None for x in (classes, fraction, indices)]
+    if sum(given) == 0:
+        if required:
+            raise InvalidInputError("say what to forget: --forget-classes, --forget-fraction or --forget-indices")
+        return None
+    if sum(given) > 1:
+        raise InvalidInputError("give only one of --forget-classes, --forget-fraction, --forget-indices")
+    if indices is not None:
+        return ForgetSpec.from_indices_file(indices)
+    if fraction is not None:
+        return ForgetSpec(fraction=fraction, seed=seed)
+    return ForgetSpec(classes=tuple(classes or ()))
+
+
+def _recipe_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--preset", type=click.Choice(["paper", "digits"]), default="paper", show_default=True, help="Base recipe; the flags below override it."),
+        click.option("--epochs", type=int, help="Epochs (paper: 10)."),
+        click.option("--lr", type=float, help="SGD learning rate (paper: 0.2)."),
+        click.option("--batch-size", type=int, help="Mini-batch size per vector (paper: 256)."),
+        click.option("--alpha", type=float, help="Retain cross-entropy weight α (paper: 1)."),
+        click.option("--beta", type=float, help="Forget margin weight β (paper: 3-10; default 5)."),
+        click.option("--lam", type=float, help="L2 norm penalty weight λ (paper: 1)."),
+        click.option("--tau", type=float, help="Margin floor τ (paper: 1)."),
+        click.option("--gamma", type=float, help="ExponentialLR factor per epoch (paper: 0.9)."),
+        click.option("--forget-share", type=float, help="Share of forget samples per batch (default: natural mix)."),
+        click.option("--grad-clip", type=float, help="Per-vector gradient L2 clip (default: none)."),
+        click.option("--augment", type=click.Choice(["none", "shift", "crop-flip"]), help="Augment clean images before δ."),
+        click.option("--max-parallel", type=int, help="Vectors trained in one forward pass (default 16)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+_RECIPE_KEYS = ("epochs", "lr", "batch_size", "alpha", "beta", "lam", "tau", "gamma", "forget_share", "grad_clip", "augment", "max_parallel")
+
+
+def _recipe(kw: dict[str, Any], seed: int):
+    from dataclasses import replace
+
+    from forgetrt.train.vectors import PRESETS
+
+    changes = {k: kw.pop(k) for k in _RECIPE_KEYS if kw.get(k) is not None}
+    for k in _RECIPE_KEYS:
+        kw.pop(k, None)
+    return replace(PRESETS[kw.pop("preset")], seed=seed, **changes)
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="forgetrt")
+def cli() -> None:
+    """ForgetRT: train forget vectors for a frozen classifier, compose them, evaluate unlearning.
+
+    Typical flow: train-model -> train-vector (--each-class) -> compose -> eval. `forgetrt demo`
+    runs all of it on sklearn's digits in about a minute.
+    """
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List the registered classifier architectures."""
+    from forgetrt.train.models import list_models, model_input_shape
+
+    for name, desc in list_models().items():
+        click.echo(f"{name:<16} input {'x'.join(map(str, model_input_shape(name))):<8} {desc}")
+
+
+@cli.command("train-model")
+@click.option("--arch", required=True, help="Architecture (see `forgetrt models`).")
+@click.option("--data", "data", type=DATA, default="digits", show_default=True, help="Data spec: digits | cifar10:PATH.")
+@click.option("--epochs", type=int, help="Epochs (default per arch).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output model folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, help="Batch size (default per arch).")
+@click.option("--lr", type=float, help="Peak learning rate (default per arch).")
+@_device_option()
+def train_model_cmd(arch: str, data: str, epochs: int | None, out: str, seed: int, batch_size: int | None, lr: float | None, device: str) -> None:
+    """Train a classifier; writes OUT/model.safetensors and OUT/model.json."""
+    from forgetrt.train.workflows import train_model
+
+    rec = train_model(arch, data, out, epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr)
+    m = rec["metrics"]
+    click.echo(f"{arch}: train {m['train_acc']:.2f}%  test {m['test_acc']:.2f}%  ({rec['training']['seconds']:.1f}s) -> {out}")
+
+
+@cli.command("train-vector")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True, help="Model folder.")
+@click.option("--data", "data", type=DATA, default="digits", show_default=True)
+@_forget_options()
+@click.option("--each-class", is_flag=True, help="Train one vector per class (named forget-<class>), batched.")
+@click.option("--classes", "each_classes", type=CSV, help="With --each-class: only these classes.")
+@click.option("--bank", "bank_dir", type=click.Path(file_okay=False), required=True, help="Vector bank folder (created if absent).")
+@click.option("--name", help="Vector name (not with --each-class).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --forget-fraction and training.")
+@_recipe_options
+@click.option("--overwrite", is_flag=True, help="Replace vectors of the same name.")
+@click.option("--no-eval", is_flag=True, help="Skip evaluation (metrics are not stored in the manifest).")
+@_device_option()
+def train_vector_cmd(model_dir: str, data: str, forget_classes, forget_fraction, forget_indices, each_class: bool, each_classes, bank_dir: str, name: str | None, seed: int, overwrite: bool, no_eval: bool, device: str, **kw: Any) -> None:
+    """Train forget vector(s) against a frozen model and add them to a bank."""
+    from forgetrt.train import workflows as wf
+    from forgetrt.train.metrics import format_table
+
+    recipe = _recipe(kw, seed)
+    if each_class:
+        if name or any(x is not None for x in (forget_classes, forget_fraction, forget_indices)):
+            raise InvalidInputError("--each-class names its vectors forget-<class>: do not combine it with --name or --forget-*")
+        res = wf.train_class_vectors(model_dir, data, bank_dir, classes=each_classes, recipe=recipe, device=device, evaluate_after=not no_eval, overwrite=overwrite)
+    else:
+        if not name:
+            raise InvalidInputError("--name is required (or use --each-class)")
+        spec = _forget_spec(forget_classes, forget_fraction, forget_indices, seed)
+        res = wf.train_vector(model_dir, data, bank_dir, {name: spec}, recipe, device=device, evaluate_after=not no_eval, overwrite=overwrite)
+    if no_eval:
+        for r in res:
+            click.echo(f"{r['name']}: trained in {r['seconds']:.1f}s")
+    else:
+        click.echo(format_table({r["name"]: r["metrics"] for r in res}))
+    click.echo(f"bank: {bank_dir}")
+
+
+@cli.command("compose")
+@click.option("--bank", "bank_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--name", required=True, help="Name of the new vector.")
+@click.option("--weights", type=WEIGHTS, help="Fixed combination, e.g. forget-0=1,forget-3=1.")
+@click.option("--learn", is_flag=True, help="Learn the coefficients over existing vectors instead.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Model folder (--learn).")
+@click.option("--data", "data", type=DATA, default="digits", show_default=True, help="Data spec (--learn).")
+@_forget_options("target")
+@click.option("--basis", type=CSV, help="Vectors to combine (--learn; default: every non-composed vector).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_recipe_options
+@click.option("--overwrite", is_flag=True)
+@_device_option()
+def compose_cmd(bank_dir: str, name: str, weights, learn: bool, model_dir, data: str, target_classes, target_fraction, target_indices, basis, seed: int, overwrite: bool, device: str, **kw: Any) -> None:
+    """Forget-vector arithmetic: a fixed or learned linear combination saved as a new vector."""
+    from forgetrt.train import workflows as wf
+
+    recipe = _recipe(kw, seed)
+    if learn == (weights is not None):
+        raise InvalidInputError("give exactly one of --weights or --learn")
+    if weights is not None:
+        _echo_json(wf.compose_fixed(bank_dir, name, weights, overwrite=overwrite))
+        return
+    if not model_dir:
+        raise InvalidInputError("--learn needs --model")
+    spec = _forget_spec(target_classes, target_fraction, target_indices, seed)
+    res = wf.compose_learned(bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite)
+    _echo_json(res)
+
+
+@cli.command("eval")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--data", "data", type=DATA, default="digits", show_default=True)
+@click.option("--bank", "bank_dir", type=click.Path(file_okay=False))
+@click.option("--vector", help="Vector name in the bank.")
+@click.option("--weights", type=WEIGHTS, help="Evaluate a combination without saving it.")
+@_forget_options()
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --forget-fraction.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option("--reference", type=click.Path(dir_okay=False), help="Reference result JSON (e.g. Retrain) for Avg.Gap.")
+@_device_option()
+def eval_cmd(model_dir: str, data: str, bank_dir, vector, weights, forget_classes, forget_fraction, forget_indices, seed: int, json_out, reference, device: str) -> None:
+    """UA, RA, TA, MIA-Efficacy (and Avg.Gap vs --reference) with a vector applied, in percent."""
+    from forgetrt.runtime.files import atomic_write_json
+    from forgetrt.train.metrics import format_table
+    from forgetrt.train.workflows import evaluate_result
+
+    spec = _forget_spec(forget_classes, forget_fraction, forget_indices, seed, required=False)
+    res = evaluate_result(model_dir, data, bank_dir=bank_dir, vector=vector, weights=weights, forget=spec, indices_file=forget_indices, reference=reference, device=device)
+    click.echo(format_table({res["evaluated"]: res}))
+    if json_out:
+        atomic_write_json(json_out, res)
+        click.echo(f"json: {json_out}")
+
+
+@cli.command("unlearn-baseline")
+@click.option("--method", type=click.Choice(["retrain", "ft", "ga", "rl"]), required=True)
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--data", "data", type=DATA, default="digits", show_default=True)
+@_forget_options()
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the unlearned model.")
+@click.option("--epochs", type=int, help="Override the method's epochs.")
+@click.option("--lr", type=float, help="Override the method's learning rate.")
+@_device_option()
+def baseline_cmd(method: str, model_dir: str, data: str, forget_classes, forget_fraction, forget_indices, seed: int, out: str, epochs, lr, device: str) -> None:
+    """Model-based unlearning (Retrain, FT, GA, RL) for comparison; evaluate OUT with `forgetrt eval`."""
+    from forgetrt.train.workflows import unlearn_baseline
+
+    spec = _forget_spec(forget_classes, forget_fraction, forget_indices, seed)
+    rec = unlearn_baseline(method, model_dir, data, spec, out, epochs=epochs, lr=lr, device=device)
+    click.echo(f"{method}: {rec['unlearning']['seconds']:.1f}s, test acc {rec['metrics']['test_acc']:.2f}% -> {out}")
+
+
+@cli.command("bank")
+@click.argument("bank_dir", type=click.Path(file_okay=False))
+def bank_cmd(bank_dir: str) -> None:
+    """Show a bank's vectors: what each forgets, its norm and stored metrics."""
+    from forgetrt.runtime.bank import VectorBank
+
+    bank = VectorBank.load(bank_dir)
+    click.echo(f"bank {bank_dir}: {len(bank)} vectors, shape {bank.iospec.shape}, model {bank.arch} {bank.fingerprint[:12]}")
+    for n in bank.names:
+        e = bank.entry(n)
+        m = e.get("metrics") or {}
+        f = e.get("forgets", {})
+        what = f.get("labels") or f.get("fraction") or f.get("count") or f.get("kind")
+        stats = "  ".join(f"{k} {m[k]:.1f}" for k in ("UA", "RA", "TA", "MIA_efficacy") if k in m)
+        click.echo(f"  {n:<20} forgets {what!s:<12} |δ|₂ {e.get('norm_l2', 0):.3f}  {stats}")
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="forgetrt-demo", show_default=True)
+@_device_option("cpu")
+def demo_cmd(out: str, device: str) -> None:
+    """The main job on sklearn's digits (no download): model, class vectors, compositions, metrics."""
+    from forgetrt.train.demo import run_demo
+
+    run_demo(Path(out), device=device, log=click.echo)
+
+
+def main() -> None:
+    cli(prog_name="forgetrt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""forgetrt.train: the PyTorch side."""

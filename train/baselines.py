@@ -1,0 +1,82 @@
+"""Model-based unlearning baselines the paper compares against (one model copy per request):
+
+- ``retrain``: train from scratch on the retain set only (the gold standard; Avg.Gap reference)
+- ``ft``: fine-tune the original on the retain set (catastrophic forgetting of the forget set)
+- ``ga``: gradient ascent on the forget set
+- ``rl``: random labels: fine-tune on the forget set with wrong random labels plus the retain set
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from forgetrt.runtime.errors import unknown
+
+from .data import Dataset, ForgetSplit
+from .engine import DeviceData, TrainConfig, fit, train_classifier
+
+__all__ = ["BASELINES", "BaselineConfig", "run_baseline", "default_baseline_config"]
+
+BASELINES = ("retrain", "ft", "ga", "rl")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    method: str
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.method not in BASELINES:
+            raise unknown("baseline method", self.method, BASELINES)
+
+
+def default_baseline_config(method: str, original: TrainConfig, epochs: int | None = None, lr: float | None = None) -> BaselineConfig:
+    """Recipes from the unlearning literature (Unlearn-Sparse / SalUn), scaled to the original's."""
+    if method not in BASELINES:
+        raise unknown("baseline method", method, BASELINES)
+    if method == "retrain":
+        cfg = original
+    elif method == "ft":
+        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
+    elif method == "rl":
+        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
+    else:  # ga: a few small steps uphill on the forget set only
+        cfg = TrainConfig(epochs=5, batch_size=min(original.batch_size, 64), lr=1e-3, weight_decay=0.0, augment="none", seed=original.seed)
+    changes = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    if changes:
+        cfg = TrainConfig(**{**cfg.to_dict(), **changes})
+    return BaselineConfig(method, cfg)
+
+
+def run_baseline(
+    cfg: BaselineConfig, arch: str, original: nn.Module, ds: Dataset, split: ForgetSplit, device: torch.device
+) -> tuple[nn.Module, float]:
+    """Return the unlearned model and its wall time in seconds."""
+    t0 = time.perf_counter()
+    if cfg.method == "retrain":
+        model, _, _ = train_classifier(arch, ds, cfg.train, device, train_idx=split.retain)
+        return model, time.perf_counter() - t0
+    model = copy.deepcopy(original).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if cfg.method == "ft":
+        fit(model, DeviceData(ds.x_train[split.retain], ds.y_train[split.retain], ds.scale, device), cfg.train, desc="FT")
+    elif cfg.method == "ga":
+        data = DeviceData(ds.x_train[split.forget], ds.y_train[split.forget], ds.scale, device)
+        fit(model, data, cfg.train, desc="GA", ascent_idx=torch.arange(len(data)))
+    else:  # rl
+        idx = np.concatenate([split.forget, split.retain])
+        y = ds.y_train[idx].copy()
+        rng = np.random.default_rng(cfg.train.seed)
+        nf = len(split.forget)
+        shift = rng.integers(1, ds.num_classes, nf)  # a label that is never the true one
+        y[:nf] = (y[:nf] + shift) % ds.num_classes
+        fit(model, DeviceData(ds.x_train[idx], y, ds.scale, device), cfg.train, desc="RL")
+    model.eval()
+    return model, time.perf_counter() - t0

@@ -1,0 +1,261 @@
+"""Shared PyTorch plumbing: devices, batching of uint8 data, inference with a forget vector, and
+classifier training (used by ``train-model`` and the Retrain/FT/RL baselines)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from forgetrt.runtime.errors import InvalidInputError, unknown
+from forgetrt.runtime.iospec import IOSpec
+
+from .data import Dataset
+from .models import create_model
+
+__all__ = [
+    "resolve_device",
+    "DeviceData",
+    "predict_logits",
+    "TrainConfig",
+    "train_classifier",
+    "fit",
+    "iospec_for",
+    "accuracy",
+    "seed_everything",
+]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error, never a silent fallback."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+        return torch.device(device)
+    raise unknown("device", device, ["auto", "cpu", "cuda"])
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return torch.Generator().manual_seed(seed)
+
+
+class DeviceData:
+    """uint8 images kept once on the device; batches come out as float [0, 1] tensors."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        self.y = torch.from_numpy(np.ascontiguousarray(y)).long().to(device)
+        self.scale = float(scale)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        return self.x[idx].float().div_(self.scale)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if t.is_cuda and t.dim() == 4 else t
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    x: np.ndarray | DeviceData,
+    scale: float | None = None,
+    delta: np.ndarray | torch.Tensor | None = None,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """float32 logits of ``model(x / scale + delta)`` for uint8 images, in eval mode."""
+    device = device or next(model.parameters()).device
+    data = x if isinstance(x, DeviceData) else DeviceData(x, np.zeros(len(x), np.int64), float(scale or 1.0), device)
+    d = None
+    if delta is not None:
+        d = torch.as_tensor(delta, dtype=torch.float32, device=device)
+    was_training = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(data), batch_size):
+        xb = data.images(slice(s, s + batch_size))
+        if d is not None:
+            xb = xb + d
+        out.append(model(_channels_last(xb)).float().cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return torch.cat(out).numpy()
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Share of correct argmax predictions, in percent (NaN for an empty set)."""
+    if len(y) == 0:
+        return float("nan")
+    return float((logits.argmax(1) == y).mean() * 100.0)
+
+
+def iospec_for(ds: Dataset) -> IOSpec:
+    mean, std = ds.channel_stats()
+    return IOSpec(shape=ds.shape, mean=mean, std=std, labels=ds.classes)
+
+
+AUGMENTATIONS = ("none", "shift", "crop-flip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Classifier training recipe: SGD + Nesterov, one-cycle LR, optional crop/flip augmentation."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    augment: str = "none"  # "none", "shift" (random crop with 1-pixel padding), "crop-flip" (CIFAR: pad 4 + flip)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise InvalidInputError(f"learning rate must be > 0, got {self.lr}")
+        if self.augment not in AUGMENTATIONS:
+            raise unknown("augmentation", self.augment, AUGMENTATIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_train_config(arch: str, epochs: int | None = None, **kw: Any) -> TrainConfig:
+    """Sensible per-architecture defaults (digits: no augmentation; CIFAR: crop + flip, bigger batch)."""
+    if arch == "digits-cnn":
+        base = dict(epochs=30, batch_size=64, lr=0.05, augment="none")
+    elif arch == "resnet18-cifar":
+        base = dict(epochs=24, batch_size=512, lr=0.2, augment="crop-flip")
+    else:
+        base = dict(epochs=15, batch_size=256, lr=0.1, augment="crop-flip")
+    if epochs is not None:
+        base["epochs"] = epochs
+    base.update({k: v for k, v in kw.items() if v is not None})
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator | None = None, mode: str = "crop-flip") -> torch.Tensor:
+    """Per-sample random crop with zero padding (1 pixel for "shift", 4 for "crop-flip") and, for
+    "crop-flip", a random horizontal flip; runs on the batch's device."""
+    if mode == "none":
+        return x
+    pad = 1 if mode == "shift" else 4
+    n, c, h, w = x.shape
+    dev = x.device
+    xp = nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), device="cpu", generator=gen).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), device="cpu", generator=gen).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [n, h, 1]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # [n, 1, w]
+    bidx = torch.arange(n, device=dev)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)  # [n, c, h, w]
+    if mode != "crop-flip":
+        return out
+    flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for s in range(0, stop, batch_size):
+        yield perm[s : s + batch_size]
+
+
+def fit(
+    model: nn.Module,
+    data: DeviceData,
+    cfg: TrainConfig,
+    *,
+    desc: str = "train",
+    labels: torch.Tensor | None = None,
+    ascent_idx: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` (optionally with replacement ``labels``).
+
+    ``ascent_idx`` marks samples whose loss is *maximized* (gradient ascent), used by the GA baseline.
+    Mixed precision (bf16) and channels-last on CUDA; plain fp32 on CPU.
+    """
+    device = data.device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    y_all = data.y if labels is None else labels.to(device)
+    sign = None
+    if ascent_idx is not None:
+        sign = torch.ones(len(data), device=device)
+        sign[ascent_idx.to(device)] = -1.0
+    steps_per_epoch = max(1, len(data) // cfg.batch_size) if len(data) >= cfg.batch_size else 1
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25, anneal_strategy="linear"
+    )
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    t0 = time.perf_counter()
+    loss_val = float("nan")
+    with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False) as bar:
+        for _epoch in range(cfg.epochs):
+            correct, seen = 0, 0
+            for i, idx in enumerate(_batches(len(data), min(cfg.batch_size, len(data)), gen, drop_last=True)):
+                if i >= steps_per_epoch:
+                    break
+                idx = idx.to(device)
+                xb = data.images(idx)
+                xb = augment_batch(xb, gen, cfg.augment)
+                yb = y_all[idx]
+                with amp:
+                    logits = model(_channels_last(xb))
+                    per = nn.functional.cross_entropy(logits.float(), yb, reduction="none")
+                    loss = (per * sign[idx]).mean() if sign is not None else per.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
+                loss_val = float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.3f}", acc=f"{100 * correct / max(seen, 1):.1f}")
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "final_loss": loss_val}
+
+
+def train_classifier(
+    arch: str, ds: Dataset, cfg: TrainConfig, device: torch.device, *, train_idx: np.ndarray | None = None
+) -> tuple[nn.Module, IOSpec, dict[str, float]]:
+    """Train a fresh classifier (on ``train_idx`` only, if given: the Retrain baseline)."""
+    seed_everything(cfg.seed)
+    spec = iospec_for(ds)
+    model = create_model(arch, spec).to(device)
+    x, y = ds.x_train, ds.y_train
+    if train_idx is not None:
+        x, y = x[train_idx], y[train_idx]
+    stats = fit(model, DeviceData(x, y, ds.scale, device), cfg, desc=f"train {arch}")
+    return model, spec, stats

@@ -1,0 +1,291 @@
+"""Forget-vector training and forget-vector arithmetic.
+
+The objective (the paper's code), per mini-batch of B samples mixing forget and retain data, with the
+classifier frozen and BatchNorm in eval mode, δ added in [0, 1] pixel space::
+
+    α · Σ_retain CE(f(x+δ), y) / B  +  β · Σ_forget max(z_y − max_{j≠y} z_j, −τ) / B  +  λ · ‖δ‖₂
+
+optimized by SGD (momentum 0.9, lr 0.2) with ExponentialLR(0.9) per epoch, δ starting at 0.
+
+Independent problems (one vector per class, say) are trained *together*: their parameters are
+stacked into one tensor [P, ...], each step draws one batch per problem, and all P·B perturbed
+images go through the frozen model in one forward/backward pass. The problems stay independent
+(the total loss is a sum of per-problem terms over disjoint parameters), but ten vectors cost far
+less than ten separate runs.
+
+Learned composition is the same loop over a different parametrization: δ = c @ bank, where only
+the coefficients c (start 0, L2 on c) are trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from forgetrt.runtime.errors import InvalidInputError
+
+from .data import Dataset, ForgetSpec
+from .engine import DeviceData, augment_batch
+
+__all__ = ["VectorRecipe", "TrainedVector", "train_vectors", "learn_composition", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class VectorRecipe:
+    """Every constant of forget-vector training (defaults: the paper's recipe)."""
+
+    epochs: int = 10
+    lr: float = 0.2
+    momentum: float = 0.9
+    gamma: float = 0.9  # ExponentialLR factor per epoch
+    batch_size: int = 256
+    alpha: float = 1.0  # retain cross-entropy weight
+    beta: float = 5.0  # forget margin weight (paper: 3-10)
+    lam: float = 1.0  # L2 norm penalty weight
+    tau: float = 1.0  # margin floor
+    seed: int = 0
+    forget_share: float | None = None  # None: the natural mix; else the forget share of each batch
+    augment: str = "none"  # "none" | "shift" | "crop-flip": augment the clean image before δ is added
+    max_parallel: int = 16  # problems trained in one forward pass (memory bound)
+    grad_clip: float | None = None  # per-problem L2 clip of the gradient (None: the paper's plain SGD)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise InvalidInputError(f"batch size must be >= 2, got {self.batch_size}")
+        for k in ("lr", "gamma"):
+            if not getattr(self, k) > 0:
+                raise InvalidInputError(f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("alpha", "beta", "lam", "tau"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise InvalidInputError(f"{k} must be finite and >= 0, got {v}")
+        if self.forget_share is not None and not 0.0 < self.forget_share < 1.0:
+            raise InvalidInputError(f"forget share must be in (0, 1), got {self.forget_share}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InvalidInputError(f"grad clip must be > 0, got {self.grad_clip}")
+        if self.max_parallel < 1:
+            raise InvalidInputError(f"max_parallel must be >= 1, got {self.max_parallel}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainedVector:
+    name: str
+    vector: np.ndarray  # float32 [C, H, W]
+    spec: ForgetSpec
+    seconds: float  # wall time share of this vector (group time / group size)
+    coefficients: dict[str, float] | None = None  # learned composition only
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y − max_{j≠y} z_j per sample."""
+    zy = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    other = logits.scatter(-1, y.unsqueeze(-1), float("-inf")).amax(-1)
+    return zy - other
+
+
+def _objective(
+    logits: torch.Tensor, y: torch.Tensor, is_forget: torch.Tensor, params: torch.Tensor, r: VectorRecipe
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-problem loss [P] for logits [P, B, C], labels [P, B], forget mask [P, B], params [P, ...]."""
+    b = logits.shape[1]
+    ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    fmask = is_forget.float()
+    retain_term = (ce * (1 - fmask)).sum(1) / b
+    forget_term = (_margin(logits, y).clamp(min=-r.tau) * fmask).sum(1) / b
+    reg = torch.linalg.vector_norm(params.flatten(1), dim=1)
+    loss = r.alpha * retain_term + r.beta * forget_term + r.lam * reg
+    return loss, ce
+
+
+class _Sampler:
+    """Per-problem batch indices: a fresh permutation of the training set per epoch (natural mix),
+    or, with ``forget_share``, a fixed number of forget samples per batch drawn from a cycling
+    permutation of the forget set."""
+
+    def __init__(self, masks: np.ndarray, r: VectorRecipe, gen: torch.Generator) -> None:
+        self.masks = masks  # [P, N] bool
+        self.r = r
+        self.gen = gen
+        n = masks.shape[1]
+        self.b = min(r.batch_size, n)
+        self.steps = math.ceil(n / self.b)
+
+    def epoch(self) -> list[torch.Tensor]:
+        p, n = self.masks.shape
+        if self.r.forget_share is None:
+            perms = torch.stack([torch.randperm(n, generator=self.gen) for _ in range(p)])
+            pad = self.steps * self.b - n  # last batch wraps around instead of being short
+            if pad:
+                perms = torch.cat([perms, perms[:, :pad]], 1)
+            return list(perms.view(p, self.steps, self.b).unbind(1))
+        nf = max(1, int(round(self.r.forget_share * self.b)))
+        nr = self.b - nf
+        out = []
+        groups = []
+        for m in self.masks:
+            f, rt = np.flatnonzero(m), np.flatnonzero(~m)
+            fi = torch.from_numpy(f)[torch.randint(len(f), (self.steps * nf,), generator=self.gen)]
+            ri = torch.from_numpy(rt)[torch.randperm(len(rt), generator=self.gen).repeat(math.ceil(self.steps * nr / len(rt)) + 1)[: self.steps * nr]]
+            groups.append((fi.view(self.steps, nf), ri.view(self.steps, nr)))
+        for s in range(self.steps):
+            out.append(torch.stack([torch.cat([fi[s], ri[s]]) for fi, ri in groups]))
+        return out
+
+
+def _optimize(
+    model: nn.Module,
+    data: DeviceData,
+    masks: np.ndarray,
+    params: torch.Tensor,
+    to_delta,
+    r: VectorRecipe,
+    desc: str,
+) -> torch.Tensor:
+    """Run the paper's optimizer over ``params`` [P, ...]; ``to_delta(params) -> [P, C, H, W]``."""
+    device = data.device
+    gen = torch.Generator().manual_seed(r.seed)
+    params = params.detach().clone().to(device).requires_grad_(True)
+    opt = torch.optim.SGD([params], lr=r.lr, momentum=r.momentum)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.gamma)
+    sampler = _Sampler(masks, r, gen)
+    fmask_dev = torch.from_numpy(masks).to(device)
+    p = masks.shape[0]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with tqdm(total=r.epochs * sampler.steps, desc=desc, unit="step", leave=False) as bar:
+        for _ in range(r.epochs):
+            ua_hits = ua_n = ra_hits = ra_n = 0
+            for idx in sampler.epoch():
+                idx = idx.to(device)  # [P, B]
+                x = data.images(idx.flatten())
+                x = augment_batch(x, gen, r.augment)
+                x = x.view(p, -1, *x.shape[1:])
+                y = data.y[idx]
+                is_forget = fmask_dev.gather(1, idx)
+                delta = to_delta(params)
+                with amp:
+                    logits = model((x + delta[:, None]).flatten(0, 1)).float().view(p, x.shape[1], -1)
+                loss, _ = _objective(logits, y, is_forget, params, r)
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                if r.grad_clip is not None:
+                    with torch.no_grad():
+                        g = params.grad.flatten(1)
+                        g.mul_((r.grad_clip / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+                opt.step()
+                with torch.no_grad():
+                    correct = logits.argmax(-1) == y
+                    ua_hits += int((~correct & is_forget).sum())
+                    ua_n += int(is_forget.sum())
+                    ra_hits += int((correct & ~is_forget).sum())
+                    ra_n += int((~is_forget).sum())
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{float(loss.detach().mean()):.3f}",
+                    UA=f"{100 * ua_hits / max(ua_n, 1):.1f}",
+                    RA=f"{100 * ra_hits / max(ra_n, 1):.1f}",
+                )
+            sched.step()
+    return params.detach()
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()  # BN uses running statistics; dropout off
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model
+
+
+def _masks(ds: Dataset, specs: Sequence[ForgetSpec]) -> np.ndarray:
+    masks = np.zeros((len(specs), len(ds.y_train)), bool)
+    for i, s in enumerate(specs):
+        masks[i, s.resolve(ds).forget] = True
+    return masks
+
+
+def train_vectors(
+    model: nn.Module,
+    ds: Dataset,
+    specs: Mapping[str, ForgetSpec],
+    recipe: VectorRecipe = VectorRecipe(),
+    *,
+    device: torch.device | None = None,
+) -> list[TrainedVector]:
+    """Train one forget vector per named spec, up to ``recipe.max_parallel`` problems per pass."""
+    if not specs:
+        raise InvalidInputError("no forget spec given")
+    device = device or next(model.parameters()).device
+    model = _frozen(model.to(device))
+    names = list(specs)
+    masks = _masks(ds, [specs[n] for n in names])  # validates every spec before any training
+    data = DeviceData(ds.x_train, ds.y_train, ds.scale, device)
+    out: list[TrainedVector] = []
+    for g in range(0, len(names), recipe.max_parallel):
+        group = names[g : g + recipe.max_parallel]
+        t0 = time.perf_counter()
+        init = torch.zeros(len(group), *ds.shape)
+        label = group[0] if len(group) == 1 else f"{len(group)} vectors"
+        deltas = _optimize(model, data, masks[g : g + len(group)], init, lambda prm: prm, recipe, f"forget vectors ({label})")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per = (time.perf_counter() - t0) / len(group)
+        for n, d in zip(group, deltas.cpu().numpy().astype(np.float32)):
+            out.append(TrainedVector(n, d, specs[n], per))
+    return out
+
+
+def learn_composition(
+    model: nn.Module,
+    ds: Dataset,
+    spec: ForgetSpec,
+    basis: Mapping[str, np.ndarray],
+    recipe: VectorRecipe,
+    *,
+    name: str = "composed",
+    device: torch.device | None = None,
+) -> TrainedVector:
+    """Learn coefficients c over existing vectors so δ = Σ c_k v_k unlearns ``spec`` (c starts at 0)."""
+    if not basis:
+        raise InvalidInputError("learned composition needs at least one existing vector in the bank")
+    device = device or next(model.parameters()).device
+    model = _frozen(model.to(device))
+    keys = list(basis)
+    bank = torch.from_numpy(np.stack([basis[k] for k in keys]).astype(np.float32)).to(device)  # [K, C, H, W]
+    masks = _masks(ds, [spec])
+    data = DeviceData(ds.x_train, ds.y_train, ds.scale, device)
+    t0 = time.perf_counter()
+    coeffs = _optimize(
+        model,
+        data,
+        masks,
+        torch.zeros(1, len(keys)),
+        lambda c: torch.einsum("pk,kchw->pchw", c, bank),
+        recipe,
+        f"compose {name}",
+    )[0].cpu().numpy()
+    vector = np.einsum("k,kchw->chw", coeffs, bank.cpu().numpy()).astype(np.float32)
+    return TrainedVector(name, vector, spec, time.perf_counter() - t0, {k: float(c) for k, c in zip(keys, coeffs)})
+
+
+#: Named recipes. "paper" is the default (the paper's constants). "digits" was tuned on sklearn's digits
+#: with digits-cnn (seeds 0 and 1: every class vector UA >= 97%, remaining-class TA drop <= 4.2 points):
+#: half of each batch from the forget set, a stronger retain term, a softer margin floor and per-problem
+#: gradient clipping, because plain SGD at lr 0.2 overshot on some classes.
+PRESETS: dict[str, VectorRecipe] = {
+    "paper": VectorRecipe(),
+    "digits": VectorRecipe(
+        epochs=20, batch_size=128, forget_share=0.5, alpha=8.0, beta=10.0, tau=0.75, grad_clip=0.5
+    ),
+}

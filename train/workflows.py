@@ -1,0 +1,364 @@
+"""The library functions behind each CLI command: load artifacts, run the work, write artifacts.
+
+Each takes plain values (paths, specs, recipes) and returns a JSON-ready dict, so a few lines of
+Python reproduce anything the CLI does::
+
+    from forgetrt.train import workflows as wf
+    wf.train_model("digits-cnn", "digits", "runs/model")
+    wf.train_class_vectors("runs/model", "digits", "runs/bank", classes=None, recipe=PRESETS["digits"])
+    wf.evaluate_result("runs/model", "digits", bank_dir="runs/bank", vector="forget-3")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from forgetrt.runtime.bank import VectorBank
+from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.runtime.files import read_json
+
+from .baselines import default_baseline_config, run_baseline
+from .data import Dataset, ForgetSpec, load_data
+from .engine import TrainConfig, accuracy, default_train_config, predict_logits, resolve_device, train_classifier
+from .metrics import avg_gap, evaluate
+from .models import ModelInfo, load_model, model_input_shape, save_model
+from .vectors import VectorRecipe, learn_composition, train_vectors
+
+__all__ = [
+    "train_model",
+    "train_vector",
+    "train_class_vectors",
+    "compose_fixed",
+    "compose_learned",
+    "evaluate_result",
+    "unlearn_baseline",
+    "as_dataset",
+]
+
+
+def as_dataset(data: str | Dataset) -> Dataset:
+    return data if isinstance(data, Dataset) else load_data(data)
+
+
+def _data_spec(data: str | Dataset) -> str:
+    return data if isinstance(data, str) else data.name
+
+
+def _check_data(info: ModelInfo, ds: Dataset) -> None:
+    if tuple(info.iospec.shape) != ds.shape or info.iospec.num_classes != ds.num_classes:
+        raise InvalidInputError(
+            f"model {info.path} takes {info.iospec.shape} with {info.iospec.num_classes} classes, "
+            f"data {ds.name} has {ds.shape} with {ds.num_classes} classes"
+        )
+
+
+def _accuracies(model: torch.nn.Module, ds: Dataset, train_idx: np.ndarray | None = None) -> dict[str, float]:
+    xtr, ytr = (ds.x_train, ds.y_train) if train_idx is None else (ds.x_train[train_idx], ds.y_train[train_idx])
+    return {
+        "train_acc": accuracy(predict_logits(model, xtr, ds.scale), ytr),
+        "test_acc": accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test),
+    }
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def train_model(
+    arch: str,
+    data: str | Dataset,
+    out: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int | None = None,
+    lr: float | None = None,
+) -> dict[str, Any]:
+    """Train a registered classifier and write ``model.safetensors`` + ``model.json`` into ``out``."""
+    model_input_shape(arch)  # unknown arch fails before the data is loaded
+    ds = as_dataset(data)
+    dev = resolve_device(device)
+    cfg = default_train_config(arch, epochs, seed=seed, batch_size=batch_size, lr=lr)
+    model, spec, stats = train_classifier(arch, ds, cfg, dev)
+    metrics = _accuracies(model, ds)
+    info = save_model(
+        out,
+        model,
+        arch=arch,
+        iospec=spec,
+        data=_data_spec(data),
+        metrics=metrics,
+        training={**cfg.to_dict(), "device": str(dev), "seconds": stats["seconds"]},
+    )
+    return info.record
+
+
+# --------------------------------------------------------------------------- vectors
+
+
+def _open_bank(bank_dir: str | os.PathLike, info: ModelInfo) -> VectorBank:
+    if VectorBank.exists(bank_dir):
+        bank = VectorBank.load(bank_dir)
+        bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+        return bank
+    bank = VectorBank.create(info.fingerprint, info.arch, info.iospec)
+    bank.path = Path(bank_dir)
+    return bank
+
+
+def _metrics_or_none(model, ds, spec: ForgetSpec, vector: np.ndarray, do: bool) -> dict[str, Any] | None:
+    if not do:
+        return None
+    return evaluate(model, ds, spec.resolve(ds), vector)
+
+
+def train_vector(
+    model_dir: str | os.PathLike,
+    data: str | Dataset,
+    bank_dir: str | os.PathLike,
+    specs: Mapping[str, ForgetSpec],
+    recipe: VectorRecipe = VectorRecipe(),
+    *,
+    device: str = "auto",
+    evaluate_after: bool = True,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Train one vector per named spec (batched) and add them to the bank (created if absent)."""
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, dev)
+    bank = _open_bank(bank_dir, info)
+    clash = [n for n in specs if n in bank and not overwrite]
+    if clash:
+        raise InvalidInputError(f"vectors {clash} already exist in {bank_dir}; pass --overwrite to replace them")
+    ds = as_dataset(data)
+    _check_data(info, ds)
+    trained = train_vectors(model, ds, specs, recipe, device=dev)
+    results = []
+    for tv in trained:
+        metrics = _metrics_or_none(model, ds, tv.spec, tv.vector, evaluate_after)
+        if metrics is not None:
+            metrics["seconds"] = tv.seconds
+        bank.add(
+            tv.name,
+            tv.vector,
+            forgets=tv.spec.describe(ds),
+            recipe={**recipe.to_dict(), "data": _data_spec(data), "device": str(dev), "seconds": tv.seconds},
+            metrics=metrics,
+            overwrite=overwrite,
+        )
+        results.append({"name": tv.name, "forgets": tv.spec.describe(ds), "seconds": tv.seconds, "metrics": metrics})
+    bank.save(bank_dir)
+    return results
+
+
+def train_class_vectors(
+    model_dir: str | os.PathLike,
+    data: str | Dataset,
+    bank_dir: str | os.PathLike,
+    *,
+    classes: Sequence[int | str] | None = None,
+    recipe: VectorRecipe = VectorRecipe(),
+    device: str = "auto",
+    evaluate_after: bool = True,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """One class-wise vector per class (all classes by default), named ``forget-<class>``."""
+    ds = as_dataset(data)
+    idx = range(ds.num_classes) if classes is None else [ds.class_index(c) for c in classes]
+    specs = {f"forget-{i}": ForgetSpec(classes=(i,)) for i in idx}
+    return train_vector(model_dir, ds, bank_dir, specs, recipe, device=device, evaluate_after=evaluate_after, overwrite=overwrite)
+
+
+def compose_fixed(
+    bank_dir: str | os.PathLike, name: str, weights: Mapping[str, float], *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Save ``sum_i w_i * delta_i`` as a new vector; its entry records the coefficients."""
+    if not weights:
+        raise InvalidInputError("compose needs at least one name=weight pair")
+    bank = VectorBank.load(bank_dir)
+    vec = bank.combine(weights)
+    forgets = _union_forgets(bank, weights)
+    bank.add(name, vec, forgets=forgets, recipe={"method": "fixed"}, composition=weights, overwrite=overwrite)
+    bank.save()
+    return {"name": name, "composition": dict(weights), "forgets": forgets, "norm_l2": float(np.linalg.norm(vec))}
+
+
+def _union_forgets(bank: VectorBank, names: Sequence[str] | Mapping[str, float]) -> dict[str, Any]:
+    """A composition of class-wise vectors (positive weights) forgets the union of their classes."""
+    items = names.items() if isinstance(names, Mapping) else ((n, 1.0) for n in names)
+    classes: set[int] = set()
+    for n, w in items:
+        f = bank.entry(n).get("forgets", {})
+        if f.get("kind") != "class":
+            return {"kind": "composition"}
+        if float(w) > 0:
+            classes.update(int(c) for c in f["classes"])
+    if not classes:
+        return {"kind": "composition"}
+    labels = [bank.iospec.labels[c] for c in sorted(classes)]
+    return {"kind": "class", "classes": sorted(classes), "labels": labels}
+
+
+def compose_learned(
+    bank_dir: str | os.PathLike,
+    name: str,
+    model_dir: str | os.PathLike,
+    data: str | Dataset,
+    target: ForgetSpec,
+    recipe: VectorRecipe = VectorRecipe(),
+    *,
+    basis: Sequence[str] | None = None,
+    device: str = "auto",
+    evaluate_after: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Learn only the coefficients over existing vectors (``basis``: all by default) for ``target``."""
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, dev)
+    bank = VectorBank.load(bank_dir)
+    bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+    if name in bank and not overwrite:
+        raise InvalidInputError(f"vector {name!r} already exists in {bank_dir}; pass --overwrite to replace it")
+    names = list(basis) if basis else [n for n in bank.names if "composition" not in bank.entry(n)]
+    if not names:
+        raise InvalidInputError(f"bank {bank_dir} has no vector to compose from")
+    vectors = {n: bank.get(n) for n in names}
+    ds = as_dataset(data)
+    _check_data(info, ds)
+    tv = learn_composition(model, ds, target, vectors, recipe, name=name, device=dev)
+    metrics = _metrics_or_none(model, ds, target, tv.vector, evaluate_after)
+    if metrics is not None:
+        metrics["seconds"] = tv.seconds
+        metrics.update(_per_class_ua(model, ds, target, tv.vector))
+    bank.add(
+        name,
+        tv.vector,
+        forgets=target.describe(ds),
+        recipe={"method": "learned", **recipe.to_dict(), "data": _data_spec(data), "seconds": tv.seconds, "parameters": len(names)},
+        metrics=metrics,
+        composition=tv.coefficients,
+        overwrite=overwrite,
+    )
+    bank.save()
+    return {"name": name, "coefficients": tv.coefficients, "forgets": target.describe(ds), "seconds": tv.seconds, "metrics": metrics}
+
+
+def _per_class_ua(model, ds: Dataset, spec: ForgetSpec, vector: np.ndarray | None) -> dict[str, Any]:
+    split = spec.resolve(ds)
+    if not split.classes or len(split.classes) < 2:
+        return {}
+    logits = predict_logits(model, ds.x_train[split.forget], ds.scale, vector)
+    y = ds.y_train[split.forget]
+    return {"UA_per_class": {ds.classes[c]: 100.0 - accuracy(logits[y == c], y[y == c]) for c in split.classes}}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_result(
+    model_dir: str | os.PathLike,
+    data: str | Dataset,
+    *,
+    bank_dir: str | os.PathLike | None = None,
+    vector: str | None = None,
+    weights: Mapping[str, float] | None = None,
+    forget: ForgetSpec | None = None,
+    indices_file: str | os.PathLike | None = None,
+    reference: str | os.PathLike | Mapping[str, Any] | None = None,
+    device: str = "auto",
+    mia_max_per_side: int | None = None,
+) -> dict[str, Any]:
+    """UA/RA/TA/MIA (and Avg.Gap against ``reference``) of a model, with a bank vector or composition.
+
+    The forget set comes from ``forget`` if given, else from what the vector (or, for an unlearned
+    baseline model, the model record) says it forgets.
+    """
+    if vector is not None and weights is not None:
+        raise InvalidInputError("give either a vector name or weights, not both")
+    if (vector is not None or weights is not None) and bank_dir is None:
+        raise InvalidInputError("a vector or weights need --bank")
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, dev)
+    delta = None
+    recorded: dict[str, Any] | None = (info.record.get("unlearning") or {}).get("forgets")
+    what = "model"
+    if bank_dir is not None and (vector is not None or weights is not None):
+        bank = VectorBank.load(bank_dir)
+        bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+        if vector is not None:
+            delta = bank.get(vector)
+            recorded = bank.entry(vector).get("forgets")
+            what = vector
+        else:
+            assert weights is not None
+            delta = bank.combine(weights)
+            recorded = _union_forgets(bank, weights)
+            what = ",".join(f"{k}={v:g}" for k, v in weights.items())
+    if forget is None:
+        if not recorded or recorded.get("kind") not in ("class", "fraction", "indices"):
+            raise InvalidInputError(
+                "cannot tell what was forgotten: pass --forget-classes, --forget-fraction or --forget-indices"
+            )
+        forget = ForgetSpec.from_description(recorded, indices_file)
+    ds = as_dataset(data)
+    _check_data(info, ds)
+    result = evaluate(model, ds, forget.resolve(ds), delta, mia_max_per_side=mia_max_per_side)
+    result.update(_per_class_ua(model, ds, forget, delta))
+    result["evaluated"] = what
+    result["forgets"] = forget.describe(ds)
+    result["model_fingerprint"] = info.fingerprint
+    if reference is not None:
+        ref = reference if isinstance(reference, Mapping) else read_json(reference, "reference result")
+        result["avg_gap"] = avg_gap(result, ref)
+    return result
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def unlearn_baseline(
+    method: str,
+    model_dir: str | os.PathLike,
+    data: str | Dataset,
+    forget: ForgetSpec,
+    out: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Run a model-based unlearning baseline and save the unlearned copy as a model folder."""
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, dev)
+    ds = as_dataset(data)
+    _check_data(info, ds)
+    split = forget.resolve(ds)
+    try:
+        original_cfg = TrainConfig(**{k: v for k, v in info.record.get("training", {}).items() if k in TrainConfig.__dataclass_fields__})
+    except TypeError:
+        original_cfg = default_train_config(info.arch)
+    cfg = default_baseline_config(method, original_cfg, epochs, lr)
+    unlearned, seconds = run_baseline(cfg, info.arch, model, ds, split, dev)
+    rec = save_model(
+        out,
+        unlearned,
+        arch=info.arch,
+        iospec=info.iospec,
+        data=_data_spec(data),
+        metrics=_accuracies(unlearned, ds),
+        training=cfg.train.to_dict(),
+        unlearning={
+            "method": method,
+            "forgets": forget.describe(ds),
+            "source_fingerprint": info.fingerprint,
+            "seconds": seconds,
+        },
+    ).record
+    return rec
+
