@@ -219,19 +219,17 @@ def _make_cifar(a: dict[str, Any], source: str) -> Dataset:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch dicts and nothing else: only numpy's array rebuilders are allowed."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    # numpy's own rebuild functions, looked up from live objects so the numpy 1/2 module rename
+    # (numpy.core -> numpy._core) does not matter
+    _REBUILDERS = {"_reconstruct": np.zeros(0).__reduce__()[0], "scalar": np.int64(0).__reduce__()[0]}
+    _MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a CIFAR batch file")
-        if module.startswith("numpy") and name == "_reconstruct":
-            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, whatever its module
-        return getattr(np, name)
+        if module in self._MODULES and name in self._REBUILDERS:
+            return self._REBUILDERS[name]
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a CIFAR batch file")
 
 
 def _find_batches_dir(path: Path) -> Path | None:

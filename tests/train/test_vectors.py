@@ -1,0 +1,102 @@
+"""The issue's bars on digits (CPU): class-wise vectors and a learned 2-class composition."""
+
+import numpy as np
+import pytest
+import torch
+
+from forgetrt.runtime.bank import VectorBank
+from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.train.data import ForgetSpec
+from forgetrt.train.engine import accuracy, predict_logits
+from forgetrt.train.models import load_model
+from forgetrt.train.vectors import PRESETS, VectorRecipe, _objective
+
+
+def _ta_remaining(model, ds, cls, delta=None):
+    keep = ds.y_test != cls
+    return accuracy(predict_logits(model, ds.x_test[keep], ds.scale, delta), ds.y_test[keep])
+
+
+def test_original_model_is_accurate(digits, digits_model_dir):
+    model, info = load_model(digits_model_dir)
+    assert accuracy(predict_logits(model, digits.x_test, digits.scale), digits.y_test) >= 97.0
+    assert info.record["metrics"]["test_acc"] >= 97.0
+
+
+def test_each_class_vector_meets_the_bar(digits, digits_model_dir, digits_bank):
+    """UA >= 95% for every class while remaining-class test accuracy drops <= 5 points."""
+    model, _ = load_model(digits_model_dir)
+    bank = VectorBank.load(digits_bank[0])
+    assert bank.names == [f"forget-{c}" for c in range(10)]
+    for c in range(10):
+        delta = bank.get(f"forget-{c}")
+        forget = digits.y_train == c
+        ua = 100 - accuracy(predict_logits(model, digits.x_train[forget], digits.scale, delta), digits.y_train[forget])
+        drop = _ta_remaining(model, digits, c) - _ta_remaining(model, digits, c, delta)
+        assert ua >= 95.0, (c, ua)
+        assert drop <= 5.0, (c, drop)
+        # the manifest carries the metrics measured at save time, equal to a fresh measurement
+        assert bank.entry(f"forget-{c}")["metrics"]["UA"] == pytest.approx(ua)
+        assert bank.entry(f"forget-{c}")["forgets"] == {"kind": "class", "classes": [c], "labels": [str(c)]}
+
+
+def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, digits_bank, tmp_path):
+    import shutil
+
+    from forgetrt.train.workflows import compose_learned
+
+    bank_dir = tmp_path / "bank"
+    shutil.copytree(digits_bank[0], bank_dir)
+    res = compose_learned(bank_dir, "learned-0-3", digits_model_dir, digits, ForgetSpec(classes=(0, 3)), PRESETS["digits"], device="cpu")
+    assert set(res["coefficients"]) == {f"forget-{c}" for c in range(10)}
+    assert res["metrics"]["UA_per_class"]["0"] >= 90.0
+    assert res["metrics"]["UA_per_class"]["3"] >= 90.0
+    bank = VectorBank.load(bank_dir)
+    entry = bank.entry("learned-0-3")
+    assert entry["recipe"]["method"] == "learned" and entry["composition"] == pytest.approx(res["coefficients"])
+    # the saved vector is exactly the recorded combination
+    np.testing.assert_allclose(bank.get("learned-0-3"), bank.combine(entry["composition"]), atol=1e-5)
+
+
+def test_problems_trained_together_stay_independent():
+    """Each problem's loss depends only on its own parameters and logits."""
+    r = VectorRecipe()
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 10)
+    y = torch.randint(0, 10, (2, 8))
+    mask = torch.rand(2, 8) < 0.5
+    params = torch.randn(2, 1, 4, 4)
+    loss, _ = _objective(logits, y, mask, params, r)
+    logits2, params2 = logits.clone(), params.clone()
+    logits2[1] += 5 * torch.randn(8, 10)
+    params2[1] *= 3
+    loss2, _ = _objective(logits2, y, mask, params2, r)
+    assert loss2[0] == loss[0] and loss2[1] != loss[1]
+
+
+def test_objective_matches_the_formula():
+    r = VectorRecipe(alpha=2.0, beta=3.0, lam=0.5, tau=1.0)
+    logits = torch.tensor([[[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]])  # one problem, B = 2
+    y = torch.tensor([[0, 2]])
+    forget = torch.tensor([[True, False]])
+    params = torch.tensor([[3.0, 4.0]])
+    loss, _ = _objective(logits, y, forget, params, r)
+    ce = torch.nn.functional.cross_entropy(logits[0, 1:], y[0, 1:], reduction="sum")
+    margin = max(3.0 - 1.0, -1.0)
+    expected = 2.0 * ce / 2 + 3.0 * margin / 2 + 0.5 * 5.0
+    assert float(loss[0]) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [({"epochs": 0}, "epochs"), ({"lr": 0}, "lr"), ({"beta": -1}, "beta"), ({"forget_share": 1.5}, "forget share"), ({"batch_size": 1}, "batch size"), ({"grad_clip": 0}, "grad clip")],
+)
+def test_recipe_validation(kw, msg):
+    with pytest.raises(InvalidInputError, match=msg):
+        VectorRecipe(**kw)
+
+
+def test_paper_defaults():
+    r = PRESETS["paper"]
+    assert (r.lr, r.momentum, r.gamma, r.alpha, r.lam, r.tau) == (0.2, 0.9, 0.9, 1.0, 1.0, 1.0)
+    assert 3 <= r.beta <= 10 and r.forget_share is None and r.grad_clip is None
