@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from forgetrt.runtime.errors import InvalidInputError
 
 from .data import Dataset, ForgetSpec
-from .engine import DeviceData, augment_batch
+from .engine import DeviceData, _channels_last, augment_batch
 
 __all__ = ["VectorRecipe", "TrainedVector", "train_vectors", "learn_composition", "PRESETS"]
 
@@ -176,7 +176,7 @@ def _optimize(
                 is_forget = fmask_dev.gather(1, idx)
                 delta = to_delta(params)
                 with amp:
-                    logits = model((x + delta[:, None]).flatten(0, 1)).float().view(p, x.shape[1], -1)
+                    logits = model(_channels_last((x + delta[:, None]).flatten(0, 1))).float().view(p, x.shape[1], -1)
                 loss, _ = _objective(logits, y, is_forget, params, r)
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
@@ -205,6 +205,8 @@ def _frozen(model: nn.Module) -> nn.Module:
     model.eval()  # BN uses running statistics; dropout off
     for prm in model.parameters():
         prm.requires_grad_(False)
+    if next(model.parameters()).is_cuda:
+        model.to(memory_format=torch.channels_last)
     return model
 
 
