@@ -158,10 +158,8 @@ def _recipe(kw: dict[str, Any], seed: int):
 
     from forgetrt.train.vectors import PRESETS
 
-    changes = {k: kw.pop(k) for k in _RECIPE_KEYS if kw.get(k) is not None}
-    for k in _RECIPE_KEYS:
-        kw.pop(k, None)
-    return replace(PRESETS[kw.pop("preset")], seed=seed, **changes)
+    changes = {k: kw[k] for k in _RECIPE_KEYS if kw.get(k) is not None}
+    return replace(PRESETS[kw["preset"]], seed=seed, **changes)
 
 
 def _echo_json(obj: Any) -> None:

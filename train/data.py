@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,16 +497,3 @@ class ForgetSpec:
             raise DataError(f"forget spec {self.describe()} leaves no test sample to measure TA on")
         return ForgetSplit(forget, retain, test, test_forgotten, classes)
 
-
-def parse_int_list(text: str | Iterable[int]) -> list[int | str]:
-    """'0,3' -> [0, 3]; class labels are kept as strings (resolved against the data set later)."""
-    if not isinstance(text, str):
-        return list(text)
-    out: list[int | str] = []
-    for tok in (t.strip() for t in text.split(",")):
-        if not tok:
-            continue
-        out.append(int(tok) if tok.lstrip("-").isdigit() else tok)
-    if not out:
-        raise InvalidInputError(f"expected a comma-separated list, got {text!r}")
-    return out

@@ -98,7 +98,7 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _objective(
     logits: torch.Tensor, y: torch.Tensor, is_forget: torch.Tensor, params: torch.Tensor, r: VectorRecipe
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Per-problem loss [P] for logits [P, B, C], labels [P, B], forget mask [P, B], params [P, ...]."""
     b = logits.shape[1]
     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -106,8 +106,7 @@ def _objective(
     retain_term = (ce * (1 - fmask)).sum(1) / b
     forget_term = (_margin(logits, y).clamp(min=-r.tau) * fmask).sum(1) / b
     reg = torch.linalg.vector_norm(params.flatten(1), dim=1)
-    loss = r.alpha * retain_term + r.beta * forget_term + r.lam * reg
-    return loss, ce
+    return r.alpha * retain_term + r.beta * forget_term + r.lam * reg
 
 
 class _Sampler:
@@ -177,7 +176,7 @@ def _optimize(
                 delta = to_delta(params)
                 with amp:
                     logits = model(_channels_last((x + delta[:, None]).flatten(0, 1))).float().view(p, x.shape[1], -1)
-                loss, _ = _objective(logits, y, is_forget, params, r)
+                loss = _objective(logits, y, is_forget, params, r)
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 if r.grad_clip is not None:
