@@ -333,6 +333,38 @@ def bank_cmd(bank_dir: str) -> None:
         click.echo(f"  {n:<20} forgets {what!s:<12} |δ|₂ {e.get('norm_l2', 0):.3f}  {stats}")
 
 
+@cli.group("export")
+def export_group() -> None:
+    """Export a model and its forget vectors as deployable engines."""
+
+
+@export_group.command("onnx")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True, help="Model folder.")
+@click.option("--bank", "bank_dir", type=click.Path(file_okay=False), required=True, help="Vector bank folder.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Bundle folder to write.")
+@click.option("--vectors", type=CSV, help="Selectable vectors in coefficient order (default: all but the mandatory).")
+@click.option("--mandatory", type=WEIGHTS, help="Vectors baked in for every request, NAME[=w],...")
+@click.option("--coeff-range", help="Clip coefficients to LO,HI inside the graph.")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+def export_onnx_cmd(model_dir: str, bank_dir: str, out: str, vectors, mandatory, coeff_range, opset: int, overwrite: bool) -> None:
+    """Write OUT/model.onnx (image, coeffs -> logits, the bank fused as MatMul -> Reshape -> Add) and
+    OUT/bundle.json; onnxruntime must match PyTorch within 1e-4 of the logits' scale or nothing is written."""
+    from forgetrt.export.onnx_export import export_onnx
+
+    cr = None
+    if coeff_range is not None:
+        try:
+            lo, hi = (float(v) for v in coeff_range.split(","))
+        except ValueError:
+            raise InvalidInputError(f"--coeff-range must be LO,HI, got {coeff_range!r}") from None
+        cr = (lo, hi)
+    res = export_onnx(model_dir, bank_dir, out, vectors=[str(v) for v in vectors] if vectors else None, mandatory=mandatory, coeff_range=cr, opset=opset, overwrite=overwrite)
+    p = res["parity"]
+    click.echo(f"bundle {res['bundle']} (id {res['bundle_id']}): K={len(res['vectors'])} selectable, mandatory {res['mandatory'] or 'none'}")
+    click.echo(f"parity onnxruntime vs torch: max abs {p['max_abs']:.2e}, mean abs {p['mean_abs']:.2e}, {p['rel_to_scale']:.2e} of logit scale")
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="forgetrt-demo", show_default=True)
 @_device_option("cpu")
