@@ -1,69 +1,111 @@
-"""``forgetrt export onnx``: a trained model folder + its vector bank -> a bundle with a fused ONNX graph,
-checked against the PyTorch reference on onnxruntime before it is written."""
+"""``forgetrt export onnx`` and ``forgetrt export classifier``.
+
+A bundle is exported either from a model folder (the PyTorch classifier, fingerprint-checked against
+the bank) or grafted onto an existing ONNX classifier (``from_onnx``). For a graft, the bank's
+fingerprint cannot be recomputed from an ONNX file (the exporter folds and renames weights), so the
+policy is: the ONNX file's sha256 must be one the bank recorded when ForgetRT exported that classifier
+(``forgetrt export classifier --bank``), or the caller passes ``allow_unverified_model=True`` and the
+bundle records ``"model_verified": false``.
+
+Nothing is written unless onnxruntime reproduces the reference within tolerance.
+"""
 
 from __future__ import annotations
+
 
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from forgetrt.runtime.bank import VectorBank
-from forgetrt.runtime.bundle import Bundle, write_bundle
-from forgetrt.runtime.errors import InvalidInputError, MismatchError, unknown
+from forgetrt.runtime.bundle import (
+    CLASSIFIER_JSON,
+    CLASSIFIER_ONNX,
+    CLASSIFIER_WEIGHTS,
+    MODEL_ONNX,
+    VECTORS_FILE,
+    Bundle,
+    write_bundle,
+)
+from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
+from forgetrt.runtime.files import sha256_file
 
-from .onnx_graph import fuse_classifier
-from .torch_onnx import classifier_to_onnx
+from .onnx_graph import classifier_io, fuse_classifier
+from .parity import FP32_TOLERANCE, check_parity, onnxruntime_logits, parity_inputs, reference_logits
 
-__all__ = ["export_onnx", "onnxruntime_parity", "parity_inputs"]
-
-
-def parity_inputs(shape: Sequence[int], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random [0, 1] images and coefficient rows: a zero row, one-hot rows, and random rows (all differ)."""
-    rng = np.random.default_rng(seed)
-    rows = [np.zeros(k)] + [np.eye(k)[i] for i in range(k)] + [rng.uniform(-1, 1, k) for _ in range(3)]
-    coeffs = np.stack(rows).astype(np.float32)
-    images = rng.random((len(coeffs), *shape), dtype=np.float32)
-    return images, coeffs
+__all__ = ["export_onnx", "export_classifier", "load_onnx_file"]
 
 
-def onnxruntime_parity(onnx_bytes: bytes, reference, images: np.ndarray, coeffs: np.ndarray, iospec) -> dict[str, float]:
-    """Max/mean absolute error of onnxruntime (CPU) against ``reference(images, coeffs)``, and the error
-    relative to the logits' scale (max |logit|)."""
-    import onnxruntime as ort
+def load_onnx_file(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX file; a missing, unparsable or invalid file is a typed error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ... without a common base
+        raise CorruptArtifactError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return model
 
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run([iospec.output_name], {iospec.image_name: images, iospec.coeffs_name: coeffs})[0]
-    want = reference(images, coeffs)
-    err = np.abs(got - want)
-    scale = float(np.abs(want).max()) or 1.0
-    return {"max_abs": float(err.max()), "mean_abs": float(err.mean()), "rel_to_scale": float(err.max() / scale)}
+
+def export_classifier(model_dir: str | os.PathLike, out: str | os.PathLike, *, banks: Sequence[str | os.PathLike] = (), opset: int = 17) -> dict[str, Any]:
+    """Write the bare classifier as ONNX and record its sha256 in each bank (which must match the model)."""
+    from forgetrt.runtime.files import atomic_write_bytes
+    from forgetrt.train.models import load_model
+
+    from .torch_onnx import classifier_to_onnx
+
+    model, info = load_model(model_dir, "cpu")
+    opened = []
+    for b in banks:
+        bank = VectorBank.load(b)
+        bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+        opened.append(bank)
+    data = classifier_to_onnx(model, info.iospec, opset).SerializeToString()
+    atomic_write_bytes(out, data)
+    sha = sha256_file(out)
+    for bank in opened:
+        if sha not in bank.onnx_sha256:
+            bank.onnx_sha256.append(sha)
+            bank.save()
+    return {"onnx": str(out), "sha256": sha, "banks": [str(b) for b in banks]}
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, metadata={"format": "forgetrt.bundle_vectors"})
 
 
 def export_onnx(
-    model_dir: str | os.PathLike,
     bank_dir: str | os.PathLike,
     out: str | os.PathLike,
     *,
+    model_dir: str | os.PathLike | None = None,
+    from_onnx: str | os.PathLike | None = None,
+    allow_unverified_model: bool = False,
     vectors: Sequence[str] | None = None,
     mandatory: Mapping[str, float] | None = None,
     coeff_range: tuple[float, float] | None = None,
     opset: int = 17,
-    tolerance: float = 1e-4,
+    policies: Mapping[str, Mapping[str, float]] | None = None,
+    tolerance: float = FP32_TOLERANCE,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export the fused graph into a bundle folder; fails (writing nothing) if parity exceeds ``tolerance``."""
-    import torch
-
-    from forgetrt.train.models import load_model
-
-    model, info = load_model(model_dir, "cpu")
+    """Export the fused graph into a bundle folder; fails, writing nothing, on any mismatch."""
+    if (model_dir is None) == (from_onnx is None):
+        raise InvalidInputError("give exactly one of --model (a ForgetRT model folder) or --from-onnx (a classifier .onnx)")
+    if Path(out).exists() and not overwrite:
+        raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
     bank = VectorBank.load(bank_dir)
-    bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
-    mandatory = dict(mandatory or {})
-    names = list(vectors) if vectors else [n for n in bank.names if n not in mandatory]
+    mandatory = {str(k): float(v) for k, v in (mandatory or {}).items()}
+    names = [str(v) for v in vectors] if vectors else [n for n in bank.names if n not in mandatory]
     for n in [*names, *mandatory]:
         if n not in bank:
             raise unknown("vector", n, bank.names)
@@ -75,37 +117,68 @@ def export_onnx(
         raise InvalidInputError("no selectable vector left to export")
     if len(set(names)) != len(names):
         raise InvalidInputError(f"vector names repeat: {names}")
-    spec = info.iospec
+    policies = {str(k): {str(n): float(w) for n, w in v.items()} for k, v in (policies or {}).items()}
+    for pname, weights in policies.items():
+        bad = [n for n in weights if n not in names]
+        if bad:
+            raise unknown(f"vector in policy {pname!r}:", bad[0], names)
+    spec = bank.iospec
+    files: dict[str, bytes] = {}
+    record: dict[str, Any] = {}
+    if model_dir is not None:
+        from forgetrt.train.models import MODEL_FILE, MODEL_JSON, load_model
+
+        from .torch_onnx import classifier_to_onnx
+
+        model, info = load_model(model_dir, "cpu")
+        bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+        classifier = classifier_to_onnx(model, spec, opset)
+        files[CLASSIFIER_WEIGHTS] = (info.path / MODEL_FILE).read_bytes()
+        files[CLASSIFIER_JSON] = (info.path / MODEL_JSON).read_bytes()
+        record.update(source="model", arch=info.arch, model_verified=True)
+    else:
+        assert from_onnx is not None
+        classifier = load_onnx_file(from_onnx)
+        sha = sha256_file(from_onnx)
+        verified = sha in bank.onnx_sha256
+        if not verified and not allow_unverified_model:
+            raise MismatchError(
+                f"{from_onnx} (sha256 {sha[:16]}…) is not a classifier this bank was verified against "
+                f"(bank {bank_dir} was trained for model {bank.fingerprint[:16]}…, recorded ONNX files: "
+                f"{[s[:16] + '…' for s in bank.onnx_sha256] or 'none'}); export it with `forgetrt export classifier "
+                "--bank`, or pass --allow-unverified-model to graft anyway"
+            )
+        classifier_io(classifier)
+        files[CLASSIFIER_ONNX] = Path(from_onnx).read_bytes()
+        record.update(source="onnx", arch=bank.arch, model_verified=verified, classifier_onnx_sha256=sha)
     stacked = bank.stack(names)
     mand = bank.combine(mandatory) if mandatory else None
     bundle_id = uuid.uuid4().hex[:12]
     fused = fuse_classifier(
-        classifier_to_onnx(model, spec, opset), spec, stacked, vector_names=names, mandatory=mand, coeff_range=coeff_range,
-        metadata={"forgetrt.bundle_id": bundle_id, "forgetrt.model_fingerprint": info.fingerprint},
+        classifier, spec, stacked, vector_names=names, mandatory=mand, coeff_range=coeff_range,
+        metadata={"forgetrt.bundle_id": bundle_id, "forgetrt.model_fingerprint": bank.fingerprint},
     )
-    data = fused.SerializeToString()
+    files[MODEL_ONNX] = fused.SerializeToString()
+    files[VECTORS_FILE] = _safetensors_bytes({n: bank.get(n) for n in [*names, *mandatory]})
+    record.update(
+        bundle_id=bundle_id,
+        iospec=spec.to_dict(),
+        model_fingerprint=bank.fingerprint,
+        vectors=names,
+        mandatory=mandatory,
+        coeff_range=list(coeff_range) if coeff_range else None,
+        policies=policies,
+        opset=next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")),
+        bank_entries={n: bank.entry(n) for n in [*names, *mandatory]},
+    )
+    # parity before anything is written: onnxruntime on the fused graph vs the reference
+    ref = reference_logits(files, spec, stacked, mand, coeff_range)
+    images, coeffs = parity_inputs(spec.shape, len(names))
+    got = onnxruntime_logits(files[MODEL_ONNX], spec, images, coeffs)
+    parity = check_parity(got, ref(images, coeffs), tolerance, backend="onnxruntime")
+    record["parity"] = {"onnxruntime": parity}
+    bundle: Bundle = write_bundle(out, files, record, overwrite=overwrite)
+    return {"bundle": str(bundle.path), "bundle_id": bundle_id, "vectors": names, "mandatory": mandatory,
+            "source": record["source"], "model_verified": record["model_verified"], "parity": parity}
 
-    def reference(images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
-        c = coeffs if coeff_range is None else np.clip(coeffs, *coeff_range)
-        delta = (c @ stacked).reshape(len(images), *spec.shape) + (0 if mand is None else mand)
-        with torch.no_grad():
-            return model(torch.from_numpy((images + delta).astype(np.float32))).numpy()
 
-    parity = onnxruntime_parity(data, reference, *parity_inputs(spec.shape, len(names)), spec)
-    if parity["rel_to_scale"] > tolerance:
-        raise MismatchError(f"onnxruntime output differs from PyTorch: max error {parity['max_abs']:.3g} "
-                            f"({parity['rel_to_scale']:.3g} of the logits' scale, tolerance {tolerance:g}); bundle not written")
-    record = {
-        "bundle_id": bundle_id,
-        "iospec": spec.to_dict(),
-        "arch": info.arch,
-        "model_fingerprint": info.fingerprint,
-        "vectors": names,
-        "mandatory": mandatory,
-        "coeff_range": list(coeff_range) if coeff_range else None,
-        "opset": opset,
-        "bank_entries": {n: bank.entry(n) for n in [*names, *mandatory]},
-        "parity": {"onnxruntime": parity},
-    }
-    bundle: Bundle = write_bundle(out, {"model.onnx": data}, record, overwrite=overwrite)
-    return {"bundle": str(bundle.path), "bundle_id": bundle_id, "vectors": names, "mandatory": mandatory, "parity": parity}

@@ -4,8 +4,10 @@ Exports the IOSpec contract, the vector bank and the error hierarchy.
 """
 
 from .bank import VectorBank, validate_vector_name
+from .bundle import Bundle
 from .errors import (
     ArtifactError,
+    BackendUnavailableError,
     CorruptArtifactError,
     DataError,
     ForgetRTError,
@@ -19,6 +21,8 @@ from .iospec import IOSpec
 __all__ = [
     "IOSpec",
     "VectorBank",
+    "Bundle",
+    "BackendUnavailableError",
     "validate_vector_name",
     "weights_fingerprint",
     "ForgetRTError",

@@ -65,6 +65,9 @@ class VectorBank:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
+    # sha256 of classifier ONNX files exported from the fingerprinted model (`forgetrt export classifier`):
+    # the verified way to graft this bank onto an ONNX file instead of the PyTorch model
+    onnx_sha256: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -162,7 +165,7 @@ class VectorBank:
         return {
             "schema_version": BANK_SCHEMA_VERSION,
             "kind": "forgetrt.vector_bank",
-            "model": {"fingerprint": self.fingerprint, "arch": self.arch},
+            "model": {"fingerprint": self.fingerprint, "arch": self.arch, "onnx_sha256": list(self.onnx_sha256)},
             "iospec": self.iospec.to_dict(),
             "vectors_sha256": vectors_sha256,
             "vectors": {name: self.entries[name] for name in self.vectors},
@@ -215,6 +218,7 @@ class VectorBank:
         try:
             fingerprint = str(m["model"]["fingerprint"])
             arch = str(m["model"]["arch"])
+            onnx_sha = [str(x) for x in m["model"].get("onnx_sha256", [])]
             entries = dict(m["vectors"])
             want_sha = str(m["vectors_sha256"])
         except (KeyError, TypeError) as e:
@@ -245,4 +249,4 @@ class VectorBank:
                     f"{vec_path}: vector {name!r} is {arr.dtype} {arr.shape}, expected float32 {tuple(iospec.shape)}"
                 )
             vectors[name] = arr
-        return cls(fingerprint=fingerprint, arch=arch, iospec=iospec, vectors=vectors, entries=entries, path=path)
+        return cls(fingerprint=fingerprint, arch=arch, iospec=iospec, vectors=vectors, entries=entries, path=path, onnx_sha256=onnx_sha)

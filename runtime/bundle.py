@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import os
 import shutil
+
+import numpy as np
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, CorruptArtifactError
-from .files import atomic_write_json, read_json, sha256_file
+from .files import atomic_write, atomic_write_json, read_json, sha256_file
 from .iospec import IOSpec
 
-__all__ = ["Bundle", "BUNDLE_FILE", "BUNDLE_SCHEMA_VERSION", "write_bundle"]
+__all__ = ["Bundle", "BUNDLE_FILE", "BUNDLE_SCHEMA_VERSION", "write_bundle", "add_bundle_file"]
 
 BUNDLE_FILE = "bundle.json"
+MODEL_ONNX = "model.onnx"
+MODEL_PLAN = "model.plan"
+VECTORS_FILE = "vectors.safetensors"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+CLASSIFIER_JSON = "classifier.json"
+CLASSIFIER_ONNX = "classifier.onnx"
 BUNDLE_SCHEMA_VERSION = 1
 
 
@@ -39,7 +47,34 @@ class Bundle:
 
     @property
     def onnx_path(self) -> Path:
-        return self.path / "model.onnx"
+        return self.path / MODEL_ONNX
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / MODEL_PLAN
+
+    @property
+    def has_torch_classifier(self) -> bool:
+        """True when the bundle carries the PyTorch weights (exported from a model folder, not grafted)."""
+        return CLASSIFIER_WEIGHTS in self.record.get("files", {})
+
+    def vector_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The selectable vectors as [K, C·H·W] (coefficient order) and the summed mandatory δ [C, H, W] or None."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            t = load_file(str(self.path / VECTORS_FILE))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptArtifactError(f"cannot read {self.path / VECTORS_FILE}: {e}") from e
+        missing = [n for n in (*self.vectors, *self.mandatory) if n not in t]
+        if missing:
+            raise CorruptArtifactError(f"{self.path / VECTORS_FILE} lacks vectors {missing}")
+        bank = np.stack([t[n].reshape(-1) for n in self.vectors]).astype(np.float32)
+        mand = None
+        if self.mandatory:
+            mand = sum((np.float32(w) * t[n] for n, w in self.mandatory.items()), np.zeros(self.iospec.shape, np.float32))
+        return bank, mand
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Bundle":
@@ -99,3 +134,16 @@ def write_bundle(out: str | os.PathLike, files: dict[str, bytes], record: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle.load(out)
+
+
+def add_bundle_file(bundle: Bundle, name: str, data: bytes, extra: dict[str, Any] | None = None) -> Bundle:
+    """Add (or replace) one file of an existing bundle, e.g. a TensorRT plan, and record its hash.
+
+    The file is written atomically first, then the record; ``extra`` is merged into the record.
+    """
+    atomic_write(bundle.path / name, lambda p: p.write_bytes(data))
+    rec = dict(bundle.record)
+    rec["files"] = {**rec.get("files", {}), name: sha256_file(bundle.path / name)}
+    rec.update(extra or {})
+    atomic_write_json(bundle.path / BUNDLE_FILE, rec)
+    return Bundle.load(bundle.path)

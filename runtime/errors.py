@@ -18,6 +18,7 @@ __all__ = [
     "CorruptArtifactError",
     "MismatchError",
     "DataError",
+    "BackendUnavailableError",
     "unknown",
 ]
 
@@ -61,6 +62,15 @@ class DataError(ForgetRTError):
     """A data set cannot be read, or a forget specification selects nothing usable."""
 
     exit_code = 2
+
+
+class BackendUnavailableError(ForgetRTError):
+    """A backend that was asked for by name cannot run here (library or device missing).
+
+    Raised instead of silently falling back to another backend.
+    """
+
+    exit_code = 4
 
 
 def unknown(kind: str, name: object, choices: Iterable[object]) -> UnknownNameError:

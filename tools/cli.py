@@ -338,31 +338,130 @@ def export_group() -> None:
     """Export a model and its forget vectors as deployable engines."""
 
 
+def _parse_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--coeff-range must be LO,HI, got {text!r}") from None
+    return lo, hi
+
+
+def _read_policies(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    from forgetrt.runtime.files import read_json
+
+    pol = read_json(path, "policies file")
+    if not isinstance(pol, dict) or not all(isinstance(v, dict) for v in pol.values()):
+        raise InvalidInputError(f"{path} must hold {{policy: {{vector: weight}}}}")
+    return pol
+
+
 @export_group.command("onnx")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True, help="Model folder.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="ForgetRT model folder (or use --from-onnx).")
+@click.option("--from-onnx", type=click.Path(dir_okay=False), help="Graft onto this existing classifier .onnx instead.")
+@click.option("--allow-unverified-model", is_flag=True, help="With --from-onnx: graft even if the bank never verified this file.")
 @click.option("--bank", "bank_dir", type=click.Path(file_okay=False), required=True, help="Vector bank folder.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Bundle folder to write.")
 @click.option("--vectors", type=CSV, help="Selectable vectors in coefficient order (default: all but the mandatory).")
 @click.option("--mandatory", type=WEIGHTS, help="Vectors baked in for every request, NAME[=w],...")
 @click.option("--coeff-range", help="Clip coefficients to LO,HI inside the graph.")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--policies", type=click.Path(dir_okay=False), help='JSON file of named compositions, {"eu": {"forget-3": 1}}.')
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset for --model (a grafted model keeps its own).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
-def export_onnx_cmd(model_dir: str, bank_dir: str, out: str, vectors, mandatory, coeff_range, opset: int, overwrite: bool) -> None:
-    """Write OUT/model.onnx (image, coeffs -> logits, the bank fused as MatMul -> Reshape -> Add) and
-    OUT/bundle.json; onnxruntime must match PyTorch within 1e-4 of the logits' scale or nothing is written."""
+def export_onnx_cmd(model_dir, from_onnx, allow_unverified_model: bool, bank_dir: str, out: str, vectors, mandatory, coeff_range, policies, opset: int, overwrite: bool) -> None:
+    """Write a bundle: OUT/model.onnx (image, coeffs -> logits; the bank fused as MatMul -> Reshape -> Add in
+    front of the classifier) and OUT/bundle.json. onnxruntime must match the reference within 1e-4 of the
+    logits' scale, or nothing is written."""
     from forgetrt.export.onnx_export import export_onnx
 
-    cr = None
-    if coeff_range is not None:
-        try:
-            lo, hi = (float(v) for v in coeff_range.split(","))
-        except ValueError:
-            raise InvalidInputError(f"--coeff-range must be LO,HI, got {coeff_range!r}") from None
-        cr = (lo, hi)
-    res = export_onnx(model_dir, bank_dir, out, vectors=[str(v) for v in vectors] if vectors else None, mandatory=mandatory, coeff_range=cr, opset=opset, overwrite=overwrite)
+    res = export_onnx(bank_dir, out, model_dir=model_dir, from_onnx=from_onnx, allow_unverified_model=allow_unverified_model,
+                      vectors=[str(v) for v in vectors] if vectors else None, mandatory=mandatory, coeff_range=_parse_range(coeff_range),
+                      policies=_read_policies(policies), opset=opset, overwrite=overwrite)
     p = res["parity"]
-    click.echo(f"bundle {res['bundle']} (id {res['bundle_id']}): K={len(res['vectors'])} selectable, mandatory {res['mandatory'] or 'none'}")
-    click.echo(f"parity onnxruntime vs torch: max abs {p['max_abs']:.2e}, mean abs {p['mean_abs']:.2e}, {p['rel_to_scale']:.2e} of logit scale")
+    verified = "" if res["model_verified"] else "  (UNVERIFIED classifier)"
+    click.echo(f"bundle {res['bundle']} (id {res['bundle_id']}, from {res['source']}){verified}: K={len(res['vectors'])} selectable, mandatory {res['mandatory'] or 'none'}")
+    click.echo(f"parity onnxruntime vs reference: max abs {p['max_abs']:.2e}, mean abs {p['mean_abs']:.2e}, {p['rel_to_scale']:.2e} of logit scale")
+
+
+@export_group.command("classifier")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Classifier .onnx to write.")
+@click.option("--bank", "banks", type=click.Path(file_okay=False), multiple=True, help="Record the file's sha256 in this bank (repeatable).")
+@click.option("--opset", type=int, default=17, show_default=True)
+def export_classifier_cmd(model_dir: str, out: str, banks: tuple[str, ...], opset: int) -> None:
+    """Export the bare classifier as ONNX and record it in banks, so `export onnx --from-onnx` can verify it."""
+    from forgetrt.export.onnx_export import export_classifier
+
+    res = export_classifier(model_dir, out, banks=banks, opset=opset)
+    click.echo(f"{res['onnx']} sha256 {res['sha256'][:16]}… recorded in {len(res['banks'])} bank(s)")
+
+
+@export_group.command("trt")
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--fp16", is_flag=True, help="Allow fp16 kernels (parity tolerance 2e-2 instead of 1e-4).")
+@click.option("--min-batch", type=int, default=1, show_default=True)
+@click.option("--opt-batch", type=int, default=32, show_default=True)
+@click.option("--max-batch", type=int, default=256, show_default=True)
+@click.option("--refittable", is_flag=True, help="Build a refittable engine (the bank can be swapped without a rebuild).")
+@click.option("--workspace-mib", type=int, default=1024, show_default=True)
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file to read and update.")
+def export_trt_cmd(bundle_dir: str, fp16: bool, min_batch: int, opt_batch: int, max_batch: int, refittable: bool, workspace_mib: int, timing_cache) -> None:
+    """Build BUNDLE/model.plan with TensorRT (one optimization profile over image and coeffs)."""
+    from forgetrt.export.tensorrt import TrtBuildConfig, build_engine
+
+    cfg = TrtBuildConfig(fp16=fp16, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, refittable=refittable, workspace_mib=workspace_mib, timing_cache=timing_cache)
+    res = build_engine(bundle_dir, cfg)
+    click.echo(f"engine {res['plan']} (TensorRT {res['tensorrt_version']}, fp16={res['fp16']}, batch {res['min_batch']}..{res['max_batch']})")
+
+
+@export_group.command("triton")
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--repo", type=click.Path(file_okay=False), required=True, help="Triton model repository folder.")
+@click.option("--name", help="Model name (default: the bundle folder's name).")
+@click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
+@click.option("--max-batch", type=int, default=64, show_default=True)
+@click.option("--max-queue-delay-us", type=int, default=100, show_default=True)
+@click.option("--instances", type=int, default=1, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def export_triton_cmd(bundle_dir: str, repo: str, name, backend: str, max_batch: int, max_queue_delay_us: int, instances: int, overwrite: bool) -> None:
+    """Write a Triton model repository entry (config.pbtxt, 1/model.onnx|plan, labels.txt) for the bundle."""
+    from forgetrt.export.triton import export_triton
+
+    res = export_triton(bundle_dir, repo, name=name, backend=backend, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances, overwrite=overwrite)
+    click.echo(f"{res['model_dir']} ({res['platform']}, max_batch_size {res['max_batch_size']})")
+
+
+@cli.command("parity")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--backends", type=CSV, help="onnxruntime,tensorrt,torch (default: every available one).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
+    """Compare each backend's logits with the PyTorch reference (zero, one-hot and random coefficient rows)."""
+    from forgetrt.export.parity import run_parity
+    from forgetrt.runtime.errors import MismatchError
+    from forgetrt.runtime.files import atomic_write_json
+
+    rep = run_parity(bundle_dir, [str(b) for b in backends] if backends else None, seed=seed)
+    click.echo(format_parity(rep))
+    if json_out:
+        atomic_write_json(json_out, rep)
+    if not rep["ok"]:
+        raise MismatchError("parity failed for: " + ", ".join(b for b, v in rep["backends"].items() if v["status"] == "mismatch"))
+
+
+def format_parity(rep: dict) -> str:
+    lines = [f"parity of {rep['bundle']} against {rep['reference']} ({rep['rows']} rows: zero, one-hot, random)"]
+    for b, v in rep["backends"].items():
+        if v["status"] == "skipped":
+            lines.append(f"  {b:<12} skipped: {v['reason']}")
+        else:
+            lines.append(f"  {b:<12} {v['status']:<8} {v['device']:<5} max abs {v['max_abs']:.2e}  mean abs {v['mean_abs']:.2e}  "
+                         f"{v['rel_to_scale']:.2e} of scale (tol {v['tolerance']:g})")
+    return "\n".join(lines)
 
 
 @cli.command("demo")

@@ -1,0 +1,144 @@
+"""TensorRT engine building and running, written against the TensorRT 10 Python API.
+
+``tensorrt`` is imported lazily, inside these functions, so nothing else in ForgetRT needs it.
+TensorRT only installs from NVIDIA's index; on machines without it every entry point raises
+:class:`BackendUnavailableError`, and its tests (marker ``trt``) skip. This module has **not** been
+run against a real TensorRT yet: it follows the documented API (Builder / OnnxParser /
+IBuilderConfig with one optimization profile, a workspace limit and a timing cache; Runtime /
+ICudaEngine / IExecutionContext with named tensors, ``set_input_shape`` and ``execute_async_v3``;
+Refitter for swapping the ``forget_bank`` initializer of a refittable engine). Device buffers come
+from PyTorch, so no pycuda / cuda-python dependency is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetrt.runtime.bundle import MODEL_PLAN, Bundle, add_bundle_file
+from forgetrt.runtime.errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError
+from forgetrt.runtime.iospec import IOSpec
+
+__all__ = ["TrtBuildConfig", "build_engine", "TensorRTRunner", "import_tensorrt"]
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "TensorRT is not installed: it comes only from NVIDIA's package index "
+            "(pip install --extra-index-url https://pypi.nvidia.com 'forgetrt[trt]') and needs a CUDA GPU"
+        ) from e
+    return trt
+
+
+@dataclass(frozen=True)
+class TrtBuildConfig:
+    fp16: bool = False
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 256
+    refittable: bool = False
+    workspace_mib: int = 1024
+    timing_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise InvalidInputError(
+                f"batch sizes must satisfy 1 <= min <= opt <= max, got {self.min_batch}, {self.opt_batch}, {self.max_batch}"
+            )
+        if self.workspace_mib < 16:
+            raise InvalidInputError(f"workspace must be at least 16 MiB, got {self.workspace_mib}")
+
+
+def build_engine(bundle_path: str | os.PathLike, cfg: TrtBuildConfig = TrtBuildConfig()) -> dict[str, Any]:
+    """Parse the bundle's ONNX graph, build a serialized engine, and add it to the bundle as model.plan."""
+    bundle = Bundle.load(bundle_path)
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(bundle.onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CorruptArtifactError(f"TensorRT could not parse {bundle.onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
+    if cfg.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if cfg.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    cache_bytes = Path(cfg.timing_cache).read_bytes() if cfg.timing_cache and Path(cfg.timing_cache).is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    spec = bundle.iospec
+    k = len(bundle.vectors)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(spec.image_name, (cfg.min_batch, *spec.shape), (cfg.opt_batch, *spec.shape), (cfg.max_batch, *spec.shape))
+    profile.set_shape(spec.coeffs_name, (cfg.min_batch, k), (cfg.opt_batch, k), (cfg.max_batch, k))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise CorruptArtifactError(f"TensorRT failed to build an engine for {bundle.onnx_path} (see the log above)")
+    if cfg.timing_cache:
+        Path(cfg.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = {"fp16": cfg.fp16, "min_batch": cfg.min_batch, "opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch,
+            "refittable": cfg.refittable, "tensorrt_version": trt.__version__}
+    add_bundle_file(bundle, MODEL_PLAN, bytes(plan), {"tensorrt": meta})
+    return {"plan": str(bundle.path / MODEL_PLAN), **meta}
+
+
+class TensorRTRunner:
+    """Runs a bundle's engine: named tensors, one profile, torch-allocated device buffers."""
+
+    def __init__(self, plan_path: str | os.PathLike, spec: IOSpec) -> None:
+        import torch
+
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("TensorRT needs a CUDA device; none is available")
+        self._torch = torch
+        self._trt = trt
+        self.spec = spec
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise CorruptArtifactError(f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.max_batch = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
+        self.stream = torch.cuda.Stream()
+
+    def infer(self, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        n = images.shape[0]
+        if n > self.max_batch:
+            raise InvalidInputError(f"batch {n} exceeds the engine's maximum {self.max_batch}")
+        s = self.spec
+        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).cuda()
+        c = torch.from_numpy(np.ascontiguousarray(coeffs, np.float32)).cuda()
+        self.context.set_input_shape(s.image_name, tuple(x.shape))
+        self.context.set_input_shape(s.coeffs_name, tuple(c.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(s.output_name)), dtype=torch.float32, device="cuda")
+        for name, t in ((s.image_name, x), (s.coeffs_name, c), (s.output_name, out)):
+            self.context.set_tensor_address(name, t.data_ptr())
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+        self.stream.synchronize()
+        return out.cpu().numpy()
+
+    def refit_bank(self, bank: np.ndarray) -> None:
+        """Swap the ``forget_bank`` weights of a refittable engine (same K) without rebuilding it."""
+        trt = self._trt
+        refitter = trt.Refitter(self.engine, self._logger)
+        arr = np.ascontiguousarray(bank, np.float32)
+        if not refitter.set_named_weights("forget_bank", trt.Weights(arr)):
+            raise InvalidInputError("engine has no refittable 'forget_bank' weights (build it with --refittable)")
+        if not refitter.refit_cuda_engine():
+            raise RuntimeError("TensorRT refit failed")

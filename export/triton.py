@@ -1,0 +1,117 @@
+"""Triton Inference Server model repository for a bundle: the same fused engine served at scale.
+
+Writes ``REPO/NAME/config.pbtxt``, ``REPO/NAME/1/model.onnx`` (or ``model.plan``) and
+``REPO/NAME/labels.txt``. Inputs ``image`` [C, H, W] and ``coeffs`` [K] and the output are declared
+without the batch dimension, with ``max_batch_size``, ``dynamic_batching`` and ``instance_group``, so
+Triton's own dynamic batcher groups requests with different compositions into one engine call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from forgetrt.runtime.bundle import Bundle
+from forgetrt.runtime.errors import ArtifactError, InvalidInputError, unknown
+
+__all__ = ["export_triton", "TRITON_BACKENDS"]
+
+TRITON_BACKENDS = {"onnx": ("onnxruntime_onnx", "model.onnx", "KIND_AUTO"), "trt": ("tensorrt_plan", "model.plan", "KIND_GPU")}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def export_triton(
+    bundle_path: str | os.PathLike,
+    repo: str | os.PathLike,
+    *,
+    name: str | None = None,
+    backend: str = "onnx",
+    max_batch: int = 64,
+    max_queue_delay_us: int = 100,
+    instances: int = 1,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    bundle = Bundle.load(bundle_path)
+    if backend not in TRITON_BACKENDS:
+        raise unknown("Triton backend", backend, TRITON_BACKENDS)
+    name = name or bundle.path.name
+    if not _NAME_RE.match(name):
+        raise InvalidInputError(f"invalid Triton model name {name!r}: use letters, digits, '_', '.', '-'")
+    if max_batch < 1 or instances < 1 or max_queue_delay_us < 0:
+        raise InvalidInputError(f"need max_batch >= 1, instances >= 1, max_queue_delay_us >= 0; got {max_batch}, {instances}, {max_queue_delay_us}")
+    platform, filename, kind = TRITON_BACKENDS[backend]
+    src = bundle.path / filename
+    if not src.is_file():
+        raise ArtifactError(f"bundle {bundle.path} has no {filename}" + (": run `forgetrt export trt` first" if backend == "trt" else ""))
+    if backend == "trt":
+        engine_max = int(bundle.record.get("tensorrt", {}).get("max_batch", 0))
+        if max_batch > engine_max:
+            raise InvalidInputError(f"max batch {max_batch} exceeds the TensorRT engine's profile maximum {engine_max}")
+    output = onnx.load(str(bundle.onnx_path), load_external_data=False).graph.output[0].name
+    spec = bundle.iospec
+    dims = ", ".join(str(d) for d in spec.shape)
+    config = f"""name: "{name}"
+platform: "{platform}"
+max_batch_size: {max_batch}
+input [
+  {{
+    name: "{spec.image_name}"
+    data_type: TYPE_FP32
+    dims: [ {dims} ]
+  }},
+  {{
+    name: "{spec.coeffs_name}"
+    data_type: TYPE_FP32
+    dims: [ {len(bundle.vectors)} ]
+  }}
+]
+output [
+  {{
+    name: "{output}"
+    data_type: TYPE_FP32
+    dims: [ {spec.num_classes} ]
+    label_filename: "labels.txt"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {max_queue_delay_us}
+}}
+instance_group [
+  {{
+    count: {instances}
+    kind: {kind}
+  }}
+]
+parameters {{
+  key: "forgetrt_vectors"
+  value: {{ string_value: "{",".join(bundle.vectors)}" }}
+}}
+parameters {{
+  key: "forgetrt_bundle_id"
+  value: {{ string_value: "{bundle.bundle_id}" }}
+}}
+"""
+    repo = Path(repo)
+    dest = repo / name
+    if dest.exists() and not overwrite:
+        raise ArtifactError(f"{dest} already exists; pass --overwrite to replace it")
+    repo.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    try:
+        (tmp / "1").mkdir()
+        shutil.copyfile(src, tmp / "1" / filename)
+        (tmp / "config.pbtxt").write_text(config)
+        (tmp / "labels.txt").write_text("\n".join(spec.labels) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"model_dir": str(dest), "platform": platform, "max_batch_size": max_batch, "vectors": list(bundle.vectors)}
