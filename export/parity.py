@@ -31,6 +31,7 @@ __all__ = [
     "check_parity",
     "reference_logits",
     "run_parity",
+    "format_parity",
 ]
 
 FP32_TOLERANCE = 1e-4
@@ -188,3 +189,15 @@ def _torch_fused(files, images, coeffs, stacked, mand, coeff_range) -> tuple[np.
         x = x + torch.from_numpy(mand).to(device)
     with torch.no_grad():
         return model(x).float().cpu().numpy(), device
+
+
+def format_parity(rep: dict[str, Any]) -> str:
+    """A human-readable report of :func:`run_parity`."""
+    lines = [f"parity of {rep['bundle']} against {rep['reference']} ({rep['rows']} rows: zero, one-hot, random)"]
+    for b, v in rep["backends"].items():
+        if v["status"] == "skipped":
+            lines.append(f"  {b:<12} skipped: {v['reason']}")
+        else:
+            lines.append(f"  {b:<12} {v['status']:<8} {v['device']:<5} max abs {v['max_abs']:.2e}  mean abs {v['mean_abs']:.2e}  "
+                         f"{v['rel_to_scale']:.2e} of scale (tol {v['tolerance']:g})")
+    return "\n".join(lines)

@@ -441,7 +441,7 @@ def export_triton_cmd(bundle_dir: str, repo: str, name, backend: str, max_batch:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
     """Compare each backend's logits with the PyTorch reference (zero, one-hot and random coefficient rows)."""
-    from forgetrt.export.parity import run_parity
+    from forgetrt.export.parity import format_parity, run_parity
     from forgetrt.runtime.errors import MismatchError
     from forgetrt.runtime.files import atomic_write_json
 
@@ -451,17 +451,6 @@ def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
         atomic_write_json(json_out, rep)
     if not rep["ok"]:
         raise MismatchError("parity failed for: " + ", ".join(b for b, v in rep["backends"].items() if v["status"] == "mismatch"))
-
-
-def format_parity(rep: dict) -> str:
-    lines = [f"parity of {rep['bundle']} against {rep['reference']} ({rep['rows']} rows: zero, one-hot, random)"]
-    for b, v in rep["backends"].items():
-        if v["status"] == "skipped":
-            lines.append(f"  {b:<12} skipped: {v['reason']}")
-        else:
-            lines.append(f"  {b:<12} {v['status']:<8} {v['device']:<5} max abs {v['max_abs']:.2e}  mean abs {v['mean_abs']:.2e}  "
-                         f"{v['rel_to_scale']:.2e} of scale (tol {v['tolerance']:g})")
-    return "\n".join(lines)
 
 
 @cli.command("demo")

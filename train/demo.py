@@ -27,22 +27,22 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     t0 = time.perf_counter()
     ds = load_data("digits")
     model_dir, bank_dir = out / "model", out / "bank"
-    log(f"[1/4] training digits-cnn on {len(ds.y_train)} digits images -> {model_dir}")
+    log(f"[1/5] training digits-cnn on {len(ds.y_train)} digits images -> {model_dir}")
     rec = wf.train_model("digits-cnn", ds, model_dir, device=device)
     log(f"      test accuracy {rec['metrics']['test_acc']:.2f}% in {rec['training']['seconds']:.1f}s")
 
     recipe = PRESETS["digits"]
-    log(f"[2/4] training {ds.num_classes} class-wise forget vectors together (preset 'digits') -> {bank_dir}")
+    log(f"[2/5] training {ds.num_classes} class-wise forget vectors together (preset 'digits') -> {bank_dir}")
     vecs = wf.train_class_vectors(model_dir, ds, bank_dir, recipe=recipe, device=device, overwrite=True)
 
     a, b = DEMO_PAIR
-    log(f"[3/4] forget-vector arithmetic for classes {a} and {b}: fixed sum and learned coefficients")
+    log(f"[3/5] forget-vector arithmetic for classes {a} and {b}: fixed sum and learned coefficients")
     wf.compose_fixed(bank_dir, f"sum-{a}-{b}", {f"forget-{a}": 1.0, f"forget-{b}": 1.0}, overwrite=True)
     learned = wf.compose_learned(
         bank_dir, f"learned-{a}-{b}", model_dir, ds, ForgetSpec(classes=DEMO_PAIR), recipe, device=device, overwrite=True
     )
 
-    log("[4/4] evaluating (UA, RA, TA on remaining classes, MIA-Efficacy; percent)")
+    log("[4/5] evaluating (UA, RA, TA on remaining classes, MIA-Efficacy; percent)")
     rows: dict[str, dict[str, Any]] = {
         f"no vector (classes {a},{b})": wf.evaluate_result(model_dir, ds, forget=ForgetSpec(classes=DEMO_PAIR), device=device)
     }
@@ -51,6 +51,14 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     rows[f"sum-{a}-{b}"] = wf.evaluate_result(model_dir, ds, bank_dir=bank_dir, vector=f"sum-{a}-{b}", device=device)
     rows[f"learned-{a}-{b}"] = learned["metrics"]
     table = format_table(rows)
+
+    from forgetrt.export.onnx_export import export_onnx
+    from forgetrt.export.parity import format_parity, run_parity
+
+    bundle_dir = out / "bundle"
+    log(f"[5/5] exporting the fused ONNX bundle (image, coeffs -> logits) -> {bundle_dir}")
+    exported = export_onnx(bank_dir, bundle_dir, model_dir=model_dir, vectors=[v["name"] for v in vecs], overwrite=True)
+    parity = run_parity(bundle_dir)
     report = {
         "data": "digits",
         "model": {"arch": "digits-cnn", **rec["metrics"], "fingerprint": rec["fingerprint"]},
@@ -58,7 +66,8 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
         "results": rows,
         "learned_coefficients": learned["coefficients"],
         "seconds": time.perf_counter() - t0,
-        "artifacts": {"model": str(model_dir), "bank": str(bank_dir)},
+        "artifacts": {"model": str(model_dir), "bank": str(bank_dir), "bundle": str(bundle_dir)},
+        "export": {"bundle_id": exported["bundle_id"], "vectors": exported["vectors"], "parity": parity["backends"]},
     }
     atomic_write_json(out / "report.json", report)
     log("")
@@ -66,5 +75,6 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     log("")
     ua = learned["metrics"].get("UA_per_class", {})
     log("learned composition UA per class: " + ", ".join(f"{k}: {v:.1f}%" for k, v in ua.items()))
+    log(format_parity(parity))
     log(f"report: {out / 'report.json'}  ({report['seconds']:.1f}s)")
     return report
