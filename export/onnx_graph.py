@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError, MismatchError
 from forgetrt.runtime.iospec import IOSpec
 
-__all__ = ["MIN_OPSET", "forget_prefix", "fuse_classifier", "classifier_io"]
+__all__ = ["MIN_OPSET", "forget_prefix", "fuse_classifier", "classifier_io", "freeze_bank"]
 
 MIN_OPSET = 13  # Clip with tensor bounds (11) and Reshape with allowzero-free semantics; 13 keeps both simple
 _PREFIX_NAMES = ("forget_bank", "forget_delta_flat", "forget_delta_shape", "forget_delta", "forget_perturbed",
@@ -58,8 +58,14 @@ def forget_prefix(
     opset: int = 17,
     ir_version: int | None = None,
     output_name: str = "forget_input",
+    overridable_bank: bool = True,
 ) -> onnx.ModelProto:
-    """The prefix graph ``(image [N,C,H,W], coeffs [N,K]) -> output_name [N,C,H,W]``."""
+    """The prefix graph ``(image [N,C,H,W], coeffs [N,K]) -> output_name [N,C,H,W]``.
+
+    With ``overridable_bank`` (the default) ``forget_bank`` is also declared as an optional graph
+    input with a symbolic K: the initializer serves plain ONNX runtimes (Triton, ``onnxruntime``), and
+    ForgetRT's runtime feeds a newer bank (hot swap, even with a different K) without a rebuild.
+    """
     if opset < MIN_OPSET:
         raise InvalidInputError(f"opset {opset} is too old for the forget prefix (MatMul/Reshape/Clip): use >= {MIN_OPSET}")
     bank = np.asarray(bank)
@@ -98,11 +104,15 @@ def forget_prefix(
     if mandatory is not None:
         inits.append(numpy_helper.from_array(mandatory[None], "forget_mandatory"))
         nodes.append(helper.make_node("Add", [last, "forget_mandatory"], [output_name], name="forget_mandatory_add"))
+    kdim: int | str = "K" if overridable_bank else k
+    inputs = [helper.make_tensor_value_info(iospec.image_name, f32, ["N", c, h, w]),
+              helper.make_tensor_value_info(iospec.coeffs_name, f32, ["N", kdim])]
+    if overridable_bank:
+        inputs.append(helper.make_tensor_value_info("forget_bank", f32, [kdim, c * h * w]))
     graph = helper.make_graph(
         nodes,
         "forgetrt_prefix",
-        [helper.make_tensor_value_info(iospec.image_name, f32, ["N", c, h, w]),
-         helper.make_tensor_value_info(iospec.coeffs_name, f32, ["N", k])],
+        inputs,
         [helper.make_tensor_value_info(output_name, f32, ["N", c, h, w])],
         initializer=inits,
     )
@@ -150,3 +160,23 @@ def fuse_classifier(
             fused.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
     onnx.checker.check_model(fused, full_check=True)
     return fused
+
+
+def freeze_bank(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a fused model whose ``forget_bank`` is a plain constant again and whose K is concrete
+    (for engines such as TensorRT that treat graph inputs as runtime tensors)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    bank = next((i for i in out.graph.initializer if i.name == "forget_bank"), None)
+    if bank is None:
+        raise CorruptArtifactError("model has no forget_bank initializer")
+    k = bank.dims[0]
+    keep = [i for i in out.graph.input if i.name != "forget_bank"]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    for i in out.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].dim_param == "K":
+            dims[1].ClearField("dim_param")
+            dims[1].dim_value = k
+    return out

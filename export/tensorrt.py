@@ -64,7 +64,13 @@ def build_engine(bundle_path: str | os.PathLike, cfg: TrtBuildConfig = TrtBuildC
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(bundle.onnx_path.read_bytes()):
+    import onnx
+
+    from .onnx_graph import freeze_bank
+
+    # the bundle's graph declares forget_bank as an overridable input; TensorRT gets it as a constant
+    # (hot swap on TensorRT is a refit of a --refittable engine, K fixed)
+    if not parser.parse(freeze_bank(onnx.load(str(bundle.onnx_path))).SerializeToString()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CorruptArtifactError(f"TensorRT could not parse {bundle.onnx_path}: {errors}")
     config = builder.create_builder_config()

@@ -42,7 +42,12 @@ def test_bundle_contents_and_parity(bundle):
     sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["forgetrt.vectors"] == ",".join(b.vectors) and meta["forgetrt.bundle_id"] == b.bundle_id
-    assert [i.name for i in sess.get_inputs()] == ["image", "coeffs"] and sess.get_inputs()[1].shape[1] == 9
+    assert [i.name for i in sess.get_inputs()] == ["image", "coeffs"] and sess.get_inputs()[1].shape[1] == "K"
+    assert [i.name for i in sess.get_overridable_initializers()] == ["forget_bank"]
+    import onnx
+
+    init = next(i for i in onnx.load(str(b.onnx_path)).graph.initializer if i.name == "forget_bank")
+    assert list(init.dims) == [9, 64]
     for n in (1, 7):  # dynamic batch
         y = sess.run(None, {"image": np.zeros((n, 1, 8, 8), np.float32), "coeffs": np.zeros((n, 9), np.float32)})[0]
         assert y.shape == (n, 10)
@@ -69,6 +74,31 @@ def test_tensorrt_requested_without_tensorrt(bundle):
         run_parity(bundle[0], ["tensorrt"])
     r = cli_run("export", "trt", "--bundle", bundle[0])
     assert r.exit_code == 4 and "NVIDIA" in r.output and "Traceback" not in r.output
+
+
+def test_bank_is_overridable_and_freezable(bundle):
+    """Feeding forget_bank overrides the baked bank (hot swap, even with another K); freeze_bank undoes it."""
+    import onnx
+
+    from forgetrt.export.onnx_graph import freeze_bank
+
+    b = Bundle.load(bundle[0])
+    sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
+    stacked, _ = b.vector_arrays()
+    x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+    c9 = np.eye(9, dtype=np.float32)[[0, 3, 5]]
+    base = sess.run(None, {"image": x, "coeffs": c9})[0]
+    same = sess.run(None, {"image": x, "coeffs": c9, "forget_bank": stacked})[0]
+    np.testing.assert_allclose(base, same, rtol=1e-6, atol=1e-6)
+    # a bank of K=2 whose rows are vectors 3 and 0: the same logits for the matching rows
+    c2 = np.array([[0, 1], [1, 0]], np.float32)
+    two = sess.run(None, {"image": x[:2], "coeffs": c2, "forget_bank": stacked[[3, 0]]})[0]
+    np.testing.assert_allclose(two, base[:2], rtol=1e-5, atol=1e-5)
+    frozen = freeze_bank(onnx.load(str(b.onnx_path)))
+    onnx.checker.check_model(frozen, full_check=True)
+    fs = ort.InferenceSession(frozen.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in fs.get_overridable_initializers()] == [] and fs.get_inputs()[1].shape[1] == 9
+    np.testing.assert_allclose(fs.run(None, {"image": x, "coeffs": c9})[0], base, rtol=1e-5, atol=1e-5)
 
 
 def test_tampered_bundle_is_refused(bundle, tmp_path):

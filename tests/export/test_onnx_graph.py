@@ -33,7 +33,7 @@ def test_fused_digits_graph_matches_torch(torch_model):
     fused = fuse_classifier(classifier_to_onnx(torch_model, SPEC), SPEC, bank, vector_names=["a", "b", "c"], mandatory=mandatory, metadata={"forgetrt.bundle_id": "t"})
     ops = [n.op_type for n in fused.graph.node]
     assert ops[:4] == ["MatMul", "Reshape", "Add", "Add"]
-    assert {i.name for i in fused.graph.input} == {"image", "coeffs"} and fused.graph.output[0].name == "logits"
+    assert [i.name for i in fused.graph.input] == ["image", "coeffs", "forget_bank"] and fused.graph.output[0].name == "logits"
     meta = {p.key: p.value for p in fused.metadata_props}
     assert meta["forgetrt.vectors"] == "a,b,c" and meta["forgetrt.bundle_id"] == "t"
     x = rng.random((5, 1, 8, 8), dtype=np.float32)
