@@ -165,7 +165,7 @@ def run_parity(bundle_path: str | os.PathLike, backends: Sequence[str] | None = 
         elif b == "torch":
             got, device = _torch_fused(files, images, coeffs, stacked, mand, bundle.coeff_range)
         else:
-            from .tensorrt import TensorRTRunner
+            from forgetrt.runtime.backends.tensorrt_backend import TensorRTRunner
 
             runner = TensorRTRunner(bundle.plan_path, bundle.iospec)
             got, device = runner.infer(images, coeffs), "cuda"

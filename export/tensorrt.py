@@ -6,8 +6,8 @@ TensorRT only installs from NVIDIA's index; on machines without it every entry p
 run against a real TensorRT yet: it follows the documented API (Builder / OnnxParser /
 IBuilderConfig with one optimization profile, a workspace limit and a timing cache; Runtime /
 ICudaEngine / IExecutionContext with named tensors, ``set_input_shape`` and ``execute_async_v3``;
-Refitter for swapping the ``forget_bank`` initializer of a refittable engine). Device buffers come
-from PyTorch, so no pycuda / cuda-python dependency is needed.
+Refitter for swapping the ``forget_bank`` initializer of a refittable engine). The runner lives in
+:mod:`forgetrt.runtime.backends.tensorrt_backend`.
 """
 
 from __future__ import annotations
@@ -17,24 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
+from forgetrt.runtime.backends.tensorrt_backend import TensorRTRunner, import_tensorrt
 from forgetrt.runtime.bundle import MODEL_PLAN, Bundle, add_bundle_file
-from forgetrt.runtime.errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError
-from forgetrt.runtime.iospec import IOSpec
+from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError
 
 __all__ = ["TrtBuildConfig", "build_engine", "TensorRTRunner", "import_tensorrt"]
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailableError(
-            "TensorRT is not installed: it comes only from NVIDIA's package index "
-            "(pip install --extra-index-url https://pypi.nvidia.com 'forgetrt[trt]') and needs a CUDA GPU"
-        ) from e
-    return trt
 
 
 @dataclass(frozen=True)
@@ -97,54 +85,3 @@ def build_engine(bundle_path: str | os.PathLike, cfg: TrtBuildConfig = TrtBuildC
             "refittable": cfg.refittable, "tensorrt_version": trt.__version__}
     add_bundle_file(bundle, MODEL_PLAN, bytes(plan), {"tensorrt": meta})
     return {"plan": str(bundle.path / MODEL_PLAN), **meta}
-
-
-class TensorRTRunner:
-    """Runs a bundle's engine: named tensors, one profile, torch-allocated device buffers."""
-
-    def __init__(self, plan_path: str | os.PathLike, spec: IOSpec) -> None:
-        import torch
-
-        trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("TensorRT needs a CUDA device; none is available")
-        self._torch = torch
-        self._trt = trt
-        self.spec = spec
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise CorruptArtifactError(f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        self.max_batch = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
-        self.stream = torch.cuda.Stream()
-
-    def infer(self, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        n = images.shape[0]
-        if n > self.max_batch:
-            raise InvalidInputError(f"batch {n} exceeds the engine's maximum {self.max_batch}")
-        s = self.spec
-        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).cuda()
-        c = torch.from_numpy(np.ascontiguousarray(coeffs, np.float32)).cuda()
-        self.context.set_input_shape(s.image_name, tuple(x.shape))
-        self.context.set_input_shape(s.coeffs_name, tuple(c.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(s.output_name)), dtype=torch.float32, device="cuda")
-        for name, t in ((s.image_name, x), (s.coeffs_name, c), (s.output_name, out)):
-            self.context.set_tensor_address(name, t.data_ptr())
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-        self.stream.synchronize()
-        return out.cpu().numpy()
-
-    def refit_bank(self, bank: np.ndarray) -> None:
-        """Swap the ``forget_bank`` weights of a refittable engine (same K) without rebuilding it."""
-        trt = self._trt
-        refitter = trt.Refitter(self.engine, self._logger)
-        arr = np.ascontiguousarray(bank, np.float32)
-        if not refitter.set_named_weights("forget_bank", trt.Weights(arr)):
-            raise InvalidInputError("engine has no refittable 'forget_bank' weights (build it with --refittable)")
-        if not refitter.refit_cuda_engine():
-            raise RuntimeError("TensorRT refit failed")

@@ -19,6 +19,10 @@ __all__ = [
     "MismatchError",
     "DataError",
     "BackendUnavailableError",
+    "QueueFullError",
+    "DeadlineExceededError",
+    "RuntimeClosedError",
+    "EngineError",
     "unknown",
 ]
 
@@ -71,6 +75,30 @@ class BackendUnavailableError(ForgetRTError):
     """
 
     exit_code = 4
+
+
+class QueueFullError(ForgetRTError):
+    """The dynamic batcher's queue is full: the request was not accepted (retry later, or shed load)."""
+
+    exit_code = 5
+
+
+class DeadlineExceededError(ForgetRTError, TimeoutError):
+    """A request's deadline passed before its batch ran; it was dropped, not computed."""
+
+    exit_code = 5
+
+
+class RuntimeClosedError(ForgetRTError):
+    """The runtime was shut down; it accepts no new requests."""
+
+    exit_code = 5
+
+
+class EngineError(ForgetRTError):
+    """The backend failed while running a batch; only that batch's requests fail."""
+
+    exit_code = 5
 
 
 def unknown(kind: str, name: object, choices: Iterable[object]) -> UnknownNameError:

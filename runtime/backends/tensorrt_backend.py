@@ -1,0 +1,116 @@
+"""TensorRT backend: runs the bundle's ``model.plan`` (TensorRT 10 API, imported lazily).
+
+Named tensors, ``set_input_shape`` per call, ``execute_async_v3`` on a private stream, device buffers
+allocated through PyTorch (no pycuda dependency). The bank is a constant inside the engine: a hot swap
+with the same K is a refit of a ``--refittable`` engine; any other bank change needs a rebuild.
+
+Not run on real TensorRT yet: TensorRT cannot be installed where this was written.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..compose import BankState
+from ..errors import BackendUnavailableError, CorruptArtifactError, EngineError, InvalidInputError
+from ..iospec import IOSpec
+from .base import Backend
+
+__all__ = ["TensorRTRunner", "TensorRTBackend", "import_tensorrt"]
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "TensorRT is not installed: it comes only from NVIDIA's package index "
+            "(pip install --extra-index-url https://pypi.nvidia.com 'forgetrt[trt]') and needs a CUDA GPU"
+        ) from e
+    return trt
+
+
+class TensorRTRunner:
+    """Runs a serialized engine: named tensors, one profile, torch-allocated device buffers."""
+
+    def __init__(self, plan_path: str | os.PathLike, spec: IOSpec) -> None:
+        trt = import_tensorrt()
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailableError("the TensorRT runner allocates device memory through torch, which is not installed") from e
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("TensorRT needs a CUDA device; none is available")
+        self._torch = torch
+        self._trt = trt
+        self.spec = spec
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise CorruptArtifactError(f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.max_batch = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
+        self.stream = torch.cuda.Stream()
+
+    def infer(self, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        n = images.shape[0]
+        if n > self.max_batch:
+            raise InvalidInputError(f"batch {n} exceeds the engine's maximum {self.max_batch}")
+        s = self.spec
+        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).cuda()
+        c = torch.from_numpy(np.ascontiguousarray(coeffs, np.float32)).cuda()
+        self.context.set_input_shape(s.image_name, tuple(x.shape))
+        self.context.set_input_shape(s.coeffs_name, tuple(c.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(s.output_name)), dtype=torch.float32, device="cuda")
+        for name, t in ((s.image_name, x), (s.coeffs_name, c), (s.output_name, out)):
+            self.context.set_tensor_address(name, t.data_ptr())
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError("TensorRT execute_async_v3 failed")
+        self.stream.synchronize()
+        return out.cpu().numpy()
+
+    def refit_bank(self, bank: np.ndarray) -> None:
+        """Swap the ``forget_bank`` weights of a refittable engine (same K) without rebuilding it."""
+        trt = self._trt
+        refitter = trt.Refitter(self.engine, self._logger)
+        arr = np.ascontiguousarray(bank, np.float32)
+        if not refitter.set_named_weights("forget_bank", trt.Weights(arr)):
+            raise InvalidInputError("engine has no refittable 'forget_bank' weights (build it with --refittable)")
+        if not refitter.refit_cuda_engine():
+            raise EngineError("TensorRT refit failed")
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, device: str) -> None:
+        super().__init__(bundle, device)
+        if not bundle.plan_path.is_file():
+            raise BackendUnavailableError(f"bundle has no model.plan: run `forgetrt export trt --bundle {bundle.path}`")
+        self.runner = TensorRTRunner(bundle.plan_path, bundle.iospec)
+        self.max_batch = self.runner.max_batch
+        self._version = 0
+        self._refittable = bool(bundle.record.get("tensorrt", {}).get("refittable"))
+        self._k = len(bundle.vectors)
+        self._lock = threading.Lock()
+
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
+        with self._lock:
+            if bank.version != self._version:
+                if not self._refittable or bank.k != self._k:
+                    raise EngineError(
+                        f"the TensorRT engine holds its bank as constants (K={self._k}); this bank change "
+                        f"(K={bank.k}) needs a --refittable engine with the same K, or a rebuild"
+                    )
+                self.runner.refit_bank(bank.matrix)
+                self._version = bank.version
+            return self.runner.infer(images, coeffs)

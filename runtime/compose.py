@@ -1,0 +1,103 @@
+"""Per-request composition: turning a request's ``forget`` spec into one coefficient row.
+
+A :class:`BankState` is an immutable snapshot of what the engine serves: the selectable vectors in
+coefficient order (as a [K, C·H·W] matrix), the named policies, the coefficient range and a version
+number. Requests resolve against the snapshot current when they arrive; a hot swap installs a new
+snapshot and never mutates an old one, so in-flight requests finish on the bank they started with.
+
+``forget`` accepts:
+
+- ``None`` / ``[]``: no selectable vector (mandatory vectors baked into the engine still apply)
+- a list of names: weight 1 each, e.g. ``["forget-3", "forget-7"]``
+- a mapping name -> weight, e.g. ``{"forget-3": 1.0, "forget-7": 0.5}``
+- a policy name stored in the bundle, e.g. ``"eu"``
+- a raw coefficient row of length K (a list of numbers or a 1-D array)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import InvalidInputError, unknown
+
+__all__ = ["BankState", "ForgetRequest"]
+
+ForgetRequest = Union[None, str, Sequence[str], Mapping[str, float], Sequence[float], np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class BankState:
+    version: int
+    names: tuple[str, ...]
+    matrix: np.ndarray  # float32 [K, C·H·W], read-only
+    policies: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    coeff_range: tuple[float, float] | None = None
+    mandatory: Mapping[str, float] = field(default_factory=dict)
+    label: str = ""  # human-readable id of the bank's source (bundle id or bank path)
+
+    def __post_init__(self) -> None:
+        m = np.ascontiguousarray(self.matrix, np.float32)
+        if m.ndim != 2 or m.shape[0] != len(self.names):
+            raise InvalidInputError(f"bank matrix {m.shape} does not match {len(self.names)} names")
+        if not np.all(np.isfinite(m)):
+            raise InvalidInputError("bank contains NaN or Inf")
+        if len(set(self.names)) != len(self.names):
+            raise InvalidInputError(f"bank names repeat: {self.names}")
+        m.setflags(write=False)
+        object.__setattr__(self, "matrix", m)
+        object.__setattr__(self, "_index", {n: i for i, n in enumerate(self.names)})
+        for pname, weights in self.policies.items():
+            for n in weights:
+                if n not in self._index:  # type: ignore[attr-defined]
+                    raise unknown(f"vector in policy {pname!r}:", n, self.names)
+
+    @property
+    def k(self) -> int:
+        return len(self.names)
+
+    def coeff_row(self, forget: ForgetRequest) -> np.ndarray:
+        """One float32 coefficient row [K] for a request's ``forget`` spec (validated)."""
+        row = np.zeros(self.k, np.float32)
+        if forget is None:
+            return row
+        if isinstance(forget, str):
+            if forget not in self.policies:
+                if forget in self._index:  # type: ignore[attr-defined]
+                    raise InvalidInputError(f"{forget!r} is a vector, not a policy: pass [{forget!r}] or {{{forget!r}: 1.0}}")
+                raise unknown("policy", forget, self.policies)
+            forget = self.policies[forget]
+        if isinstance(forget, Mapping):
+            items = list(forget.items())
+        elif isinstance(forget, np.ndarray) or (isinstance(forget, Sequence) and forget and not isinstance(forget[0], str)):
+            arr = np.asarray(forget, dtype=np.float64)
+            if arr.ndim != 1 or arr.shape[0] != self.k:
+                raise InvalidInputError(f"a raw coefficient row must have K={self.k} entries (vectors {list(self.names)}), got shape {arr.shape}")
+            items = list(zip(self.names, arr.tolist()))
+        elif isinstance(forget, Sequence):
+            if len(set(forget)) != len(forget):
+                raise InvalidInputError(f"vector names repeat in {list(forget)}")
+            items = [(n, 1.0) for n in forget]
+        else:
+            raise InvalidInputError(f"forget must be a list of names, a name->weight mapping, a policy name or a coefficient row; got {type(forget).__name__}")
+        for name, w in items:
+            if not isinstance(name, str) or name not in self._index:  # type: ignore[attr-defined]
+                raise unknown("vector", name, self.names)
+            try:
+                w = float(w)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"weight for {name!r} must be a number, got {w!r}") from None
+            if not math.isfinite(w):
+                raise InvalidInputError(f"weight for {name!r} must be finite, got {w}")
+            if self.coeff_range is not None and not (self.coeff_range[0] <= w <= self.coeff_range[1]):
+                raise InvalidInputError(f"weight {w} for {name!r} is outside the bundle's coefficient range {list(self.coeff_range)}")
+            row[self._index[name]] = w  # type: ignore[attr-defined]
+        return row
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "vectors": list(self.names), "policies": {k: dict(v) for k, v in self.policies.items()},
+                "mandatory": dict(self.mandatory), "coeff_range": list(self.coeff_range) if self.coeff_range else None, "label": self.label}

@@ -1,0 +1,294 @@
+"""The Runtime: loads a bundle, resolves each request's forget spec to a coefficient row, and serves
+it through a backend, directly (``infer``) or through the dynamic batcher (``submit``, ``infer_async``).
+
+Example::
+
+    from forgetrt.runtime import Runtime
+
+    with Runtime.load("runs/bundle", backend="onnxruntime") as rt:
+        r = rt.infer(images, forget=["forget-3"])          # names, weight 1 each
+        r = rt.infer(images, forget={"forget-3": 0.5})     # name -> weight
+        r = rt.infer(images, forget="eu")                  # a policy stored in the bundle
+        fut = rt.submit(images, forget=[0, 0, 1, 0])       # a raw coefficient row, batched with others
+        print(fut.result().logits, fut.result().bank_version)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, create_backend
+from .bank import VectorBank
+from .batcher import BatchObserver, DynamicBatcher, InferResult, Job
+from .bundle import Bundle
+from .compose import BankState, ForgetRequest
+from .errors import InvalidInputError, MismatchError, UnknownNameError, unknown
+
+__all__ = ["Runtime", "RuntimeConfig", "InferResult", "PIXEL_POLICIES"]
+
+log = logging.getLogger("forgetrt.runtime")
+PIXEL_POLICIES = ("reject", "clamp")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str = "auto"
+    device: str = "auto"
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    max_queue: int = 1024
+    instances: int = 1
+    pixel_policy: str = "reject"
+    default_deadline_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.pixel_policy not in PIXEL_POLICIES:
+            raise unknown("pixel policy", self.pixel_policy, PIXEL_POLICIES)
+        if self.instances < 1:
+            raise InvalidInputError(f"instances must be >= 1, got {self.instances}")
+        if self.default_deadline_ms is not None and not self.default_deadline_ms > 0:
+            raise InvalidInputError(f"default deadline must be > 0 ms, got {self.default_deadline_ms}")
+
+
+class Runtime:
+    def __init__(self, bundle: Bundle, backends: list[Backend], config: RuntimeConfig, observer: BatchObserver | None = None) -> None:
+        self.bundle = bundle
+        self.config = config
+        self.backends = backends
+        self._locks = [nullcontext() if b.thread_safe else threading.Lock() for b in backends]
+        stacked, _ = bundle.vector_arrays()
+        self._state = BankState(
+            0, bundle.vectors, stacked, dict(bundle.record.get("policies") or {}), bundle.coeff_range, dict(bundle.mandatory), bundle.bundle_id
+        )
+        self._swap_lock = threading.Lock()
+        engine_max = min((b.max_batch for b in backends if b.max_batch is not None), default=None)
+        if engine_max is not None and config.max_batch_size > engine_max:
+            raise InvalidInputError(f"max_batch_size {config.max_batch_size} exceeds the engine's maximum batch {engine_max}")
+        self._batcher = DynamicBatcher(
+            [self._runner(i) for i in range(len(backends))],
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_us=config.max_queue_delay_us,
+            max_queue=config.max_queue,
+            observer=observer,
+        )
+        self._closed = False
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | os.PathLike | Bundle,
+        backend: str = "auto",
+        device: str = "auto",
+        *,
+        max_batch_size: int = 64,
+        max_queue_delay_us: int = 500,
+        max_queue: int = 1024,
+        instances: int = 1,
+        pixel_policy: str = "reject",
+        default_deadline_ms: float | None = None,
+        observer: BatchObserver | None = None,
+        **backend_options: Any,
+    ) -> "Runtime":
+        """Load a bundle (hashes verified) and start ``instances`` backend instances, one batcher worker each."""
+        config = RuntimeConfig(backend, device, max_batch_size, max_queue_delay_us, max_queue, instances, pixel_policy, default_deadline_ms)
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        backends = [create_backend(backend, b, device, **backend_options) for _ in range(instances)]
+        log.info("runtime: bundle %s, backend %s on %s, %d instance(s)", b.bundle_id, backends[0].name, backends[0].device, instances)
+        return cls(b, backends, config, observer)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def iospec(self):
+        return self.bundle.iospec
+
+    @property
+    def bank(self) -> BankState:
+        return self._state
+
+    @property
+    def backend_name(self) -> str:
+        return self.backends[0].name
+
+    @property
+    def device(self) -> str:
+        return self.backends[0].device
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "bundle_id": self.bundle.bundle_id,
+            "backend": self.backends[0].describe(),
+            "instances": len(self.backends),
+            "config": self.config.__dict__,
+            "bank": self._state.describe(),
+            "labels": list(self.iospec.labels),
+        }
+
+    # ------------------------------------------------------------------ requests
+    def _runner(self, i: int):
+        backend, lock = self.backends[i], self._locks[i]
+
+        def run(images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
+            with lock:
+                return backend.run(images, coeffs, bank)
+
+        return run
+
+    def validate_images(self, images: Any) -> np.ndarray:
+        """float32 [N, C, H, W] (or one [C, H, W] image), finite, inside the input range (or clamped)."""
+        if not isinstance(images, np.ndarray):
+            raise InvalidInputError(f"images must be a numpy array, got {type(images).__name__}")
+        spec = self.iospec
+        if images.dtype != np.float32:
+            raise InvalidInputError(f"images must be float32 in [{spec.input_range[0]}, {spec.input_range[1]}], got dtype {images.dtype}")
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1:] != tuple(spec.shape):
+            raise InvalidInputError(f"images must have shape [N, {', '.join(map(str, spec.shape))}], got {list(images.shape)}")
+        if images.shape[0] == 0:
+            raise InvalidInputError("images: the batch is empty")
+        if not np.all(np.isfinite(images)):
+            raise InvalidInputError("images contain NaN or Inf")
+        lo, hi = spec.input_range
+        if images.min() < lo or images.max() > hi:
+            if self.config.pixel_policy == "reject":
+                raise InvalidInputError(
+                    f"pixels must lie in [{lo}, {hi}] (the model's input space), found [{images.min():.4g}, {images.max():.4g}]; "
+                    "load the runtime with pixel_policy='clamp' to clip instead"
+                )
+            images = np.clip(images, lo, hi)
+        return np.ascontiguousarray(images)
+
+    def _job(self, images: Any, forget: ForgetRequest | None, coeffs: Any, deadline_ms: float | None) -> Job:
+        imgs = self.validate_images(images)
+        bank = self._state  # one snapshot for the whole request
+        if coeffs is not None:
+            if forget is not None:
+                raise InvalidInputError("give either forget or coeffs, not both")
+            row = np.asarray(coeffs, dtype=np.float32) if isinstance(coeffs, (np.ndarray, list, tuple)) else None
+            if row is None or row.shape not in ((bank.k,), (imgs.shape[0], bank.k)):
+                raise InvalidInputError(f"coeffs must have shape [{bank.k}] or [{imgs.shape[0]}, {bank.k}], got {None if row is None else list(row.shape)}")
+            if not np.all(np.isfinite(row)):
+                raise InvalidInputError("coeffs contain NaN or Inf")
+            if bank.coeff_range is not None and (row.min() < bank.coeff_range[0] or row.max() > bank.coeff_range[1]):
+                raise InvalidInputError(f"coeffs outside the bundle's coefficient range {list(bank.coeff_range)}")
+        else:
+            row = bank.coeff_row(forget)
+        ms = deadline_ms if deadline_ms is not None else self.config.default_deadline_ms
+        if ms is not None and not ms > 0:
+            raise InvalidInputError(f"deadline must be > 0 ms, got {ms}")
+        return Job(imgs, row, bank, deadline=None if ms is None else time.monotonic() + ms / 1e3)
+
+    def infer(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None) -> InferResult:
+        """Run one request now, on the calling thread (no batching): lowest latency for a lone caller."""
+        job = self._job(images, forget, coeffs, None)
+        if self._closed:
+            from .errors import RuntimeClosedError
+
+            raise RuntimeClosedError("the runtime is shut down")
+        coeff_mat = np.ascontiguousarray(np.broadcast_to(job.row, (job.n, job.bank.k)), np.float32)
+        t0 = time.monotonic()
+        out = self._runner(0)(job.images, coeff_mat, job.bank)
+        return InferResult(out, job.bank.version, 0.0, (time.monotonic() - t0) * 1e6, job.n)
+
+    def submit(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> Future:
+        """Queue one request for the dynamic batcher; the future resolves to an :class:`InferResult`."""
+        return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
+
+    async def infer_async(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> InferResult:
+        return await asyncio.wrap_future(self.submit(images, forget, coeffs=coeffs, deadline_ms=deadline_ms))
+
+    # ------------------------------------------------------------------ hot swap
+    def _install(self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str) -> BankState:
+        with self._swap_lock:
+            old = self._state
+            try:
+                new = BankState(old.version + 1, names, matrix, policies, old.coeff_range, old.mandatory, label)
+            except UnknownNameError as e:
+                raise MismatchError(f"bank change refused, a policy would dangle: {e}") from e
+            self._state = new  # atomic reference swap: in-flight requests keep their snapshot
+            log.info("bank version %d installed (%d vectors, %s)", new.version, new.k, label)
+            return new
+
+    def _vector(self, vector: Any) -> np.ndarray:
+        v = np.asarray(vector, dtype=np.float32)
+        if v.shape != tuple(self.iospec.shape) or not np.all(np.isfinite(v)):
+            raise InvalidInputError(f"a vector must be finite float32 of shape {tuple(self.iospec.shape)}, got {v.shape}")
+        return v.reshape(-1)
+
+    def reload_bank(self, path: str | os.PathLike, *, vectors: list[str] | None = None) -> BankState:
+        """Serve the vectors of bank folder ``path`` (same model, checked) without rebuilding the engine."""
+        bank = VectorBank.load(path)
+        bank.check_model(self.bundle.fingerprint, self.iospec, what=f"bundle {self.bundle.path}")
+        names = vectors or [n for n in bank.names if n not in self._state.mandatory]
+        clash = [n for n in names if n in self._state.mandatory]
+        if clash:
+            raise InvalidInputError(f"vectors {clash} are mandatory in this bundle and cannot be selectable")
+        if not names:
+            raise InvalidInputError(f"bank {path} has no selectable vector")
+        return self._install(tuple(names), bank.stack(names), self._state.policies, str(Path(path)))
+
+    def add_vector(self, name: str, vector: Any, *, replace: bool = False) -> BankState:
+        from .bank import validate_vector_name
+
+        validate_vector_name(name)
+        if name in self._state.mandatory:
+            raise InvalidInputError(f"{name!r} is mandatory in this bundle and cannot be selectable")
+        s = self._state
+        v = self._vector(vector)
+        if name in s.names:
+            if not replace:
+                raise InvalidInputError(f"vector {name!r} is already served; pass replace=True")
+            m = np.array(s.matrix)
+            m[s.names.index(name)] = v
+            return self._install(s.names, m, s.policies, f"replace {name}")
+        return self._install((*s.names, name), np.vstack([s.matrix, v[None]]), s.policies, f"add {name}")
+
+    def remove_vector(self, name: str) -> BankState:
+        s = self._state
+        if name not in s.names:
+            raise unknown("vector", name, s.names)
+        if s.k == 1:
+            raise InvalidInputError("cannot remove the last selectable vector")
+        keep = [i for i, n in enumerate(s.names) if n != name]
+        return self._install(tuple(s.names[i] for i in keep), s.matrix[keep], s.policies, f"remove {name}")
+
+    def set_policy(self, name: str, weights: Mapping[str, float]) -> BankState:
+        s = self._state
+        s.coeff_row(dict(weights))  # validates names, weights and range before anything changes
+        return self._install(s.names, s.matrix, {**s.policies, name: {k: float(v) for k, v in weights.items()}}, f"policy {name}")
+
+    def remove_policy(self, name: str) -> BankState:
+        s = self._state
+        if name not in s.policies:
+            raise unknown("policy", name, s.policies)
+        return self._install(s.names, s.matrix, {k: v for k, v in s.policies.items() if k != name}, f"remove policy {name}")
+
+    # ------------------------------------------------------------------ lifecycle
+    def pending(self) -> int:
+        return self._batcher.pending()
+
+    def close(self, *, drain: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._batcher.shutdown(drain=drain)
+        for b in self.backends:
+            b.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
