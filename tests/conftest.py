@@ -66,3 +66,48 @@ def digits_bank(tmp_path_factory: pytest.TempPathFactory, digits, digits_model_d
     bank = tmp_path_factory.mktemp("digits-bank")
     results = train_class_vectors(digits_model_dir, digits, bank, recipe=PRESETS["digits"], device="cpu")
     return bank, results
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory, digits_model_dir, digits_bank) -> Path:
+    """A bundle with forget-0..8 selectable, forget-9 mandatory at weight 0.5, two policies, range [-2, 2]."""
+    from forgetrt.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("runtime-bundle") / "digits"
+    export_onnx(
+        digits_bank[0],
+        out,
+        model_dir=digits_model_dir,
+        mandatory={"forget-9": 0.5},
+        coeff_range=(-2.0, 2.0),
+        policies={"eu": {"forget-3": 1.0}, "pair": {"forget-0": 1.0, "forget-3": 1.0}},
+    )
+    return out
+
+
+class TorchReference:
+    """Logits computed directly from the bank and the PyTorch model: classifier(x + c @ bank + mandatory)."""
+
+    def __init__(self, bundle_dir: Path) -> None:
+        import torch
+
+        from forgetrt.runtime.backends.torch_backend import load_bundle_classifier
+        from forgetrt.runtime.bundle import Bundle
+
+        self.torch = torch
+        self.bundle = Bundle.load(bundle_dir)
+        self.model = load_bundle_classifier(self.bundle, "cpu")
+        self.stacked, self.mandatory = self.bundle.vector_arrays()
+
+    def __call__(self, images, coeffs, matrix=None):
+        import numpy as np
+
+        m = self.stacked if matrix is None else matrix
+        x = images + (np.atleast_2d(coeffs) @ m).reshape(images.shape) + self.mandatory
+        with self.torch.no_grad():
+            return self.model(self.torch.from_numpy(x.astype(np.float32))).numpy()
+
+
+@pytest.fixture(scope="session")
+def torch_reference(digits_bundle):
+    return TorchReference(digits_bundle)
