@@ -453,6 +453,83 @@ def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
         raise MismatchError("parity failed for: " + ", ".join(b for b, v in rep["backends"].items() if v["status"] == "mismatch"))
 
 
+@cli.command("serve")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
+@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--max-queue-delay-us", type=int, default=500, show_default=True)
+@click.option("--max-queue", type=int, default=1024, show_default=True, help="Pending requests before 429s.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Backend instances (one batcher worker each).")
+@click.option("--pixel-policy", type=click.Choice(["reject", "clamp"]), default="reject", show_default=True)
+def serve_cmd(bundle_dir: str, host: str, port: int, backend: str, device: str, model_name, max_batch_size: int, max_queue_delay_us: int, max_queue: int, instances: int, pixel_policy: str) -> None:
+    """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics."""
+    import logging
+
+    from forgetrt.runtime.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(bundle_dir, host=host, port=port, model_name=model_name, backend=backend, device=device, max_batch_size=max_batch_size,
+          max_queue_delay_us=max_queue_delay_us, max_queue=max_queue, instances=instances, pixel_policy=pixel_policy)
+
+
+def _load_images(paths: tuple[str, ...], spec) -> "Any":
+    import numpy as np
+
+    arrays = []
+    for p in paths:
+        if p.lower().endswith(".npy"):
+            try:
+                a = np.load(p, allow_pickle=False).astype(np.float32)
+            except (OSError, ValueError) as e:
+                raise InvalidInputError(f"cannot read {p}: {e}") from None
+            arrays.append(a[None] if a.ndim == 3 else a)
+            continue
+        from PIL import Image, UnidentifiedImageError
+
+        c, h, w = spec.shape
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h))
+                a = np.asarray(im, np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as e:
+            raise InvalidInputError(f"cannot read image {p}: {e}") from None
+        arrays.append((a[None] if c == 1 else a.transpose(2, 0, 1))[None])
+    return np.concatenate(arrays).astype(np.float32)
+
+
+@cli.command("infer")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True), help="PNG/JPEG (resized to the model's input) or .npy float32 [C,H,W] / [N,C,H,W]; repeatable.")
+@click.option("--forget", type=WEIGHTS, help="Vectors to apply: forget-3 or forget-3=1,forget-7=0.5.")
+@click.option("--policy", help="A named composition stored in the bundle.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--top", type=int, default=3, show_default=True)
+def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend: str, device: str, top: int) -> None:
+    """Classify image files with the bundle and a composition of forget vectors (a quick check)."""
+    import numpy as np
+
+    from forgetrt.runtime import Runtime
+
+    if forget and policy:
+        raise InvalidInputError("give --forget or --policy, not both")
+    with Runtime.load(bundle_dir, backend=backend, device=device, pixel_policy="clamp") as rt:
+        x = _load_images(images, rt.iospec)
+        res = rt.infer(x, policy if policy else forget)
+        z = res.logits - res.logits.max(1, keepdims=True)
+        prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        labels = rt.iospec.labels
+        click.echo(f"backend {rt.backend_name} on {rt.device}, bank version {res.bank_version}, forget {policy or forget or 'none (mandatory only)'}")
+        names = [p for p in images for _ in range(1)] if len(x) == len(images) else [f"{images[0]}[{i}]" for i in range(len(x))]
+        for name, p in zip(names, prob):
+            best = np.argsort(-p)[:top]
+            click.echo(f"  {name}: " + ", ".join(f"{labels[i]} {100 * p[i]:.1f}%" for i in best))
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="forgetrt-demo", show_default=True)
 @_device_option("cpu")

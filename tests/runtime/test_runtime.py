@@ -236,7 +236,6 @@ def test_async_api(rt, torch_reference):
 def test_hot_swap_under_load(digits_bundle, digits_bank, torch_reference):
     """8 threads keep sending while vectors are replaced, added, removed and a whole bank reloaded:
     zero failures, and every response matches the bank version it reports."""
-    from forgetrt.runtime import VectorBank
 
     rt = Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_queue_delay_us=500)
     versions = {0: (rt.bank.names, np.array(rt.bank.matrix))}

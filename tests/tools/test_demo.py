@@ -18,3 +18,6 @@ def test_demo_writes_report_with_bars_met(tmp_path):
     assert rep["export"]["parity"]["onnxruntime"]["status"] == "ok"
     assert "parity of" in r.output and "learned-0-3" in r.output
     assert (tmp_path / "demo" / "bundle" / "model.onnx").is_file()
+    served = rep["served"]
+    assert served["requests"] == 5 and served["engine_calls"] == 1  # five compositions, one engine call
+    assert served["rows"][0]["predicted"] == "3" and served["rows"][1]["predicted"] != "3"
