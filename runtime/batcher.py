@@ -190,7 +190,7 @@ class DynamicBatcher:
             return
         bank = live[0].bank
         images = live[0].images if len(live) == 1 else np.concatenate([j.images for j in live])
-        coeffs = np.concatenate([np.broadcast_to(j.row, (j.n, bank.k)) for j in live]).astype(np.float32, copy=False)
+        coeffs = np.vstack([j.row if j.row.ndim == 2 else (j.row[None] if j.n == 1 else np.repeat(j.row[None], j.n, axis=0)) for j in live])
         t0 = time.monotonic()
         queue_s = [t0 - j.t_enqueue for j in live]
         try:

@@ -51,6 +51,7 @@ class BankState:
         m.setflags(write=False)
         object.__setattr__(self, "matrix", m)
         object.__setattr__(self, "_index", {n: i for i, n in enumerate(self.names)})
+        object.__setattr__(self, "_cache", {})
         for pname, weights in self.policies.items():
             for n in weights:
                 if n not in self._index:  # type: ignore[attr-defined]
@@ -61,7 +62,23 @@ class BankState:
         return len(self.names)
 
     def coeff_row(self, forget: ForgetRequest) -> np.ndarray:
-        """One float32 coefficient row [K] for a request's ``forget`` spec (validated)."""
+        """One float32 coefficient row [K] for a request's ``forget`` spec (validated; read-only).
+
+        Rows of named requests (a policy, a list of names) are cached per snapshot: the common case of
+        many requests asking for the same composition costs a dict lookup.
+        """
+        key = forget if isinstance(forget, str) else tuple(forget) if isinstance(forget, list) and all(isinstance(n, str) for n in forget) else None
+        if key is not None:
+            cached = self._cache.get(key)  # type: ignore[attr-defined]
+            if cached is not None:
+                return cached
+        row = self._row(forget)
+        row.setflags(write=False)
+        if key is not None and len(self._cache) < 4096:  # type: ignore[attr-defined]
+            self._cache[key] = row  # type: ignore[attr-defined]
+        return row
+
+    def _row(self, forget: ForgetRequest) -> np.ndarray:
         row = np.zeros(self.k, np.float32)
         if forget is None:
             return row

@@ -26,16 +26,21 @@ class Backend(ABC):
         self.spec = bundle.iospec
         self.device = device
         self.max_batch: int | None = None  # None: no engine limit
+        self._shape = tuple(self.spec.shape)
 
     def run(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
         n = images.shape[0]
-        if images.shape[1:] != tuple(self.spec.shape) or images.dtype != np.float32:
+        if images.shape[1:] != self._shape or images.dtype != np.float32:
             raise InvalidInputError(f"{self.name}: images must be float32 [N, {', '.join(map(str, self.spec.shape))}], got {images.dtype} {images.shape}")
         if coeffs.shape != (n, bank.k) or coeffs.dtype != np.float32:
             raise InvalidInputError(f"{self.name}: coeffs must be float32 [{n}, {bank.k}], got {coeffs.dtype} {coeffs.shape}")
         if self.max_batch is not None and n > self.max_batch:
             raise InvalidInputError(f"batch of {n} images exceeds the {self.name} engine's maximum {self.max_batch}")
-        out = self._infer(np.ascontiguousarray(images), np.ascontiguousarray(coeffs), bank)
+        if not images.flags.c_contiguous:
+            images = np.ascontiguousarray(images)
+        if not coeffs.flags.c_contiguous:
+            coeffs = np.ascontiguousarray(coeffs)
+        out = self._infer(images, coeffs, bank)
         if out.shape != (n, self.spec.num_classes):
             raise RuntimeError(f"{self.name} returned logits {out.shape}, expected ({n}, {self.spec.num_classes})")
         return out
