@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -363,7 +364,6 @@ def serve(
 ) -> None:
     """Load the bundle and serve it until interrupted (blocking)."""
     import uvicorn
-    from pathlib import Path
 
     metrics = ServerMetrics()
     runtime = Runtime.load(bundle, observer=metrics.observe_batch, **runtime_options)

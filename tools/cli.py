@@ -524,7 +524,7 @@ def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend:
         prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
         labels = rt.iospec.labels
         click.echo(f"backend {rt.backend_name} on {rt.device}, bank version {res.bank_version}, forget {policy or forget or 'none (mandatory only)'}")
-        names = [p for p in images for _ in range(1)] if len(x) == len(images) else [f"{images[0]}[{i}]" for i in range(len(x))]
+        names = list(images) if len(x) == len(images) else [f"image {i}" for i in range(len(x))]
         for name, p in zip(names, prob):
             best = np.argsort(-p)[:top]
             click.echo(f"  {name}: " + ", ".join(f"{labels[i]} {100 * p[i]:.1f}%" for i in best))
