@@ -530,6 +530,64 @@ def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend:
             click.echo(f"  {name}: " + ", ".join(f"{labels[i]} {100 * p[i]:.1f}%" for i in best))
 
 
+def _int_list(values: list, what: str) -> tuple[int, ...]:
+    if not all(isinstance(v, int) for v in values):
+        raise InvalidInputError(f"{what} must be integers, got {values}")
+    return tuple(values)
+
+
+def _check_writable(path: str | None, what: str) -> None:
+    """Fail before a long run, not after it, when an output cannot be written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise InvalidInputError(f"{what} {path} is a directory")
+    try:
+        existed = p.exists()
+        with open(p, "a"):
+            pass
+        if not existed:
+            p.unlink()
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+@cli.command("bench")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--batch", "batches", type=CSV, default="1,8,32", show_default=True, help="Images per request.")
+@click.option("--concurrency", type=CSV, default="1", show_default=True, help="Closed-loop clients; >1 goes through the dynamic batcher.")
+@click.option("--mix", type=click.Choice(["homogeneous", "heterogeneous"]), default="heterogeneous", show_default=True, help="Same composition for every request, or a different one each.")
+@click.option("--active-vectors", type=CSV, default="1", show_default=True, help="Non-zero coefficients per request (0: mandatory only).")
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Timed seconds per point.")
+@click.option("--warmup", type=float, default=2.0, show_default=True, help="Warm-up seconds per point.")
+@click.option("--max-queue-delay-us", type=int, default=500, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write one JSON line per point.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG: latency vs batch, throughput vs concurrency.")
+@click.option("--compare-bare", is_flag=True, help="Also time the classifier without the forget prefix (onnxruntime).")
+def bench_cmd(bundle_dir: str, backend: str, device: str, batches, concurrency, mix: str, active_vectors, duration: float, warmup: float, max_queue_delay_us: int, json_out, plot_out, compare_bare: bool) -> None:
+    """Latency and throughput of BUNDLE through the runtime: min/mean/p50/p90/p95/p99/max, images/s,
+    requests/s, queue vs compute time; one JSON line per point with config, versions and device."""
+    from forgetrt.runtime import Runtime
+    from forgetrt.runtime.bench import BenchConfig, plot_results, run_bench, summarize, write_jsonl
+
+    cfg = BenchConfig(_int_list(batches, "--batch"), _int_list(concurrency, "--concurrency"), _int_list(active_vectors, "--active-vectors"),
+                      mix, duration, warmup, compare_bare, max_queue_delay_us)
+    _check_writable(json_out, "--json file")
+    _check_writable(plot_out, "--plot file")
+    with Runtime.load(bundle_dir, backend=backend, device=device, max_batch_size=max(cfg.batches), max_queue_delay_us=max_queue_delay_us, max_queue=4096) as rt:
+        records = run_bench(rt, cfg)
+    click.echo(summarize(records))
+    if json_out:
+        write_jsonl(records, json_out)
+        click.echo(f"json lines: {json_out}")
+    if plot_out:
+        plot_results(records, plot_out)
+        click.echo(f"plot: {plot_out}")
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="forgetrt-demo", show_default=True)
 @_device_option("cpu")
