@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on tiny settings (their real runs are documented in RESULTS.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unlearning_report_small(tmp_path):
+    out = tmp_path / "rep"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unlearning_report.py"), "--classes", "0", "--epochs", "3", "--vector-epochs", "2", "--out", str(out)],
+                       capture_output=True, text=True, env={"TQDM_DISABLE": "1", **__import__("os").environ})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["random"]) == {"retrain", "ft", "ga", "rl", "forget vector"}
+    assert rep["random"]["retrain"]["avg_gap"] == 0.0
+    for m, row in rep["class_wise"]["mean_std"].items():
+        for k in ("UA", "RA", "TA", "MIA_efficacy", "avg_gap", "seconds"):
+            mean, std = row[k]
+            assert std >= 0
+    assert rep["arithmetic"]["classes (0, 3)"]["learned composition"]["parameters"] == 10
+    text = (out / "report.md").read_text()
+    assert "Class-wise forgetting" in text and "Forget-vector arithmetic" in text
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
