@@ -22,6 +22,11 @@ from .base import Backend
 __all__ = ["TorchBackend", "load_bundle_classifier"]
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """torch.from_numpy wants writable memory; cached coefficient rows are read-only (copy: tiny)."""
+    return a if a.flags.writeable else a.copy()
+
+
 def load_bundle_classifier(bundle: Bundle, device: str):
     """The bundle's PyTorch classifier in eval mode (fingerprint-checked against the bundle)."""
     from safetensors import SafetensorError
@@ -97,8 +102,8 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             if not self.use_graphs:
                 bank_t = self._bank(bank)
-                x = torch.from_numpy(images).to(self.device)
-                c = torch.from_numpy(coeffs).to(self.device)
+                x = torch.from_numpy(_writable(images)).to(self.device)
+                c = torch.from_numpy(_writable(coeffs)).to(self.device)
                 return self._forward(x, c, bank_t).float().cpu().numpy()
         with self._lock:
             return self._replay(images, coeffs, bank)
@@ -111,8 +116,8 @@ class TorchBackend(Backend):
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket, bank_t)
         graph, sx, sc, sout = self._graphs[bucket]
-        sx[:n].copy_(torch.from_numpy(images), non_blocking=False)
-        sc[:n].copy_(torch.from_numpy(coeffs), non_blocking=False)
+        sx[:n].copy_(torch.from_numpy(_writable(images)), non_blocking=False)
+        sc[:n].copy_(torch.from_numpy(_writable(coeffs)), non_blocking=False)
         if n < bucket:  # padding rows compute garbage-free zeros; their outputs are dropped
             sx[n:].zero_()
             sc[n:].zero_()
