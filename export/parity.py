@@ -81,17 +81,9 @@ def _prefix(images: np.ndarray, coeffs: np.ndarray, stacked: np.ndarray, mand: n
 
 
 def _torch_classifier(files: Mapping[str, bytes], device: str = "cpu"):
-    import json
+    from forgetrt.runtime.backends.torch_backend import classifier_from_bytes
 
-    from safetensors.torch import load as load_st
-
-    from forgetrt.runtime.iospec import IOSpec as _IOSpec
-    from forgetrt.train.models import create_model
-
-    rec = json.loads(files[CLASSIFIER_JSON])
-    model = create_model(rec["arch"], _IOSpec.from_dict(rec["iospec"]))
-    model.load_state_dict(load_st(files[CLASSIFIER_WEIGHTS]))
-    return model.eval().to(device)
+    return classifier_from_bytes(files[CLASSIFIER_JSON], files[CLASSIFIER_WEIGHTS]).to(device)
 
 
 def reference_logits(files: Mapping[str, bytes], spec: IOSpec, stacked: np.ndarray, mand: np.ndarray | None, coeff_range) -> Reference:

@@ -19,7 +19,7 @@ from ..errors import BackendUnavailableError, CorruptArtifactError
 from ..iospec import IOSpec
 from .base import Backend
 
-__all__ = ["TorchBackend", "load_bundle_classifier"]
+__all__ = ["TorchBackend", "load_bundle_classifier", "classifier_from_bytes"]
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -27,27 +27,34 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def load_bundle_classifier(bundle: Bundle, device: str):
-    """The bundle's PyTorch classifier in eval mode (fingerprint-checked against the bundle)."""
+def classifier_from_bytes(record_json: bytes, weights: bytes, fingerprint: str | None = None):
+    """A classifier (eval mode, CPU) from a model record and safetensors bytes, optionally fingerprint-checked."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     from ..files import weights_fingerprint
     from ..models import create_model
 
-    if not bundle.has_torch_classifier:
-        raise BackendUnavailableError(f"bundle {bundle.path} was grafted onto an ONNX classifier: it has no PyTorch weights")
-    rec = json.loads((bundle.path / CLASSIFIER_JSON).read_text())
+    rec = json.loads(record_json)
     model = create_model(rec["arch"], IOSpec.from_dict(rec["iospec"]))
     try:
-        state = load_file(str(bundle.path / CLASSIFIER_WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptArtifactError(f"cannot read {bundle.path / CLASSIFIER_WEIGHTS}: {e}") from e
+        state = load_safetensors(weights)
+    except (SafetensorError, ValueError) as e:
+        raise CorruptArtifactError(f"cannot read the classifier weights: {e}") from e
     model.load_state_dict(state, strict=True)
-    fp = weights_fingerprint({k: v.numpy() for k, v in model.state_dict().items()})
-    if fp != bundle.fingerprint:
-        raise CorruptArtifactError(f"classifier weights in {bundle.path} have fingerprint {fp[:16]}…, the bundle records {bundle.fingerprint[:16]}…")
-    return model.eval().to(device)
+    if fingerprint is not None:
+        fp = weights_fingerprint({k: v.numpy() for k, v in model.state_dict().items()})
+        if fp != fingerprint:
+            raise CorruptArtifactError(f"classifier weights have fingerprint {fp[:16]}…, expected {fingerprint[:16]}…")
+    return model.eval()
+
+
+def load_bundle_classifier(bundle: Bundle, device: str):
+    """The bundle's PyTorch classifier in eval mode (fingerprint-checked against the bundle)."""
+    if not bundle.has_torch_classifier:
+        raise BackendUnavailableError(f"bundle {bundle.path} was grafted onto an ONNX classifier: it has no PyTorch weights")
+    model = classifier_from_bytes((bundle.path / CLASSIFIER_JSON).read_bytes(), (bundle.path / CLASSIFIER_WEIGHTS).read_bytes(), bundle.fingerprint)
+    return model.to(device)
 
 
 class TorchBackend(Backend):
