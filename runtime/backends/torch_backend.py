@@ -15,7 +15,7 @@ import numpy as np
 
 from ..bundle import CLASSIFIER_JSON, CLASSIFIER_WEIGHTS, Bundle
 from ..compose import BankState
-from ..errors import BackendUnavailableError, CorruptArtifactError
+from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError
 from ..iospec import IOSpec
 from .base import Backend
 
@@ -57,6 +57,16 @@ def load_bundle_classifier(bundle: Bundle, device: str):
     return model.to(device)
 
 
+class _Graph:
+    """One captured bucket: the graph, its static device buffers and pinned host staging buffers."""
+
+    __slots__ = ("graph", "x", "c", "out", "hx", "hc", "hout", "hx_np", "hc_np", "hout_np")
+
+    def __init__(self, graph, x, c, out, hx, hc, hout) -> None:
+        self.graph, self.x, self.c, self.out, self.hx, self.hc, self.hout = graph, x, c, out, hx, hc, hout
+        self.hx_np, self.hc_np, self.hout_np = hx.numpy(), hc.numpy(), hout.numpy()
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -68,19 +78,22 @@ class TorchBackend(Backend):
             raise BackendUnavailableError("torch is not installed") from e
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("torch has no CUDA device here")
+        if max_batch < 1:
+            raise BackendUnavailableError(f"max_batch must be >= 1, got {max_batch}")
         self.torch = torch
         self.model = load_bundle_classifier(bundle, device)
         _, mand = bundle.vector_arrays()
         self.mandatory = None if mand is None else torch.from_numpy(mand).to(device)
         self.use_graphs = device == "cuda" and cuda_graphs
         self.thread_safe = not self.use_graphs
-        if self.use_graphs:
+        if device == "cuda":  # eager and graphs run the same kernels: channels-last convolutions
             self.model.to(memory_format=torch.channels_last)
+        if self.use_graphs:
             self.max_batch = max_batch
             self.buckets = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
             if self.buckets[-1] != max_batch:
                 self.buckets.append(max_batch)
-        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static_x, static_c, static_out)
+        self._graphs: dict[int, _Graph] = {}
         self._bank_dev: tuple[int, object] | None = None  # (version, device tensor [K, CHW])
         self._lock = threading.Lock()
 
@@ -100,53 +113,64 @@ class TorchBackend(Backend):
         x = x + delta
         if self.mandatory is not None:
             x = x + self.mandatory
-        if self.use_graphs:
+        if self.device == "cuda":
             x = x.contiguous(memory_format=self.torch.channels_last)
         return self.model(x)
 
     def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
         torch = self.torch
-        with torch.inference_mode():
-            if not self.use_graphs:
+        if not self.use_graphs:
+            with torch.inference_mode():
                 bank_t = self._bank(bank)
                 x = torch.from_numpy(_writable(images)).to(self.device)
                 c = torch.from_numpy(_writable(coeffs)).to(self.device)
                 return self._forward(x, c, bank_t).float().cpu().numpy()
-        with self._lock:
+        if images.shape[0] > self.max_batch:  # Backend.run checks too; kept for direct callers
+            raise InvalidInputError(f"batch of {images.shape[0]} exceeds the CUDA-graph maximum {self.max_batch}")
+        with self._lock, torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
             return self._replay(images, coeffs, bank)
 
     def _replay(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
-        torch = self.torch
         n = images.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
         bank_t = self._bank(bank)
-        if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(bucket, bank_t)
-        graph, sx, sc, sout = self._graphs[bucket]
-        sx[:n].copy_(torch.from_numpy(_writable(images)), non_blocking=False)
-        sc[:n].copy_(torch.from_numpy(_writable(coeffs)), non_blocking=False)
-        if n < bucket:  # padding rows compute garbage-free zeros; their outputs are dropped
-            sx[n:].zero_()
-            sc[n:].zero_()
-        graph.replay()
-        return sout[:n].float().cpu().numpy()
+        g = self._graphs.get(bucket)
+        if g is None:
+            g = self._graphs[bucket] = self._capture(bucket, bank_t)
+        # stage into pinned memory (the previous call synchronized, so the buffers are free), pad with zeros
+        g.hx_np[:n] = images
+        g.hc_np[:n] = coeffs
+        if n < bucket:
+            g.hx_np[n:] = 0.0
+            g.hc_np[n:] = 0.0
+        g.x.copy_(g.hx, non_blocking=True)
+        g.c.copy_(g.hc, non_blocking=True)
+        g.graph.replay()
+        g.hout.copy_(g.out, non_blocking=True)
+        self.torch.cuda.current_stream().synchronize()
+        return g.hout_np[:n].copy()
 
-    def _capture(self, bucket: int, bank_t):
+    def _capture(self, bucket: int, bank_t) -> _Graph:
         torch = self.torch
         sx = torch.zeros((bucket, *self.spec.shape), device=self.device)
         sc = torch.zeros((bucket, bank_t.shape[0]), device=self.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):
             for _ in range(3):  # warm up (cuDNN autotuning, allocator) before capture
                 self._forward(sx, sc, bank_t)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            sout = self._forward(sx, sc, bank_t)
-        return graph, sx, sc, sout
+        with torch.cuda.graph(graph):
+            sout = self._forward(sx, sc, bank_t).float()
+        hx = torch.zeros(tuple(sx.shape), dtype=torch.float32, pin_memory=True)
+        hc = torch.zeros(tuple(sc.shape), dtype=torch.float32, pin_memory=True)
+        hout = torch.zeros(tuple(sout.shape), dtype=torch.float32, pin_memory=True)
+        return _Graph(graph, sx, sc, sout, hx, hc, hout)
 
     def describe(self) -> dict:
         d = super().describe()
         d["cuda_graphs"] = self.use_graphs
+        if self.use_graphs:
+            d["captured_buckets"] = sorted(self._graphs)
         return d
