@@ -236,11 +236,14 @@ def fit(
                 loss.backward()
                 opt.step()
                 sched.step()
-                correct += int((logits.argmax(1) == yb).sum())
+                # accumulate on the device: reading a value every step would stall the GPU pipeline
+                correct = correct + (logits.argmax(1) == yb).sum()
                 seen += len(yb)
-                loss_val = float(loss.detach())
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}", acc=f"{100 * correct / max(seen, 1):.1f}")
+                if i % 25 == 0 or i == steps_per_epoch - 1:
+                    loss_val = float(loss.detach())
+                    bar.set_postfix(loss=f"{loss_val:.3f}", acc=f"{100 * float(correct) / max(seen, 1):.1f}")
+            loss_val = float(loss.detach())
     model.eval()
     if device.type == "cuda":
         torch.cuda.synchronize()
