@@ -24,3 +24,15 @@ def test_unlearning_report_small(tmp_path):
     text = (out / "report.md").read_text()
     assert "Class-wise forgetting" in text and "Forget-vector arithmetic" in text
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
+    out = tmp_path / "rep"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unlearning_report.py"), "--classes", "0,3", "--epochs", "2", "--basis", "tasks",
+                        "--time-budget", "0.001", "--out", str(out)],
+                       capture_output=True, text=True, env={"TQDM_DISABLE": "1", **__import__("os").environ})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] is False and rep["skipped"] == ["class 0", "class 3", "random"]
+    assert rep["original"]["test_acc"] > 50 and "class_wise" not in rep and "arithmetic" not in rep
+    assert "**Incomplete**: skipped class 0, class 3, random" in (out / "report.md").read_text()
