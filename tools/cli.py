@@ -131,7 +131,7 @@ def _forget_spec(classes: list | None, fraction: float | None, indices: str | No
 
 def _recipe_options(f: Callable) -> Callable:
     opts = [
-        click.option("--preset", type=click.Choice(["paper", "digits"]), default="paper", show_default=True, help="Base recipe; the flags below override it."),
+        click.option("--preset", type=click.Choice(["paper", "digits", "cifar"]), default="paper", show_default=True, help="Base recipe; the flags below override it."),
         click.option("--epochs", type=int, help="Epochs (paper: 10)."),
         click.option("--lr", type=float, help="SGD learning rate (paper: 0.2)."),
         click.option("--batch-size", type=int, help="Mini-batch size per vector (paper: 256)."),

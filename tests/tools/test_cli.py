@@ -126,3 +126,10 @@ def test_help_lists_every_command():
     for c in ("train-model", "train-vector", "compose", "eval", "unlearn-baseline", "demo", "bank", "models"):
         assert c in out
     assert "digits-cnn" in run("models").output
+
+
+def test_preset_choices_are_the_library_presets():
+    from forgetrt.train.vectors import PRESETS
+
+    opt = next(p for p in cli.commands["train-vector"].params if p.name == "preset")
+    assert list(opt.type.choices) == list(PRESETS)
