@@ -72,7 +72,7 @@ def interleaved(fns: dict, runs: int, warmup: int, block: int = 10) -> dict[str,
     return times
 
 
-def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threads: int) -> dict:
+def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threads: int, c_batch: int = 32, c_delay_us: int = 0, c_rounds: int = 3) -> dict:
     rt = Runtime.load(bundle, backend="onnxruntime", device="cpu", max_batch_size=64, max_queue_delay_us=200, max_queue=4096)
     spec, k = rt.iospec, rt.bank.k
     rng = np.random.default_rng(0)
@@ -158,13 +158,27 @@ def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threa
 
         return asyncio.run(run())
 
+    # (c) runs on its own runtime, its batcher sized for the load; serial and concurrent rates are
+    # measured in interleaved rounds (medians), since this machine's speed drifts between seconds
+    rt_c = Runtime.load(bundle, backend="onnxruntime", device="cpu", max_batch_size=c_batch, max_queue_delay_us=c_delay_us, max_queue=4096)
+    rt_serial, rt = rt, rt_c
     serial_rate()  # warm-up
-    s = serial_rate()
-    conc, mean_batch = concurrent_rate()
-    aconc, amean = async_rate()
+    rounds: dict[str, list] = {"serial": [], "threads": [], "async": []}
+    for _ in range(c_rounds):
+        rt = rt_serial
+        rounds["serial"].append(serial_rate())
+        rt = rt_c
+        rounds["threads"].append(concurrent_rate())
+        rounds["async"].append(async_rate())
+    rt_c.close()
+    rt = rt_serial
+    s = float(np.median(rounds["serial"]))
+    conc, mean_batch = (float(np.median([r[i] for r in rounds["threads"]])) for i in (0, 1))
+    aconc, amean = (float(np.median([r[i] for r in rounds["async"]])) for i in (0, 1))
     res["c_concurrent_vs_serial"] = {"serial_req_per_s": s, "threads": threads, "thread_submitters_req_per_s": conc, "thread_speedup": conc / s,
                                      "thread_mean_batch_images": mean_batch, "async_submitters_req_per_s": aconc, "async_speedup": aconc / s,
-                                     "async_mean_batch_images": amean}
+                                     "async_mean_batch_images": amean, "rounds": c_rounds, "round_seconds": seconds,
+                                     "batcher": {"max_batch_size": c_batch, "max_queue_delay_us": c_delay_us}, "per_round": rounds}
     rt.close()
     print(f"{arch:<15} (a) batch-1 p50: bare {a['bare']['p50_ms']:.4f} ms, Runtime.infer {a['runtime']['p50_ms']:.4f} ms ({a['overhead_pct']:+.1f}%)")
     print(f"{'':<15} (b) batch 64: homogeneous {b['homogeneous']['images_per_s']:.0f} img/s, heterogeneous {b['heterogeneous']['images_per_s']:.0f} img/s (ratio {b['ratio']:.3f})")
@@ -179,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--runs", type=int, default=500)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput measurement in (c)")
+    p.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput measurement in (c), per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of serial / threads / asyncio in (c); medians are reported")
+    p.add_argument("--c-max-batch", type=int, default=32, help="(c): the batcher's max_batch_size")
+    p.add_argument("--c-delay-us", type=int, default=0, help="(c): the batcher's max_queue_delay_us")
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"env": env, "config": vars(a), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.arch.split(","):
-            out["results"].append(bench(arch, make_bundle(arch, a.k, Path(tmp)), a.runs, a.warmup, a.seconds, a.threads))
+            out["results"].append(bench(arch, make_bundle(arch, a.k, Path(tmp)), a.runs, a.warmup, a.seconds, a.threads, a.c_max_batch, a.c_delay_us, a.rounds))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=2))

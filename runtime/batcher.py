@@ -8,20 +8,25 @@ and a request that does not fit is carried over, first in line for the next batc
 backend instance; all share one bounded queue (``submit`` fails fast with :class:`QueueFullError`).
 
 A request whose deadline passed before its batch ran fails with :class:`DeadlineExceededError`; a
-failing engine call fails exactly the requests of that batch. ``shutdown(drain=True)`` finishes every
+failing engine call fails exactly the requests of that batch.
+
+Requests from ``asyncio`` carry an ``asyncio.Future`` of their event loop instead of a
+``concurrent.futures.Future``: the worker settles all of one batch's such futures with one
+``call_soon_threadsafe`` per loop, instead of one cross-thread wake-up per request. ``shutdown(drain=True)`` finishes every
 accepted request; ``drain=False`` fails the pending ones with :class:`RuntimeClosedError`. No future
 is ever left pending.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +36,10 @@ from .errors import DeadlineExceededError, EngineError, ForgetRTError, InvalidIn
 __all__ = ["InferResult", "Job", "DynamicBatcher", "BatchObserver"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferResult:
-    """Logits for one request's images, and which bank produced them."""
+    """Logits for one request's images, and which bank produced them (slots, not frozen: one is built
+    per request on the batcher's hot path)."""
 
     logits: np.ndarray  # float32 [n, classes]
     bank_version: int
@@ -46,18 +52,54 @@ class InferResult:
         return self.logits.argmax(axis=1)
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     images: np.ndarray
     row: np.ndarray
     bank: BankState
     deadline: float | None = None  # time.monotonic() value
-    future: Future = field(default_factory=Future)
+    future: Future | asyncio.Future = field(default_factory=Future)
     t_enqueue: float = field(default_factory=time.monotonic)
+    loop: asyncio.AbstractEventLoop | None = None  # set when ``future`` is an asyncio future of this loop
 
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
+
+    def start(self) -> bool:
+        """Claim the job for running; False if the caller cancelled it."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()
+
+
+def _settle_async(outcomes: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for fut, result, err in outcomes:  # on the loop's thread
+        if fut.done():
+            continue  # cancelled meanwhile
+        if err is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(err)
+
+
+def settle(jobs: Sequence[Job], results: Sequence[Any] | None, err: BaseException | None = None) -> None:
+    """Resolve ``jobs`` (already started) with ``results[i]`` or with ``err``: concurrent futures
+    directly, asyncio futures with one ``call_soon_threadsafe`` per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for i, j in enumerate(jobs):
+        if j.loop is None:
+            if err is None:
+                j.future.set_result(results[i])
+            else:
+                j.future.set_exception(err)
+        else:
+            by_loop.setdefault(j.loop, []).append((j.future, None if err is not None else results[i], err))
+    for loop, outcomes in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_async, outcomes)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
 
 #: observer(n_requests, n_images, queue_seconds_per_request, compute_seconds, ok)
@@ -83,9 +125,14 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.delay = max_queue_delay_us / 1e6
         self.max_queue = max_queue
-        self._q: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._observer = observer
+        # one deque under one condition: a worker takes a whole batch per lock acquisition, and a
+        # submitter wakes a worker only when one is idle or a full batch is waiting
+        self._dq: deque[Job] = deque()
+        self._queued_images = 0
+        self._idle = 0  # workers waiting for a first job
         self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._observer = observer
         self._closed = False
         self._abort = False
         self._threads = [
@@ -95,27 +142,32 @@ class DynamicBatcher:
             t.start()
 
     # ------------------------------------------------------------------ client side
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job) -> Future | asyncio.Future:
         if job.n > self.max_batch_size:
             raise InvalidInputError(f"request has {job.n} images, more than the maximum batch size {self.max_batch_size}")
         if job.n == 0:
             raise InvalidInputError("request has no images")
-        with self._lock:
+        with self._cv:
             if self._closed:
                 raise RuntimeClosedError("the runtime is shut down and accepts no new requests")
-            try:
-                self._q.put_nowait(job)
-            except queue.Full:
-                raise QueueFullError(f"request queue is full ({self.max_queue} pending requests); retry later") from None
+            if len(self._dq) >= self.max_queue:
+                raise QueueFullError(f"request queue is full ({self.max_queue} pending requests); retry later")
+            self._dq.append(job)
+            self._queued_images += job.n
+            if self._queued_images >= self.max_batch_size:
+                self._cv.notify_all()  # a collecting worker can run its batch now
+            elif self._idle:
+                self._cv.notify()
         return job.future
 
     def pending(self) -> int:
-        return self._q.qsize()
+        return len(self._dq)
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
-        with self._lock:
+        with self._cv:
             self._closed = True
             self._abort = not drain
+            self._cv.notify_all()
         if not drain:
             self._fail_queued(RuntimeClosedError("the runtime shut down before this request ran"))
         for t in self._threads:
@@ -123,89 +175,107 @@ class DynamicBatcher:
         # anything still queued (a worker died, or the join timed out) must not stay pending
         self._fail_queued(RuntimeClosedError("the runtime shut down before this request ran"))
 
+    def _take_all(self) -> list[Job]:
+        with self._cv:
+            jobs = list(self._dq)
+            self._dq.clear()
+            self._queued_images = 0
+        return jobs
+
     def _fail_queued(self, err: Exception) -> None:
-        while True:
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                return
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(err)
+        self._fail(self._take_all(), err)
 
     # ------------------------------------------------------------------ worker side
-    def _next(self, timeout: float) -> Job | None:
-        try:
-            return self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
-        except queue.Empty:
-            return None
+    def _pop(self) -> Job:
+        job = self._dq.popleft()
+        self._queued_images -= job.n
+        return job
+
+    def _collect(self) -> list[Job] | None:
+        """The next batch: the oldest job, then following jobs of the same bank snapshot until the batch
+        is full or ``max_queue_delay_us`` has passed. A job that does not fit stays first in line.
+        None once the batcher is closed and empty; [] when there is nothing to run (abort)."""
+        cv = self._cv
+        with cv:
+            while not self._dq:
+                if self._closed:
+                    return None
+                self._idle += 1
+                cv.wait(0.05)
+                self._idle -= 1
+            if self._abort:
+                return []
+            first = self._pop()
+            batch, n = [first], first.n
+            until = time.monotonic() + self.delay
+            while n < self.max_batch_size:
+                if self._dq:
+                    job = self._dq[0]
+                    if job.bank is not first.bank or n + job.n > self.max_batch_size:
+                        break
+                    batch.append(self._pop())
+                    n += job.n
+                    continue
+                left = until - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                cv.wait(left)
+            return batch
 
     def _loop(self, run: RunFn) -> None:
-        carry: deque[Job] = deque()
         while True:
-            first = carry.popleft() if carry else self._next(0.05)
-            if first is None:
-                if self._closed:
-                    return
-                continue
+            batch = self._collect()
+            if batch is None:
+                return
             if self._abort:
-                self._fail([first, *carry], RuntimeClosedError("the runtime shut down before this request ran"))
-                carry.clear()
+                self._fail([*batch, *self._take_all()], RuntimeClosedError("the runtime shut down before this request ran"))
                 continue
-            batch, n = [first], first.n
-            wait_until = time.monotonic() + self.delay
-            while carry and n < self.max_batch_size:
-                job = carry[0]
-                if job.bank is not first.bank or n + job.n > self.max_batch_size:
-                    break
-                batch.append(carry.popleft())
-                n += job.n
-            while n < self.max_batch_size and not carry:
-                job = self._next(wait_until - time.monotonic())
-                if job is None:
-                    break
-                if job.bank is not first.bank or n + job.n > self.max_batch_size:
-                    carry.append(job)  # first in line for the next batch
-                    break
-                batch.append(job)
-                n += job.n
             self._run_batch(run, batch)
 
     @staticmethod
     def _fail(jobs: Sequence[Job], err: Exception) -> None:
-        for j in jobs:
-            if j.future.set_running_or_notify_cancel():
-                j.future.set_exception(err)
+        settle([j for j in jobs if j.start()], None, err)
 
     def _run_batch(self, run: RunFn, batch: list[Job]) -> None:
         now = time.monotonic()
-        live = []
+        live, late = [], []
         for j in batch:
-            if not j.future.set_running_or_notify_cancel():
+            if not j.start():
                 continue  # cancelled by the caller
             if j.deadline is not None and now > j.deadline:
-                j.future.set_exception(DeadlineExceededError(f"deadline passed {1e3 * (now - j.deadline):.1f} ms before the request could run"))
+                late.append(j)
                 continue
             live.append(j)
+        for j in late:
+            settle([j], None, DeadlineExceededError(f"deadline passed {1e3 * (now - j.deadline):.1f} ms before the request could run"))
         if not live:
             return
         bank = live[0].bank
-        images = live[0].images if len(live) == 1 else np.concatenate([j.images for j in live])
-        coeffs = np.vstack([j.row if j.row.ndim == 2 else (j.row[None] if j.n == 1 else np.repeat(j.row[None], j.n, axis=0)) for j in live])
+        if len(live) == 1:
+            j = live[0]
+            images = j.images
+            coeffs = j.row if j.row.ndim == 2 else (j.row[None] if j.n == 1 else np.repeat(j.row[None], j.n, axis=0))
+        else:
+            images = np.concatenate([j.images for j in live])
+            if all(j.n == 1 and j.row.ndim == 1 for j in live):
+                coeffs = np.stack([j.row for j in live])
+            else:
+                coeffs = np.concatenate([j.row if j.row.ndim == 2 else np.broadcast_to(j.row, (j.n, j.row.shape[0])) for j in live])
         t0 = time.monotonic()
         queue_s = [t0 - j.t_enqueue for j in live]
         try:
             out = run(images, coeffs, bank)
         except Exception as e:  # noqa: BLE001 - any engine failure fails this batch only
             err = e if isinstance(e, ForgetRTError) else EngineError(f"the backend failed on a batch of {len(images)} images: {e!r}")
-            for j in live:
-                j.future.set_exception(err)
+            settle(live, None, err)
             if self._observer:
                 self._observer(len(live), len(images), queue_s, time.monotonic() - t0, False)
             return
         compute = time.monotonic() - t0
-        s = 0
+        results, s = [], 0
         for j, q in zip(live, queue_s):
-            j.future.set_result(InferResult(out[s : s + j.n], bank.version, q * 1e6, compute * 1e6, len(images)))
+            results.append(InferResult(out[s : s + j.n], bank.version, q * 1e6, compute * 1e6, len(images)))
             s += j.n
+        settle(live, results)
         if self._observer:
             self._observer(len(live), len(images), queue_s, compute, True)

@@ -85,6 +85,10 @@ class Runtime:
         )
         self._direct = self._runner(0)
         self._shape = tuple(bundle.iospec.shape)
+        self._lo, self._hi = (float(v) for v in bundle.iospec.input_range)
+        # [0, hi] ranges: one reduction checks range, sign, NaN and Inf at once. Non-negative float32
+        # order like their bit patterns as uint32; negatives (sign bit), NaN and Inf all exceed hi's bits.
+        self._hi_bits = int(np.array(self._hi, np.float32).view(np.uint32)) if self._lo == 0.0 and self._hi > 0 else None
         self._closed = False
 
     @classmethod
@@ -151,26 +155,29 @@ class Runtime:
         """float32 [N, C, H, W] (or one [C, H, W] image), finite, inside the input range (or clamped)."""
         if not isinstance(images, np.ndarray):
             raise InvalidInputError(f"images must be a numpy array, got {type(images).__name__}")
-        spec = self.iospec
         if images.dtype != np.float32:
-            raise InvalidInputError(f"images must be float32 in [{spec.input_range[0]}, {spec.input_range[1]}], got dtype {images.dtype}")
+            raise InvalidInputError(f"images must be float32 in [{self._lo}, {self._hi}], got dtype {images.dtype}")
         if images.ndim == 3:
             images = images[None]
         if images.shape[1:] != self._shape or images.ndim != 4:
-            raise InvalidInputError(f"images must have shape [N, {', '.join(map(str, spec.shape))}], got {list(images.shape)}")
+            raise InvalidInputError(f"images must have shape [N, {', '.join(map(str, self._shape))}], got {list(images.shape)}")
         if images.shape[0] == 0:
             raise InvalidInputError("images: the batch is empty")
-        lo, hi = spec.input_range
-        # hot path: two reductions; NaN makes both comparisons false, so it lands in the slow path too
-        if not (images.min() >= lo and images.max() <= hi):
+        if self._hi_bits is not None:
+            ok = images.view(np.uint32).max() <= self._hi_bits
+        else:  # NaN makes both comparisons false, so it lands in the slow path too
+            ok = images.min() >= self._lo and images.max() <= self._hi
+        if not ok:
+            lo, hi = self._lo, self._hi
             if not np.all(np.isfinite(images)):
                 raise InvalidInputError("images contain NaN or Inf")
-            if self.config.pixel_policy == "reject":
-                raise InvalidInputError(
-                    f"pixels must lie in [{lo}, {hi}] (the model's input space), found [{images.min():.4g}, {images.max():.4g}]; "
-                    "load the runtime with pixel_policy='clamp' to clip instead"
-                )
-            images = np.clip(images, lo, hi)
+            if images.min() < lo or images.max() > hi:
+                if self.config.pixel_policy == "reject":
+                    raise InvalidInputError(
+                        f"pixels must lie in [{lo}, {hi}] (the model's input space), found [{images.min():.4g}, {images.max():.4g}]; "
+                        "load the runtime with pixel_policy='clamp' to clip instead"
+                    )
+                images = np.clip(images, lo, hi)
         return images if images.flags.c_contiguous else np.ascontiguousarray(images)
 
     def _prepare(self, images: Any, forget: ForgetRequest | None, coeffs: Any) -> tuple[np.ndarray, np.ndarray, BankState]:
@@ -190,12 +197,15 @@ class Runtime:
             raise InvalidInputError(f"coeffs outside the bundle's coefficient range {list(bank.coeff_range)}")
         return imgs, row, bank
 
-    def _job(self, images: Any, forget: ForgetRequest | None, coeffs: Any, deadline_ms: float | None) -> Job:
+    def _job(self, images: Any, forget: ForgetRequest | None, coeffs: Any, deadline_ms: float | None, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         imgs, row, bank = self._prepare(images, forget, coeffs)
         ms = deadline_ms if deadline_ms is not None else self.config.default_deadline_ms
         if ms is not None and not ms > 0:
             raise InvalidInputError(f"deadline must be > 0 ms, got {ms}")
-        return Job(imgs, row, bank, deadline=None if ms is None else time.monotonic() + ms / 1e3)
+        deadline = None if ms is None else time.monotonic() + ms / 1e3
+        if loop is None:
+            return Job(imgs, row, bank, deadline=deadline)
+        return Job(imgs, row, bank, deadline=deadline, future=loop.create_future(), loop=loop)
 
     def infer(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None) -> InferResult:
         """Run one request now, on the calling thread (no batching): lowest latency for a lone caller."""
@@ -213,7 +223,9 @@ class Runtime:
         return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
 
     async def infer_async(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> InferResult:
-        return await asyncio.wrap_future(self.submit(images, forget, coeffs=coeffs, deadline_ms=deadline_ms))
+        """``submit`` for asyncio code: the batcher resolves an asyncio future of the running loop directly
+        (one wake-up of the loop per batch, not per request)."""
+        return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, asyncio.get_running_loop()))
 
     # ------------------------------------------------------------------ hot swap
     def _install(self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str) -> BankState:

@@ -1,0 +1,154 @@
+"""The asyncio path through the dynamic batcher (futures of the caller's event loop, settled once per
+batch): correctness under load, failures, deadlines, cancellation, shutdown; and the one-reduction
+pixel check's edge values."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from forgetrt.runtime import DeadlineExceededError, EngineError, InvalidInputError, Runtime, RuntimeClosedError
+from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from forgetrt.runtime.bundle import Bundle
+from forgetrt.runtime.core import RuntimeConfig
+
+
+def _images(rng, n):
+    return rng.random((n, 1, 8, 8), dtype=np.float32)
+
+
+def test_many_async_requests_match_the_reference(digits_bundle, torch_reference):
+    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_batch_size=32, max_queue_delay_us=200) as rt:
+        k = rt.bank.k
+        rng = np.random.default_rng(7)
+        reqs = []
+        for i in range(600):
+            n = int(rng.integers(1, 4))
+            kind = i % 4
+            forget = None if kind == 0 else "pair" if kind == 1 else [f"forget-{int(rng.integers(0, 9))}"] if kind == 2 else None
+            coeffs = rng.uniform(-1, 1, (n, k)).astype(np.float32) if kind == 3 else None
+            reqs.append((_images(rng, n), forget, coeffs))
+
+        async def main():
+            sem = asyncio.Semaphore(64)
+
+            async def one(x, f, c):
+                async with sem:
+                    return await rt.infer_async(x, f, coeffs=c)
+
+            return await asyncio.gather(*(one(*r) for r in reqs))
+
+        results = asyncio.run(main())
+        sizes = []
+        for (x, f, c), r in zip(reqs, results):
+            row = c if c is not None else np.tile(rt.bank.coeff_row(f), (len(x), 1))
+            np.testing.assert_allclose(r.logits, torch_reference(x, row), atol=1e-5, rtol=0)
+            sizes.append(r.batch_images)
+        assert max(sizes) > 3  # requests really shared engine calls
+
+
+def test_async_engine_failure_deadline_and_abort(digits_bundle):
+    gate = threading.Event()
+
+    class Gated(OnnxRuntimeBackend):  # the real backend, held at a gate; fails on a marked image
+        def _infer(self, images, coeffs, bank):
+            gate.wait(10)
+            if (images[:, 0, 0, 0] == 0.25).any():
+                raise RuntimeError("simulated device fault")
+            return super()._infer(images, coeffs, bank)
+
+    b = Bundle.load(digits_bundle)
+    good = np.zeros((1, 1, 8, 8), np.float32)
+    bad = good.copy()
+    bad[0, 0, 0, 0] = 0.25
+
+    async def main(rt):
+        first = asyncio.ensure_future(rt.infer_async(good))  # taken by the worker, held at the gate
+        await asyncio.sleep(0.1)
+        late = asyncio.ensure_future(rt.infer_async(good, deadline_ms=1))
+        failing = asyncio.ensure_future(rt.infer_async(bad))
+        cancelled = asyncio.ensure_future(rt.infer_async(good))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        gate.set()
+        assert (await first).logits.shape == (1, 10)
+        with pytest.raises(DeadlineExceededError):
+            await late
+        with pytest.raises(EngineError, match="simulated device fault"):
+            await failing
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert (await rt.infer_async(good)).logits.shape == (1, 10)  # still serving
+
+    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=1, max_queue_delay_us=0)) as rt:
+        asyncio.run(main(rt))
+
+    gate.clear()
+
+    async def abort(rt):
+        held = asyncio.ensure_future(rt.infer_async(good))
+        await asyncio.sleep(0.1)
+        queued = [asyncio.ensure_future(rt.infer_async(good)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        closer = threading.Thread(target=rt.close, kwargs={"drain": False})
+        closer.start()
+        await asyncio.sleep(0.1)
+        gate.set()
+        for q in queued:
+            with pytest.raises(RuntimeClosedError):
+                await q
+        await held  # it was running: it finishes
+        await asyncio.get_running_loop().run_in_executor(None, closer.join)
+
+    rt = Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=1, max_queue_delay_us=0))
+    asyncio.run(abort(rt))
+
+
+def test_results_for_a_closed_loop_are_dropped_quietly(digits_bundle):
+    gate = threading.Event()
+
+    class Gated(OnnxRuntimeBackend):
+        def _infer(self, images, coeffs, bank):
+            gate.wait(10)
+            return super()._infer(images, coeffs, bank)
+
+    b = Bundle.load(digits_bundle)
+    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=4, max_queue_delay_us=0)) as rt:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(rt.infer_async(np.zeros((1, 1, 8, 8), np.float32)))
+        loop.run_until_complete(asyncio.sleep(0.05))
+        task.cancel()
+        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        loop.close()  # the worker will try to deliver into a closed loop
+        gate.set()
+        assert rt.submit(np.zeros((1, 1, 8, 8), np.float32)).result(5).logits.shape == (1, 10)  # the worker survived
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [(0.0, True), (-0.0, True), (1.0, True), (0.5, True), (np.nextafter(np.float32(1), np.float32(2)), False), (-1e-30, False),
+     (np.inf, False), (-np.inf, False), (np.nan, False), (2.0, False)],
+)
+def test_pixel_check_edges(rt_plain, value, ok):
+    x = np.full((2, 1, 8, 8), 0.5, np.float32)
+    x[1, 0, 3, 3] = value
+    if ok:
+        assert rt_plain.validate_images(x) is not None
+    else:
+        with pytest.raises(InvalidInputError, match="NaN or Inf" if not np.isfinite(value) else "pixels must lie"):
+            rt_plain.validate_images(x)
+    # a strided view (every other image) goes through the same checks
+    y = np.repeat(x, 2, axis=0)[::2]
+    assert not y.flags.c_contiguous
+    if ok:
+        assert rt_plain.validate_images(y).flags.c_contiguous
+    else:
+        with pytest.raises(InvalidInputError):
+            rt_plain.validate_images(y)
+
+
+@pytest.fixture(scope="module")
+def rt_plain(digits_bundle):
+    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu") as r:
+        yield r
