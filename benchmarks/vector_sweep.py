@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Sweep forget-vector recipes on one forget task of a trained model: each candidate is a preset plus
+overrides; each trained vector is scored with the same metrics code (UA, RA, TA, MIA-Efficacy) and
+its training time. Writes JSON as it goes (a cut-off run keeps what finished).
+
+    python benchmarks/vector_sweep.py --model runs/report-cifar/model --data cifar10:PATH --classes 0 \\
+        --recipe "paper-lr.05=paper:epochs=5,lr=0.05" --recipe "d-a16-b20=digits:epochs=5,lr=0.05,alpha=16,beta=20" \\
+        --device cuda --json runs/sweep.json
+
+This is how the ``cifar`` preset was chosen (benchmarks/RESULTS.md lists the candidates and results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from forgetrt.train import workflows as wf
+from forgetrt.train.data import ForgetSpec, load_data
+from forgetrt.train.vectors import PRESETS, VectorRecipe
+
+KEYS = ("UA", "RA", "TA", "MIA_efficacy")
+
+
+def parse_recipe(text: str) -> tuple[str, VectorRecipe]:
+    """``NAME=PRESET:key=value,key=value`` (values typed from the recipe's fields)."""
+    name, _, rest = text.partition("=")
+    preset, _, overrides = rest.partition(":")
+    if not name or preset not in PRESETS:
+        raise SystemExit(f"bad --recipe {text!r}: want NAME=PRESET[:key=value,...] with PRESET one of {sorted(PRESETS)}")
+    types = {f.name: f.type for f in fields(VectorRecipe)}
+    changes = {}
+    for item in filter(None, overrides.split(",")):
+        k, _, v = item.partition("=")
+        if k not in types:
+            raise SystemExit(f"bad --recipe {text!r}: unknown field {k!r}; fields: {sorted(types)}")
+        t = getattr(types[k], "__name__", str(types[k]))  # a type, or its name under postponed annotations
+        changes[k] = v if t == "str" else int(v) if t == "int" else float(v)
+    return name, replace(PRESETS[preset], **changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a ForgetRT model folder")
+    p.add_argument("--data", required=True)
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--classes", help="class-wise task, e.g. 0 or 0,3")
+    task.add_argument("--fraction", type=float, help="random data-wise task (seed 1)")
+    p.add_argument("--recipe", action="append", required=True, help="NAME=PRESET[:key=value,...]; repeat")
+    p.add_argument("--mia-max-per-side", type=int, default=5000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bank", default="runs/sweep-bank", help="scratch bank folder for the candidates")
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+    cands = [parse_recipe(r) for r in a.recipe]
+    spec = ForgetSpec(classes=tuple(int(c) for c in a.classes.split(","))) if a.classes else ForgetSpec(fraction=a.fraction, seed=1)
+    ds = load_data(a.data)
+    res: dict = {}
+    for name, recipe in cands:
+        t0 = time.perf_counter()
+        wf.train_vector(a.model, ds, a.bank, {name: spec}, recipe, device=a.device, evaluate_after=False, overwrite=True)
+        seconds = time.perf_counter() - t0
+        m = wf.evaluate_result(a.model, ds, bank_dir=a.bank, vector=name, forget=spec, device=a.device, mia_max_per_side=a.mia_max_per_side)
+        res[name] = {**{k: m[k] for k in KEYS}, "seconds": seconds, "recipe": recipe.to_dict()}
+        print(f"{name:<24} " + "  ".join(f"{k} {m[k]:6.2f}" for k in KEYS) + f"  {seconds:6.1f}s", flush=True)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"task": spec.describe(ds), "model": a.model, "results": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
