@@ -22,7 +22,8 @@ PY=${PY:-python3}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 TOTAL=${TOTAL:-560}          # seconds this script may take in all
 CLASSES=${CLASSES:-0,3}
-VECTOR_EPOCHS=${VECTOR_EPOCHS:-5}
+PRESET=${PRESET:-cifar}      # class-wise vector recipe (cifar: the H200 sweep's best; paper: the paper's)
+VECTOR_EPOCHS=${VECTOR_EPOCHS:-}  # empty: the preset's
 EPOCHS=${EPOCHS:-}           # classifier epochs (empty: the arch default, 24 for resnet18-cifar)
 # overridable for a CPU smoke run of this script: DEVICE=cpu ARCH=cifar-small SUBSET=2000,500 RUNS=5 EPOCHS=1 ...
 DEVICE=${DEVICE:-cuda}
@@ -76,8 +77,9 @@ budget=$(($(left) - 75))
 EP=()
 [ -n "$EPOCHS" ] && EP+=(--epochs "$EPOCHS")
 [ -n "$SUBSET" ] && EP+=(--subset "$SUBSET")
+[ -n "$VECTOR_EPOCHS" ] && EP+=(--vector-epochs "$VECTOR_EPOCHS")
 step "unlearning report (CIFAR-10, budget ${budget}s)" $((budget + 30)) $PY benchmarks/unlearning_report.py --data "cifar10:$DATA" \
-  --arch "$ARCH" --preset paper --random-preset paper --classes "$CLASSES" --basis tasks --vector-epochs "$VECTOR_EPOCHS" \
+  --arch "$ARCH" --preset "$PRESET" --random-preset paper --classes "$CLASSES" --basis tasks \
   "${EP[@]}" --device "$DEVICE" --time-budget "$budget" --out runs/report-cifar
 cp runs/report-cifar/report.md runs/report-cifar/report.json runs/report-cifar/tradeoff.png "$OUT/" 2>/dev/null
 
