@@ -3,7 +3,9 @@
 
 (a) ``Runtime.infer`` p50 at batch 1 vs a bare ``InferenceSession.run`` on the same fused graph;
 (b) a batch of 64 whose rows all have different compositions vs a batch of 64 with one composition;
-(c) 32 concurrent closed-loop submitters through the dynamic batcher vs serial batch-1 ``Runtime.infer``.
+(c) 32 concurrent closed-loop submitters through the dynamic batcher (threads with ``submit`` and
+    asyncio tasks with ``infer_async``) vs serial batch-1 ``Runtime.infer``; the batcher is sized for
+    the load (``--c-max-batch 32 --c-delay-us 0``) and the rates are medians of interleaved rounds.
 
 Bundles are built on the fly from freshly initialised models (latency does not depend on the weights'
 values) with K random vectors: ``digits-cnn`` (1×8×8) and ``resnet18-cifar`` (3×32×32).
