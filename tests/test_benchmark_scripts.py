@@ -57,3 +57,28 @@ def test_vector_sweep_small(tmp_path):
         assert 0 <= row["UA"] <= 100 and 0 <= row["TA"] <= 100 and row["seconds"] > 0
     bad = subprocess.run([*args, "--recipe", "x=paper:wings=2"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "unknown field 'wings'" in bad.stderr
+
+
+def _run_script(name, *args):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *map(str, args)], capture_output=True, text=True,
+                       env={"TQDM_DISABLE": "1", **__import__("os").environ}, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_runtime_overhead_small(tmp_path):
+    _run_script("runtime_overhead.py", "--arch", "digits-cnn", "--runs", "30", "--warmup", "3", "--seconds", "0.3", "--rounds", "2",
+                "--threads", "8", "--json", tmp_path / "ro.json")
+    res = json.loads((tmp_path / "ro.json").read_text())["results"][0]
+    assert res["a_infer_vs_bare_batch1"]["runtime"]["p50_ms"] > 0 and res["b_hetero_vs_homo_batch64"]["ratio"] > 0
+    c = res["c_concurrent_vs_serial"]
+    assert c["rounds"] == 2 and len(c["per_round"]["serial"]) == 2 and c["batcher"] == {"max_batch_size": 32, "max_queue_delay_us": 0}
+    assert c["async_submitters_req_per_s"] > 0 and 1 <= c["async_mean_batch_images"] <= 8
+
+
+def test_gpu_latency_cpu_smoke(tmp_path):
+    """Without CUDA the latency script runs the eager path and the server end to end (a smoke run)."""
+    _run_script("gpu_latency.py", "--synthetic", "digits-cnn", "--runs", "20", "--warmup", "2", "--batches", "1,4", "--json", tmp_path / "g.json")
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert [(p["mode"], p["batch"]) for p in res["points"]] == [("torch eager", 1), ("torch eager", 4)]
+    assert res["server_end_to_end_b1"]["p50_ms"] > 0 and res["server_end_to_end_b1"]["client"] == "tritonclient.http"
