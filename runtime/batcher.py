@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,19 +52,19 @@ class InferResult:
         return self.logits.argmax(axis=1)
 
 
-@dataclass(slots=True)
 class Job:
-    images: np.ndarray
-    row: np.ndarray
-    bank: BankState
-    deadline: float | None = None  # time.monotonic() value
-    future: Future | asyncio.Future = field(default_factory=Future)
-    t_enqueue: float = field(default_factory=time.monotonic)
-    loop: asyncio.AbstractEventLoop | None = None  # set when ``future`` is an asyncio future of this loop
+    """One request in the batcher: its images, coefficient row ([K] or [N, K]), bank snapshot, optional
+    deadline (a ``time.monotonic()`` value) and the future that receives its result. ``future`` is a
+    ``concurrent.futures.Future`` unless ``loop`` is given, then an ``asyncio.Future`` of that loop."""
 
-    @property
-    def n(self) -> int:
-        return int(self.images.shape[0])
+    __slots__ = ("images", "row", "bank", "deadline", "future", "loop", "n", "t_enqueue")
+
+    def __init__(self, images: np.ndarray, row: np.ndarray, bank: BankState, deadline: float | None = None,
+                 future: Future | asyncio.Future | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.images, self.row, self.bank, self.deadline, self.loop = images, row, bank, deadline, loop
+        self.future = future if future is not None else Future()
+        self.n = images.shape[0]  # read many times on the worker's hot path
+        self.t_enqueue = time.monotonic()
 
     def start(self) -> bool:
         """Claim the job for running; False if the caller cancelled it."""
@@ -191,15 +191,18 @@ class DynamicBatcher:
         self._queued_images -= job.n
         return job
 
-    def _collect(self) -> list[Job] | None:
+    def _collect(self, block: bool = True) -> list[Job] | None:
         """The next batch: the oldest job, then following jobs of the same bank snapshot until the batch
         is full or ``max_queue_delay_us`` has passed. A job that does not fit stays first in line.
-        None once the batcher is closed and empty; [] when there is nothing to run (abort)."""
+        None once the batcher is closed and empty; [] when there is nothing to run (abort, or nothing
+        queued with ``block=False``, which also takes only what is queued, without waiting)."""
         cv = self._cv
         with cv:
             while not self._dq:
                 if self._closed:
                     return None
+                if not block:
+                    return []
                 self._idle += 1
                 cv.wait(0.05)
                 self._idle -= 1
@@ -217,26 +220,39 @@ class DynamicBatcher:
                     n += job.n
                     continue
                 left = until - time.monotonic()
-                if left <= 0 or self._closed:
+                if not block or left <= 0 or self._closed:
                     break
                 cv.wait(left)
             return batch
 
     def _loop(self, run: RunFn) -> None:
+        # Two-stage pipeline: when a batch finishes and more requests are already queued, the worker
+        # takes the next batch first and only then hands the finished results over. Handing them over
+        # wakes their callers (often an event loop, which then holds the GIL for a while); taking the
+        # next batch first lets its engine call (which releases the GIL) overlap that work.
+        pending: tuple[list[Job], list[InferResult]] | None = None
         while True:
-            batch = self._collect()
-            if batch is None:
-                return
+            if pending is not None:
+                batch = self._collect(block=False) if self._dq else []
+                settle(*pending)
+                pending = None
+                if not batch:
+                    continue
+            else:
+                batch = self._collect()
+                if batch is None:
+                    return
             if self._abort:
                 self._fail([*batch, *self._take_all()], RuntimeClosedError("the runtime shut down before this request ran"))
                 continue
-            self._run_batch(run, batch)
+            pending = self._run_batch(run, batch)
 
     @staticmethod
     def _fail(jobs: Sequence[Job], err: Exception) -> None:
         settle([j for j in jobs if j.start()], None, err)
 
-    def _run_batch(self, run: RunFn, batch: list[Job]) -> None:
+    def _run_batch(self, run: RunFn, batch: list[Job]) -> tuple[list[Job], list[InferResult]] | None:
+        """Run one batch; failures are settled here, results are returned for the caller to settle."""
         now = time.monotonic()
         live, late = [], []
         for j in batch:
@@ -249,7 +265,7 @@ class DynamicBatcher:
         for j in late:
             settle([j], None, DeadlineExceededError(f"deadline passed {1e3 * (now - j.deadline):.1f} ms before the request could run"))
         if not live:
-            return
+            return None
         bank = live[0].bank
         if len(live) == 1:
             j = live[0]
@@ -270,12 +286,12 @@ class DynamicBatcher:
             settle(live, None, err)
             if self._observer:
                 self._observer(len(live), len(images), queue_s, time.monotonic() - t0, False)
-            return
+            return None
         compute = time.monotonic() - t0
         results, s = [], 0
         for j, q in zip(live, queue_s):
             results.append(InferResult(out[s : s + j.n], bank.version, q * 1e6, compute * 1e6, len(images)))
             s += j.n
-        settle(live, results)
         if self._observer:
             self._observer(len(live), len(images), queue_s, compute, True)
+        return live, results

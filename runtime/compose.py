@@ -67,7 +67,8 @@ class BankState:
         Rows of named requests (a policy, a list of names) are cached per snapshot: the common case of
         many requests asking for the same composition costs a dict lookup.
         """
-        key = forget if isinstance(forget, str) else tuple(forget) if isinstance(forget, list) and all(isinstance(n, str) for n in forget) else None
+        t = type(forget)
+        key = forget if t is str else tuple(forget) if t is list and forget and all(type(n) is str for n in forget) else None
         if key is not None:
             cached = self._cache.get(key)  # type: ignore[attr-defined]
             if cached is not None:

@@ -200,12 +200,14 @@ class Runtime:
     def _job(self, images: Any, forget: ForgetRequest | None, coeffs: Any, deadline_ms: float | None, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         imgs, row, bank = self._prepare(images, forget, coeffs)
         ms = deadline_ms if deadline_ms is not None else self.config.default_deadline_ms
-        if ms is not None and not ms > 0:
-            raise InvalidInputError(f"deadline must be > 0 ms, got {ms}")
-        deadline = None if ms is None else time.monotonic() + ms / 1e3
+        deadline = None
+        if ms is not None:
+            if not ms > 0:
+                raise InvalidInputError(f"deadline must be > 0 ms, got {ms}")
+            deadline = time.monotonic() + ms / 1e3
         if loop is None:
-            return Job(imgs, row, bank, deadline=deadline)
-        return Job(imgs, row, bank, deadline=deadline, future=loop.create_future(), loop=loop)
+            return Job(imgs, row, bank, deadline)
+        return Job(imgs, row, bank, deadline, loop.create_future(), loop)
 
     def infer(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None) -> InferResult:
         """Run one request now, on the calling thread (no batching): lowest latency for a lone caller."""

@@ -46,7 +46,9 @@ class Backend(ABC):
         return out
 
     @abstractmethod
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray: ...
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
+        """Logits [N, classes] as an array the caller owns: the batcher hands results over while the
+        next batch already runs, so a reused output buffer must be copied out."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources."""
