@@ -226,14 +226,17 @@ class DynamicBatcher:
             return batch
 
     def _loop(self, run: RunFn) -> None:
-        # Two-stage pipeline: when a batch finishes and more requests are already queued, the worker
-        # takes the next batch first and only then hands the finished results over. Handing them over
+        # Two-stage pipeline: when a batch finishes and more requests are already queued (a full batch,
+        # or any with max_queue_delay_us=0), the worker takes the next batch first and only then hands
+        # the finished results over. Handing them over
         # wakes their callers (often an event loop, which then holds the GIL for a while); taking the
         # next batch first lets its engine call (which releases the GIL) overlap that work.
         pending: tuple[list[Job], list[InferResult]] | None = None
         while True:
             if pending is not None:
-                batch = self._collect(block=False) if self._dq else []
+                # early only when it cannot cost batch size: no delay to honour, or a full batch waiting
+                early = self._dq and (self.delay == 0 or self._queued_images >= self.max_batch_size)
+                batch = self._collect(block=False) if early else []
                 settle(*pending)
                 pending = None
                 if not batch:
