@@ -7,6 +7,9 @@ composition, copies in and out included); the bare module is timed beside it for
     python benchmarks/gpu_latency.py --bundle runs/cifar/bundle --json $OUT/gpu_latency.json
     python benchmarks/gpu_latency.py --synthetic resnet18-cifar --json $OUT/gpu_latency.json
 
+CUDA graphs are timed at each of ``--precisions`` (fp32 with TF32 convolutions, PyTorch's default;
+bf16 and fp16 autocast), each against fp32 eager, with its largest deviation from eager's logits.
+
 ``--synthetic ARCH`` builds a bundle with randomly initialised weights and 16 random vectors (latency
 does not depend on the values). On a machine without CUDA it runs the eager CPU path only (a smoke run).
 """
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--bundle")
     src.add_argument("--synthetic", metavar="ARCH", help="random-weight bundle of this architecture")
     p.add_argument("--batches", default="1,8,64", help="batch sizes for eager vs graphs")
+    p.add_argument("--precisions", default="fp32,bf16,fp16", help="CUDA-graph precisions to time beside fp32 eager (CUDA only)")
     p.add_argument("--runs", type=int, default=500)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--no-server", action="store_true")
@@ -123,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                  "date": time.strftime("%Y-%m-%d %H:%M"), "bundle": a.bundle or f"synthetic {a.synthetic} (random weights, 16 vectors)",
                  "runs": a.runs, "warmup": a.warmup, "tf32_convolutions": bool(torch.backends.cudnn.allow_tf32), "points": []}
     rng = np.random.default_rng(0)
-    modes = [("torch eager", {"cuda_graphs": False})] + ([("torch cuda graphs", {"cuda_graphs": True})] if device == "cuda" else [])
+    modes = [("torch eager", {"cuda_graphs": False})]
+    if device == "cuda":
+        for prec in a.precisions.split(","):
+            modes.append(("torch cuda graphs" + ("" if prec == "fp32" else f" {prec}"), {"cuda_graphs": True, "precision": prec}))
     runtimes = {name: Runtime.load(bundle, backend="torch", device=device, max_batch_size=256, **opt) for name, opt in modes}
     try:
         names = next(iter(runtimes.values())).bank.names
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = rt.infer(x, f).logits
                 ref = out if ref is None else ref
                 st["max_abs_diff_vs_eager"] = float(np.abs(out - ref).max())
+                st["rel_diff_vs_eager"] = st["max_abs_diff_vs_eager"] / max(1e-12, float(np.abs(ref).max()))
                 res["points"].append({"mode": name, "batch": b, **st})
                 print(f"{name:<18} batch {b:>3}: p50 {st['p50_ms']:.3f} ms  p99 {st['p99_ms']:.3f} ms", flush=True)
         if device == "cuda":  # the bare module (no runtime): what the graphs remove, for reference
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             rt.close()
     p50 = {(pt["mode"], pt["batch"]): pt["p50_ms"] for pt in res["points"]}
     if device == "cuda":
-        res["graphs_speedup_p50"] = {str(b): p50[("torch eager", b)] / p50[("torch cuda graphs", b)] for m, b in p50 if m == "torch eager"}
+        res["graphs_speedup_p50"] = {f"{m} b{b}": p50[("torch eager", b)] / v for (m, b), v in p50.items() if m != "torch eager"}
         try:
             with Runtime.load(bundle, backend="onnxruntime", device="cuda") as ortc:
                 x = rng.random((1, *shape), dtype=np.float32)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             res["server_end_to_end_b1"] = {"error": f"{type(e).__name__}: {e}"}
             print(f"server end to end: {res['server_end_to_end_b1']['error']}", flush=True)
     if "graphs_speedup_p50" in res:
-        print("CUDA graphs vs eager (p50): " + ", ".join(f"batch {b}: {v:.2f}x" for b, v in res["graphs_speedup_p50"].items()) + f" on {res['device_name']}")
+        print(f"speed-up over fp32 eager (p50) on {res['device_name']}: " + ", ".join(f"{k}: {v:.2f}x" for k, v in res["graphs_speedup_p50"].items()))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     if tmp is not None:

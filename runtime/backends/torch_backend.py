@@ -1,5 +1,9 @@
 """PyTorch backend: the bundle's classifier weights with the forget prefix computed in torch.
 
+``precision``: "fp32" (default; on CUDA, convolutions use TF32 as PyTorch does by default), "bf16"
+(autocast, CPU or CUDA) or "fp16" (autocast, CUDA only). The forget prefix (image + coeffs @ bank) is
+always computed in fp32; autocast covers the classifier, and the logits come back as fp32.
+
 CPU: eager. CUDA: one CUDA graph per batch-size bucket (1, 2, 4, ... up to ``max_batch``), captured
 on first use with static input buffers; a batch is padded up to its bucket and the graph replayed, which
 removes the per-kernel launch overhead that dominates small batches. A new bank of the same K is
@@ -15,7 +19,7 @@ import numpy as np
 
 from ..bundle import CLASSIFIER_JSON, CLASSIFIER_WEIGHTS, Bundle
 from ..compose import BankState
-from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError
+from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError, unknown
 from ..iospec import IOSpec
 from .base import Backend
 
@@ -70,8 +74,14 @@ class _Graph:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str, *, cuda_graphs: bool = True, max_batch: int = 256) -> None:
+    PRECISIONS = ("fp32", "bf16", "fp16")
+
+    def __init__(self, bundle: Bundle, device: str, *, cuda_graphs: bool = True, max_batch: int = 256, precision: str = "fp32") -> None:
         super().__init__(bundle, device)
+        if precision not in self.PRECISIONS:
+            raise unknown("precision", precision, self.PRECISIONS)
+        if precision == "fp16" and device != "cuda":
+            raise BackendUnavailableError("precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
         try:
             import torch
         except ImportError as e:
@@ -81,6 +91,8 @@ class TorchBackend(Backend):
         if max_batch < 1:
             raise BackendUnavailableError(f"max_batch must be >= 1, got {max_batch}")
         self.torch = torch
+        self.precision = precision
+        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.model = load_bundle_classifier(bundle, device)
         _, mand = bundle.vector_arrays()
         self.mandatory = None if mand is None else torch.from_numpy(mand).to(device)
@@ -115,7 +127,10 @@ class TorchBackend(Backend):
             x = x + self.mandatory
         if self.device == "cuda":
             x = x.contiguous(memory_format=self.torch.channels_last)
-        return self.model(x)
+        if self._amp_dtype is None:
+            return self.model(x)
+        with self.torch.autocast(device_type=self.device, dtype=self._amp_dtype):
+            return self.model(x).float()
 
     def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
         torch = self.torch
@@ -171,6 +186,7 @@ class TorchBackend(Backend):
     def describe(self) -> dict:
         d = super().describe()
         d["cuda_graphs"] = self.use_graphs
+        d["precision"] = self.precision
         if self.use_graphs:
             d["captured_buckets"] = sorted(self._graphs)
         return d

@@ -110,3 +110,14 @@ def test_onnxruntime_cuda_or_clear_error(digits_bundle, torch_reference):
     with rt:
         x = _images(np.random.default_rng(3), 5)
         _close(rt.infer(x, "eu").logits, torch_reference(x, np.tile(np.eye(9)[3], (5, 1)).astype(np.float32)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_graphs(digits_bundle, torch_reference, precision):
+    rng = np.random.default_rng(4)
+    with Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=True, precision=precision) as rt:
+        assert rt.describe()["backend"]["precision"] == precision
+        for n in (1, 5):
+            x = _images(rng, n)
+            c = rng.uniform(-1, 1, (n, rt.bank.k)).astype(np.float32)
+            _close(rt.infer(x, coeffs=c).logits, torch_reference(x, c), rel=2e-2)

@@ -60,6 +60,21 @@ def test_torch_backend_agrees(digits_bundle, torch_reference):
         np.testing.assert_allclose(trt.infer(x, "eu").logits, torch_reference(x, np.tile(np.eye(9)[3], (5, 1))), atol=ATOL, rtol=0)
 
 
+def test_torch_bf16_precision_and_precision_errors(digits_bundle, torch_reference):
+    x = _images(np.random.default_rng(11), 6)
+    want = torch_reference(x, np.tile(np.eye(9)[3], (6, 1)))
+    with Runtime.load(digits_bundle, backend="torch", device="cpu", precision="bf16") as r:
+        assert r.describe()["backend"]["precision"] == "bf16"
+        got = r.infer(x, "eu").logits
+        assert got.dtype == np.float32
+        err = np.abs(got - want).max()
+        assert 0 < err <= 2e-2 * np.abs(want).max()  # bf16 really ran (not bit-identical), within fp16-class tolerance
+    with pytest.raises(BackendUnavailableError, match="fp16' needs CUDA"):
+        Runtime.load(digits_bundle, backend="torch", device="cpu", precision="fp16")
+    with pytest.raises(UnknownNameError, match="unknown precision 'int4'"):
+        Runtime.load(digits_bundle, backend="torch", device="cpu", precision="int4")
+
+
 def test_concurrent_heterogeneous_requests_match_single_request_reference(rt, torch_reference):
     """2,000 requests from 16 threads, each a random composition (none, mandatory-only, policies, names,
     weights, raw rows): every response equals the directly computed reference; no cross-talk."""
