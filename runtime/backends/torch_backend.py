@@ -1,8 +1,17 @@
 """PyTorch backend: the bundle's classifier weights with the forget prefix computed in torch.
 
+The forget prefix ``image + coeffs @ bank + mandatory`` is one GEMM (``addmm``) in fp32: the mandatory
+vectors (and, once Normalize is folded, the normalization mean) ride along as one extra bank row whose
+coefficient is always 1.
+
+``fuse`` (see :mod:`.torch_optimize`): "auto" (default: "cudnn" on CUDA when it passes a self-check
+against the module as trained, else "bn"; "bn" on CPU), "none" (the module as trained), "bn" (BatchNorm
+and Normalize folded into the convolutions) or "cudnn" (also conv+ReLU and conv+add+ReLU as cuDNN fused
+kernels; CUDA only, an error if it fails its self-check).
+
 ``precision``: "fp32" (default; on CUDA, convolutions use TF32 as PyTorch does by default), "bf16"
-(autocast, CPU or CUDA) or "fp16" (autocast, CUDA only). The forget prefix (image + coeffs @ bank) is
-always computed in fp32; autocast covers the classifier, and the logits come back as fp32.
+(CPU or CUDA) or "fp16" (CUDA only). A folded module is cast to that type as a whole; with
+``fuse="none"`` autocast runs the module. The prefix stays fp32 and the logits come back as fp32.
 
 CPU: eager. CUDA: one CUDA graph per batch-size bucket (1, 2, 4, ... up to ``max_batch``), captured
 on first use with static input buffers; a batch is padded up to its bucket and the graph replayed, which
@@ -13,6 +22,7 @@ copied into the static bank buffer (no recapture); a different K recaptures lazi
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import numpy as np
@@ -22,6 +32,8 @@ from ..compose import BankState
 from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError, unknown
 from ..iospec import IOSpec
 from .base import Backend
+
+log = logging.getLogger("forgetrt.runtime")
 
 __all__ = ["TorchBackend", "load_bundle_classifier", "classifier_from_bytes"]
 
@@ -71,17 +83,28 @@ class _Graph:
         self.hx_np, self.hc_np, self.hout_np = hx.numpy(), hc.numpy(), hout.numpy()
 
 
+# self-check of a rewritten module against the module as trained: the largest logit error allowed,
+# relative to the logit scale (a broken fused kernel is off by O(1); TF32 and bf16 are not)
+_CHECK_TOLERANCE = {"fp32": 2e-2, "fp16": 5e-2, "bf16": 0.25}
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     PRECISIONS = ("fp32", "bf16", "fp16")
+    FUSE_MODES = ("auto", "none", "bn", "cudnn")
 
-    def __init__(self, bundle: Bundle, device: str, *, cuda_graphs: bool = True, max_batch: int = 256, precision: str = "fp32") -> None:
+    def __init__(self, bundle: Bundle, device: str, *, cuda_graphs: bool = True, max_batch: int = 256, precision: str = "fp32",
+                 fuse: str = "auto") -> None:
         super().__init__(bundle, device)
         if precision not in self.PRECISIONS:
             raise unknown("precision", precision, self.PRECISIONS)
+        if fuse not in self.FUSE_MODES:
+            raise unknown("fuse mode", fuse, self.FUSE_MODES)
         if precision == "fp16" and device != "cuda":
             raise BackendUnavailableError("precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
+        if fuse == "cudnn" and device != "cuda":
+            raise BackendUnavailableError("fuse 'cudnn' needs CUDA; on CPU use 'bn' or 'none'")
         try:
             import torch
         except ImportError as e:
@@ -92,26 +115,89 @@ class TorchBackend(Backend):
             raise BackendUnavailableError(f"max_batch must be >= 1, got {max_batch}")
         self.torch = torch
         self.precision = precision
-        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.model = load_bundle_classifier(bundle, device)
-        _, mand = bundle.vector_arrays()
-        self.mandatory = None if mand is None else torch.from_numpy(mand).to(device)
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self._channels_last = torch.channels_last if device == "cuda" else torch.contiguous_format
+        self.fuse_requested = fuse
+        self.fuse_fallback: str | None = None
+        self._build_module(load_bundle_classifier(bundle, device), bundle)
         self.use_graphs = device == "cuda" and cuda_graphs
         self.thread_safe = not self.use_graphs
-        if device == "cuda":  # eager and graphs run the same kernels: channels-last convolutions
-            self.model.to(memory_format=torch.channels_last)
         if self.use_graphs:
             self.max_batch = max_batch
             self.buckets = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
             if self.buckets[-1] != max_batch:
                 self.buckets.append(max_batch)
         self._graphs: dict[int, _Graph] = {}
-        self._bank_dev: tuple[int, object] | None = None  # (version, device tensor [K, CHW])
+        self._bank_dev: tuple[int, object] | None = None  # (version, device tensor [K (+1 constant row), CHW])
         self._lock = threading.Lock()
 
+    # ------------------------------------------------------------------ module
+
+    def _build_module(self, model, bundle: Bundle) -> None:
+        from .torch_optimize import optimize_classifier
+
+        torch = self.torch
+        modes = {"auto": ["cudnn", "bn"] if self.device == "cuda" else ["bn"]}.get(self.fuse_requested, [self.fuse_requested])
+        for i, mode in enumerate(modes):
+            opt = optimize_classifier(model, mode, impl="cudnn" if mode == "cudnn" else "reference")
+            module = opt.module.to(memory_format=self._channels_last) if self.device == "cuda" else opt.module
+            if mode != "none" and self._dtype != torch.float32:
+                module = module.to(self._dtype)
+            self.module, self.fuse, self.fused = module, mode, opt.fused
+            self._offset = opt.offset
+            if mode != "cudnn":
+                break
+            problem = self._self_check(model)
+            if problem is None:
+                break
+            if i == len(modes) - 1:
+                raise BackendUnavailableError(f"fuse 'cudnn' failed its self-check on this GPU: {problem}")
+            self.fuse_fallback = f"cudnn: {problem}"
+            log.warning("torch backend: cuDNN fused kernels failed their self-check (%s); using fuse='%s'", problem, modes[i + 1])
+        # the constant row: mandatory vectors plus the normalization offset, added by the prefix GEMM
+        _, mand = bundle.vector_arrays()
+        const = None if mand is None else torch.from_numpy(mand)
+        if self._offset is not None:
+            off = self._offset.cpu().expand(tuple(self.spec.shape))
+            const = off.clone() if const is None else const + off
+        self._const = None if const is None else const.reshape(1, -1).float().to(self.device)
+
+    def _self_check(self, reference) -> str | None:
+        """None if the rewritten module matches the module as trained on random inputs, else why not."""
+        torch = self.torch
+        x = torch.rand((2, *self.spec.shape), generator=torch.Generator().manual_seed(0)).to(self.device)
+        try:
+            with torch.no_grad():
+                want = reference(x).float()
+                got = self._classify(x + (self._offset if self._offset is not None else 0)).float()
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - any failure of the fused kernels means: do not use them
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        err = float((got - want).abs().max())
+        scale = max(1.0, float(want.abs().max()))
+        if not err <= _CHECK_TOLERANCE[self.precision] * scale:
+            return f"logits differ by {err:.3g} (scale {scale:.3g})"
+        return None
+
+    def _classify(self, z):
+        """The classifier on the prefixed input z [N, C, H, W] (fp32); fp32 logits."""
+        torch = self.torch
+        if self.device == "cuda" or self.fuse != "none":
+            z = z.to(dtype=self._dtype if self.fuse != "none" else torch.float32, memory_format=self._channels_last)
+        if self.fuse == "none" and self._dtype != torch.float32:
+            with torch.autocast(device_type=self.device, dtype=self._dtype):
+                return self.module(z).float()
+        out = self.module(z)
+        return out if out.dtype == torch.float32 else out.float()
+
+    # ------------------------------------------------------------------ bank and inference
+
     def _bank(self, bank: BankState):
+        """The bank on the device, with the constant row appended when there is one."""
         if self._bank_dev is None or self._bank_dev[0] != bank.version:
             t = self.torch.from_numpy(np.array(bank.matrix)).to(self.device)
+            if self._const is not None:
+                t = self.torch.cat([t, self._const])
             if self.use_graphs and self._bank_dev is not None and tuple(self._bank_dev[1].shape) == tuple(t.shape):
                 self._bank_dev[1].copy_(t)  # same K: update the buffer the captured graphs read
                 self._bank_dev = (bank.version, self._bank_dev[1])
@@ -120,17 +206,16 @@ class TorchBackend(Backend):
                 self._bank_dev = (bank.version, t)
         return self._bank_dev[1]
 
+    def _coeffs(self, coeffs: np.ndarray) -> np.ndarray:
+        if self._const is None:
+            return _writable(coeffs)
+        return np.concatenate([coeffs, np.ones((coeffs.shape[0], 1), np.float32)], axis=1)
+
     def _forward(self, x, c, bank_t):
-        delta = (c @ bank_t).view(x.shape)
-        x = x + delta
-        if self.mandatory is not None:
-            x = x + self.mandatory
-        if self.device == "cuda":
-            x = x.contiguous(memory_format=self.torch.channels_last)
-        if self._amp_dtype is None:
-            return self.model(x)
-        with self.torch.autocast(device_type=self.device, dtype=self._amp_dtype):
-            return self.model(x).float()
+        """x [N, C, H, W], c [N, K(+1)], bank_t [K(+1), CHW], all fp32 on the device -> fp32 logits."""
+        n = x.shape[0]
+        z = self.torch.addmm(x.reshape(n, -1), c, bank_t)
+        return self._classify(z.view(x.shape))
 
     def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
         torch = self.torch
@@ -138,26 +223,27 @@ class TorchBackend(Backend):
             with torch.inference_mode():
                 bank_t = self._bank(bank)
                 x = torch.from_numpy(_writable(images)).to(self.device)
-                c = torch.from_numpy(_writable(coeffs)).to(self.device)
-                return self._forward(x, c, bank_t).float().cpu().numpy()
+                c = torch.from_numpy(self._coeffs(coeffs)).to(self.device)
+                return self._forward(x, c, bank_t).cpu().numpy()
         if images.shape[0] > self.max_batch:  # Backend.run checks too; kept for direct callers
             raise InvalidInputError(f"batch of {images.shape[0]} exceeds the CUDA-graph maximum {self.max_batch}")
         with self._lock, torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
             return self._replay(images, coeffs, bank)
 
     def _replay(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
-        n = images.shape[0]
+        n, k = coeffs.shape
         bucket = next(b for b in self.buckets if b >= n)
         bank_t = self._bank(bank)
         g = self._graphs.get(bucket)
         if g is None:
             g = self._graphs[bucket] = self._capture(bucket, bank_t)
-        # stage into pinned memory (the previous call synchronized, so the buffers are free), pad with zeros
+        # stage into pinned memory (the previous call synchronized, so the buffers are free), pad with zeros;
+        # column k (the constant row's coefficient, when there is one) stays 1 from the capture
         g.hx_np[:n] = images
-        g.hc_np[:n] = coeffs
+        g.hc_np[:n, :k] = coeffs
         if n < bucket:
             g.hx_np[n:] = 0.0
-            g.hc_np[n:] = 0.0
+            g.hc_np[n:, :k] = 0.0
         g.x.copy_(g.hx, non_blocking=True)
         g.c.copy_(g.hc, non_blocking=True)
         g.graph.replay()
@@ -168,7 +254,10 @@ class TorchBackend(Backend):
     def _capture(self, bucket: int, bank_t) -> _Graph:
         torch = self.torch
         sx = torch.zeros((bucket, *self.spec.shape), device=self.device)
-        sc = torch.zeros((bucket, bank_t.shape[0]), device=self.device)
+        hc = torch.zeros((bucket, bank_t.shape[0]), dtype=torch.float32, pin_memory=True)
+        if self._const is not None:
+            hc[:, -1] = 1.0
+        sc = hc.to(self.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -177,9 +266,8 @@ class TorchBackend(Backend):
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            sout = self._forward(sx, sc, bank_t).float()
+            sout = self._forward(sx, sc, bank_t)
         hx = torch.zeros(tuple(sx.shape), dtype=torch.float32, pin_memory=True)
-        hc = torch.zeros(tuple(sc.shape), dtype=torch.float32, pin_memory=True)
         hout = torch.zeros(tuple(sout.shape), dtype=torch.float32, pin_memory=True)
         return _Graph(graph, sx, sc, sout, hx, hc, hout)
 
@@ -187,6 +275,11 @@ class TorchBackend(Backend):
         d = super().describe()
         d["cuda_graphs"] = self.use_graphs
         d["precision"] = self.precision
+        d["fuse"] = self.fuse
+        d["fuse_requested"] = self.fuse_requested
+        if self.fuse_fallback:
+            d["fuse_fallback"] = self.fuse_fallback
+        d["fused"] = dict(self.fused)
         if self.use_graphs:
             d["captured_buckets"] = sorted(self._graphs)
         return d

@@ -121,3 +121,39 @@ def test_reduced_precision_graphs(digits_bundle, torch_reference, precision):
             x = _images(rng, n)
             c = rng.uniform(-1, 1, (n, rt.bank.k)).astype(np.float32)
             _close(rt.infer(x, coeffs=c).logits, torch_reference(x, c), rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cudnn_fused_kernels_match_on_resnet18(dtype):
+    """The real cuDNN conv+ReLU and conv+add+ReLU kernels (residual joins, moved shortcut biases) against
+    the module as trained, in channels-last as the backend runs them."""
+    import torch
+    from test_torch_optimize import _model
+
+    from forgetrt.runtime.backends.torch_optimize import optimize_classifier
+
+    m = _model("resnet18-cifar").cuda()
+    x = torch.rand(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        want = m(x).cpu().numpy()
+        for mode, impl in (("bn", "reference"), ("cudnn", "cudnn")):
+            opt = optimize_classifier(m, mode, impl=impl)
+            mod = opt.module.to(memory_format=torch.channels_last).to(getattr(torch, dtype))
+            z = (x + opt.offset).to(dtype=getattr(torch, dtype), memory_format=torch.channels_last)
+            got = mod(z).float().cpu().numpy()
+            _close(got, want, rel={"float32": REL, "float16": 2e-2, "bfloat16": 5e-2}[dtype])
+
+
+def test_default_fuse_on_cuda_is_cudnn(graphs):
+    d = graphs.describe()["backend"]
+    assert d["fuse"] == "cudnn" and "fuse_fallback" not in d, d
+    assert d["fused"]["conv_relu"] == 3
+
+
+def test_graphs_of_the_module_as_trained(digits_bundle, torch_reference):
+    rng = np.random.default_rng(5)
+    with Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=True, fuse="none") as rt:
+        assert rt.describe()["backend"]["fuse"] == "none"
+        x = _images(rng, 3)
+        c = rng.uniform(-1, 1, (3, rt.bank.k)).astype(np.float32)
+        _close(rt.infer(x, coeffs=c).logits, torch_reference(x, c))
