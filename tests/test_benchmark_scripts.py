@@ -80,5 +80,8 @@ def test_gpu_latency_cpu_smoke(tmp_path):
     """Without CUDA the latency script runs the eager path and the server end to end (a smoke run)."""
     _run_script("gpu_latency.py", "--synthetic", "digits-cnn", "--runs", "20", "--warmup", "2", "--batches", "1,4", "--json", tmp_path / "g.json")
     res = json.loads((tmp_path / "g.json").read_text())
-    assert [(p["mode"], p["batch"]) for p in res["points"]] == [("torch eager", 1), ("torch eager", 4)]
+    modes = ["torch eager (as trained)", "torch eager"]
+    assert [(p["mode"], p["batch"]) for p in res["points"]] == [(m, b) for b in (1, 4) for m in modes]
+    assert res["backends"]["torch eager"]["fuse"] == "bn" and res["backends"]["torch eager (as trained)"]["fuse"] == "none"
+    assert all(p["rel_diff_vs_eager"] < 1e-5 for p in res["points"])  # the folded module computes the same logits
     assert res["server_end_to_end_b1"]["p50_ms"] > 0 and res["server_end_to_end_b1"]["client"] == "tritonclient.http"
