@@ -54,6 +54,21 @@ def test_every_forget_form_matches_the_reference(rt, torch_reference):
     np.testing.assert_allclose(rt.infer(x, coeffs=per_image).logits, torch_reference(x, per_image), atol=ATOL, rtol=0)
 
 
+def test_onnxruntime_fast_call_matches_the_public_run(rt):
+    """The backend calls the session's C++ run directly (no per-call wrapper checks): same logits as
+    the public InferenceSession.run, for the bundle's own bank and a swapped-in bank feed."""
+    be = rt.backends[0]
+    assert rt.describe()["backend"]["fast_call"] is True
+    rng = np.random.default_rng(7)
+    x = _images(rng, 3)
+    c = rng.uniform(-1, 1, (3, rt.bank.k)).astype(np.float32)
+    for bank in (rt._state, rt._state.__class__(5, rt._state.names, rt._state.matrix * 0.5, rt._state.policies, rt._state.coeff_range,
+                                                rt._state.mandatory, "test")):
+        feeds = be._feeds(x, c, bank)
+        assert ("forget_bank" in feeds) == (bank.version != 0)
+        np.testing.assert_array_equal(be._run(feeds)[0], be.session.run(None, feeds)[0])
+
+
 def test_torch_backend_agrees(digits_bundle, torch_reference):
     with Runtime.load(digits_bundle, backend="torch", device="cpu") as trt:
         x = _images(np.random.default_rng(1), 5)
