@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [(f"classes {pair}", ForgetSpec(classes=pair), recipe, None)]
     if report.get("random"):
         tasks.append((f"random {a.fraction:.0%}", rand_spec, rand_recipe, report["random"]["retrain"]))
-    for task, spec, r_, ref in tasks if len(basis_names) >= 2 else []:
+    if len(basis_names) < 2:  # nothing to compose: say so (it is not a budget skip only)
+        stage = f"arithmetic (basis of {len(basis_names)} class vector{'s' if len(basis_names) != 1 else ''}; needs 2)"
+        log(f"  skipped {stage}")
+        report["skipped"].append(stage)
+        tasks = []
+    for task, spec, r_, ref in tasks:
         if not fits(f"arithmetic: {task}", 0.5 * task_s):
             continue
         key = "pair" if task.startswith("classes") else "rand"
