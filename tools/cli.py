@@ -100,6 +100,18 @@ def _device_option(default: str = "auto") -> Callable:
     return click.option("--device", type=DEVICE, default=default, show_default=True, help="Torch device.")
 
 
+def _torch_backend_options(f: Callable) -> Callable:
+    """--precision / --fuse: options of the torch backend (given only when set, so other backends see none)."""
+    f = click.option("--fuse", type=click.Choice(["auto", "none", "bn", "cudnn"]),
+                     help="torch backend: inference rewrite of the classifier [default: auto, cuDNN fusion on CUDA, BN folding on CPU].")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="torch backend: compute precision [default: fp32; fp16 on CUDA only].")(f)
+    return f
+
+
+def _backend_options(precision: str | None, fuse: str | None) -> dict:
+    return {k: v for k, v in (("precision", precision), ("fuse", fuse)) if v is not None}
+
+
 def _forget_options(prefix: str = "forget") -> Callable:
     """--{prefix}-classes / --{prefix}-fraction / --{prefix}-indices (exactly one, checked later)."""
 
@@ -465,7 +477,9 @@ def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
 @click.option("--max-queue", type=int, default=1024, show_default=True, help="Pending requests before 429s.")
 @click.option("--instances", type=int, default=1, show_default=True, help="Backend instances (one batcher worker each).")
 @click.option("--pixel-policy", type=click.Choice(["reject", "clamp"]), default="reject", show_default=True)
-def serve_cmd(bundle_dir: str, host: str, port: int, backend: str, device: str, model_name, max_batch_size: int, max_queue_delay_us: int, max_queue: int, instances: int, pixel_policy: str) -> None:
+@_torch_backend_options
+def serve_cmd(bundle_dir: str, host: str, port: int, backend: str, device: str, model_name, max_batch_size: int, max_queue_delay_us: int, max_queue: int, instances: int, pixel_policy: str,
+              precision, fuse) -> None:
     """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics."""
     import logging
 
@@ -473,7 +487,7 @@ def serve_cmd(bundle_dir: str, host: str, port: int, backend: str, device: str, 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve(bundle_dir, host=host, port=port, model_name=model_name, backend=backend, device=device, max_batch_size=max_batch_size,
-          max_queue_delay_us=max_queue_delay_us, max_queue=max_queue, instances=instances, pixel_policy=pixel_policy)
+          max_queue_delay_us=max_queue_delay_us, max_queue=max_queue, instances=instances, pixel_policy=pixel_policy, **_backend_options(precision, fuse))
 
 
 def _load_images(paths: tuple[str, ...], spec) -> "Any":
@@ -509,7 +523,8 @@ def _load_images(paths: tuple[str, ...], spec) -> "Any":
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--top", type=int, default=3, show_default=True)
-def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend: str, device: str, top: int) -> None:
+@_torch_backend_options
+def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend: str, device: str, top: int, precision, fuse) -> None:
     """Classify image files with the bundle and a composition of forget vectors (a quick check)."""
     import numpy as np
 
@@ -517,7 +532,7 @@ def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend:
 
     if forget and policy:
         raise InvalidInputError("give --forget or --policy, not both")
-    with Runtime.load(bundle_dir, backend=backend, device=device, pixel_policy="clamp") as rt:
+    with Runtime.load(bundle_dir, backend=backend, device=device, pixel_policy="clamp", **_backend_options(precision, fuse)) as rt:
         x = _load_images(images, rt.iospec)
         res = rt.infer(x, policy if policy else forget)
         z = res.logits - res.logits.max(1, keepdims=True)
@@ -567,7 +582,9 @@ def _check_writable(path: str | None, what: str) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write one JSON line per point.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG: latency vs batch, throughput vs concurrency.")
 @click.option("--compare-bare", is_flag=True, help="Also time the classifier without the forget prefix (onnxruntime).")
-def bench_cmd(bundle_dir: str, backend: str, device: str, batches, concurrency, mix: str, active_vectors, duration: float, warmup: float, max_queue_delay_us: int, json_out, plot_out, compare_bare: bool) -> None:
+@_torch_backend_options
+def bench_cmd(bundle_dir: str, backend: str, device: str, batches, concurrency, mix: str, active_vectors, duration: float, warmup: float, max_queue_delay_us: int, json_out, plot_out,
+              compare_bare: bool, precision, fuse) -> None:
     """Latency and throughput of BUNDLE through the runtime: min/mean/p50/p90/p95/p99/max, images/s,
     requests/s, queue vs compute time; one JSON line per point with config, versions and device."""
     from forgetrt.runtime import Runtime
@@ -577,7 +594,8 @@ def bench_cmd(bundle_dir: str, backend: str, device: str, batches, concurrency, 
                       mix, duration, warmup, compare_bare, max_queue_delay_us)
     _check_writable(json_out, "--json file")
     _check_writable(plot_out, "--plot file")
-    with Runtime.load(bundle_dir, backend=backend, device=device, max_batch_size=max(cfg.batches), max_queue_delay_us=max_queue_delay_us, max_queue=4096) as rt:
+    with Runtime.load(bundle_dir, backend=backend, device=device, max_batch_size=max(cfg.batches), max_queue_delay_us=max_queue_delay_us, max_queue=4096,
+                      **_backend_options(precision, fuse)) as rt:
         records = run_bench(rt, cfg)
     click.echo(summarize(records))
     if json_out:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import inspect
 import logging
 from collections.abc import Callable
 
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, unknown
+from ..errors import BackendUnavailableError, InvalidInputError, unknown
 from .base import Backend
 
 __all__ = ["Backend", "BACKENDS", "DEVICES", "create_backend", "resolve_device", "availability", "cuda_device_count"]
@@ -86,8 +87,20 @@ def _factory(name: str) -> Callable[..., Backend]:
     return TensorRTBackend
 
 
+def _construct(name: str, bundle: Bundle, device: str, options: dict) -> Backend:
+    factory = _factory(name)
+    params = inspect.signature(factory.__init__).parameters
+    valid = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise InvalidInputError(f"backend {name!r} takes no option {', '.join(map(repr, bad))} (its options: {', '.join(valid) or 'none'}); "
+                                "options are backend-specific, so name the backend")
+    return factory(bundle, device, **options)
+
+
 def create_backend(name: str, bundle: Bundle, device: str = "auto", **options) -> Backend:
-    """Create a backend; ``name="auto"`` picks the fastest available one and logs the choice."""
+    """Create a backend; ``name="auto"`` picks the fastest available one and logs the choice. ``options``
+    go to the backend's constructor (keyword-only there); one it does not take is an InvalidInputError."""
     device = resolve_device(device)
     if name == "auto":
         reasons = {}
@@ -95,7 +108,7 @@ def create_backend(name: str, bundle: Bundle, device: str = "auto", **options) -
             why = availability(cand, bundle, device)
             if why is None:
                 log.info("backend auto: chose %s on %s", cand, device)
-                return _factory(cand)(bundle, device, **options)
+                return _construct(cand, bundle, device, options)
             reasons[cand] = why
         raise BackendUnavailableError(f"no backend can run this bundle on {device}: {reasons}")
     if name not in BACKENDS:
@@ -103,4 +116,4 @@ def create_backend(name: str, bundle: Bundle, device: str = "auto", **options) -
     why = availability(name, bundle, device)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {why}")
-    return _factory(name)(bundle, device, **options)
+    return _construct(name, bundle, device, options)

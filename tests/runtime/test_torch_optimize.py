@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from forgetrt.runtime import BackendUnavailableError, Runtime, UnknownNameError
+from forgetrt.runtime import BackendUnavailableError, InvalidInputError, Runtime, UnknownNameError
 from forgetrt.runtime.backends.torch_optimize import ConvAddReLU, ConvReLU, optimize_classifier
 from forgetrt.runtime.iospec import IOSpec
 from forgetrt.runtime.models import Normalize, create_model
@@ -102,6 +102,8 @@ def test_backend_fuse_modes_agree(digits_bundle, torch_reference):
         Runtime.load(digits_bundle, backend="torch", device="cpu", fuse="cudnn")
     with pytest.raises(UnknownNameError, match="unknown fuse mode 'all'"):
         Runtime.load(digits_bundle, backend="torch", device="cpu", fuse="all")
+    with pytest.raises(InvalidInputError, match="backend 'onnxruntime' takes no option 'fuse' \\(its options: threads\\)"):
+        Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", fuse="bn")
 
 
 def test_folded_module_in_bf16(digits_bundle, torch_reference):

@@ -25,6 +25,15 @@ def test_infer_cli_on_png_and_npy(digits_bundle, digits, tmp_path):
     assert r.exit_code == 0 and "forget eu" in r.output
     r = CliRunner().invoke(cli, ["infer", str(digits_bundle), "--image", str(tmp_path / "three.npy"), "--forget", "nope", "--device", "cpu"])
     assert r.exit_code == 2 and "unknown vector 'nope'" in r.output
+    # torch backend options: the same prediction in bf16 with BN folding; an option the chosen backend does
+    # not take, or a value it refuses, is a clear usage error
+    r = CliRunner().invoke(cli, ["infer", str(digits_bundle), "--image", str(tmp_path / "three.npy"), "--backend", "torch", "--device", "cpu",
+                                 "--precision", "bf16", "--fuse", "bn", "--top", "1"])
+    assert r.exit_code == 0 and "backend torch on cpu" in r.output and ": 3 " in r.output, r.output
+    r = CliRunner().invoke(cli, ["infer", str(digits_bundle), "--image", str(tmp_path / "three.npy"), "--backend", "onnxruntime", "--device", "cpu", "--precision", "bf16"])
+    assert r.exit_code == 2 and "backend 'onnxruntime' takes no option 'precision'" in r.output, r.output
+    r = CliRunner().invoke(cli, ["infer", str(digits_bundle), "--image", str(tmp_path / "three.npy"), "--backend", "torch", "--device", "cpu", "--fuse", "cudnn"])
+    assert r.exit_code == 4 and "fuse 'cudnn' needs CUDA" in r.output, r.output  # 4: backend unavailable
     (tmp_path / "bad.png").write_bytes(b"not an image")
     r = CliRunner().invoke(cli, ["infer", str(digits_bundle), "--image", str(tmp_path / "bad.png"), "--device", "cpu"])
     assert r.exit_code == 2 and "cannot read image" in r.output
