@@ -26,7 +26,7 @@ import torch
 from forgetrt.export.onnx_graph import fuse_classifier
 from forgetrt.export.torch_onnx import classifier_to_onnx
 from forgetrt.runtime import IOSpec
-from forgetrt.train.models import create_model, model_input_shape
+from forgetrt.runtime.architectures import create_model, model_input_shape
 
 
 def _session(data: bytes, threads: int) -> ort.InferenceSession:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetrt.runtime import Runtime
+from forgetrt.runtime import BatchingConfig, Runtime, RuntimeConfig
 from forgetrt.runtime.bench import latency_stats
 
 
@@ -83,7 +83,7 @@ def server_latency(bundle: str, device: str, runs: int, warmup: int, **backend_o
     from forgetrt.runtime.server import ServerMetrics, create_app
 
     m = ServerMetrics()
-    rt = Runtime.load(bundle, backend="torch", device=device, observer=m.observe_batch, max_queue_delay_us=0, **backend_options)
+    rt = Runtime.load(bundle, RuntimeConfig(backend="torch", device=device, batching=BatchingConfig(max_queue_delay_us=0)), backend_options, observer=m.observe_batch)
     srv = uvicorn.Server(uvicorn.Config(create_app(rt, "model", metrics=m), host="127.0.0.1", port=0, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -92,7 +92,7 @@ def server_latency(bundle: str, device: str, runs: int, warmup: int, **backend_o
     url = f"127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
     client, call = _client(url)
     x = np.random.default_rng(0).random((1, *rt.iospec.shape), dtype=np.float32)
-    params = {"forget": {rt.bank.names[0]: 1.0}}
+    params = {"forget": {rt.snapshot.names[0]: 1.0}}
     want = rt.infer(x, params["forget"]).logits.ravel()
     got = call(x, rt.iospec.image_name, rt.iospec.output_name, params).ravel()
     if not np.allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max()))):
@@ -140,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     runtimes = {}
     for name, opt in modes:
         try:
-            runtimes[name] = Runtime.load(bundle, backend="torch", device=device, max_batch_size=256, **opt)
+            runtimes[name] = Runtime.load(bundle, RuntimeConfig(backend="torch", device=device, batching=BatchingConfig(max_batch_size=256)), opt)
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             res.setdefault("unavailable", {})[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: unavailable: {res['unavailable'][name]}", flush=True)
     res["backends"] = {name: rt.describe()["backend"] for name, rt in runtimes.items()}
     try:
-        names = next(iter(runtimes.values())).bank.names
+        names = next(iter(runtimes.values())).snapshot.names
         shape = next(iter(runtimes.values())).iospec.shape
         for b in (int(s) for s in a.batches.split(",")):
             x = rng.random((b, *shape), dtype=np.float32)
@@ -161,10 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 res["points"].append({"mode": name, "batch": b, **st})
                 print(f"{name:<34} batch {b:>3}: p50 {st['p50_ms']:.3f} ms  p99 {st['p99_ms']:.3f} ms  rel diff {st['rel_diff_vs_eager']:.1e}", flush=True)
         if device == "cuda":  # the bare module as trained (no runtime, plain NCHW): a user's PyTorch baseline
-            from forgetrt.runtime.backends.torch_backend import load_bundle_classifier
             from forgetrt.runtime.bundle import Bundle
 
-            plain = load_bundle_classifier(Bundle.load(bundle), "cuda")
+            plain = Bundle.load(bundle).load_classifier("cuda")
             xt = torch.from_numpy(rng.random((1, *shape), dtype=np.float32)).cuda()
 
             def bare():
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         res["speedup_p50_vs_eager_rewritten"] = {f"{m} b{b}": p50[("torch eager", b)] / v for (m, b), v in p50.items()
                                                  if m.startswith("torch cuda graphs") and ("torch eager", b) in p50}
         try:
-            with Runtime.load(bundle, backend="onnxruntime", device="cuda") as ortc:
+            with Runtime.load(bundle, RuntimeConfig(backend="onnxruntime", device="cuda")) as ortc:
                 x = rng.random((1, *shape), dtype=np.float32)
                 res["onnxruntime_cuda_b1"] = timed(lambda: ortc.infer(x, [names[0]]), a.runs, a.warmup)
         except Exception as e:  # noqa: BLE001 - reported, not hidden

@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from forgetrt.runtime import IOSpec, Runtime, VectorBank
+from forgetrt.runtime import BatchingConfig, IOSpec, Runtime, RuntimeConfig, VectorBank
 
 
 def make_bundle(arch: str, k: int, root: Path) -> Path:
     import torch
 
     from forgetrt.export.onnx_export import export_onnx
-    from forgetrt.train.models import create_model, model_fingerprint, model_input_shape, save_model
+    from forgetrt.runtime.architectures import create_model, model_input_shape
+    from forgetrt.runtime.model_folder import model_fingerprint, save_model
 
     c, h, w = model_input_shape(arch)
     spec = IOSpec(shape=(c, h, w), mean=(0.5,) * c, std=(0.25,) * c, labels=tuple(str(i) for i in range(10)))
@@ -75,8 +76,8 @@ def interleaved(fns: dict, runs: int, warmup: int, block: int = 10) -> dict[str,
 
 
 def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threads: int, c_batch: int = 32, c_delay_us: int = 0, c_rounds: int = 3) -> dict:
-    rt = Runtime.load(bundle, backend="onnxruntime", device="cpu", max_batch_size=64, max_queue_delay_us=200, max_queue=4096)
-    spec, k = rt.iospec, rt.bank.k
+    rt = Runtime.load(bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=200, max_queue=4096)))
+    spec, k = rt.iospec, rt.snapshot.k
     rng = np.random.default_rng(0)
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -162,7 +163,7 @@ def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threa
 
     # (c) runs on its own runtime, its batcher sized for the load; serial and concurrent rates are
     # measured in interleaved rounds (medians), since this machine's speed drifts between seconds
-    rt_c = Runtime.load(bundle, backend="onnxruntime", device="cpu", max_batch_size=c_batch, max_queue_delay_us=c_delay_us, max_queue=4096)
+    rt_c = Runtime.load(bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=c_batch, max_queue_delay_us=c_delay_us, max_queue=4096)))
     rt_serial, rt = rt, rt_c
     serial_rate()  # warm-up
     rounds: dict[str, list] = {"serial": [], "threads": [], "async": []}

@@ -38,13 +38,13 @@ _PROBE = textwrap.dedent(
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
     import onnxruntime as ort
-    from forgetrt.runtime import Runtime
+    from forgetrt.runtime import Runtime, RuntimeConfig
     mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     before = rss()
     if mode == "vectors":
-        rt = Runtime.load(path, backend="onnxruntime", device="cpu")
+        rt = Runtime.load(path, RuntimeConfig(backend="onnxruntime", device="cpu"))
         x = np.zeros((1, *rt.iospec.shape), np.float32)
-        rt.infer(x, [rt.bank.names[-1]])
+        rt.infer(x, [rt.snapshot.names[-1]])
     else:
         so = ort.SessionOptions(); so.log_severity_level = 3
         sessions = [ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]) for _ in range(n)]
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from forgetrt.export.onnx_export import export_onnx
     from forgetrt.export.torch_onnx import classifier_to_onnx
     from forgetrt.runtime import IOSpec, VectorBank
-    from forgetrt.train.models import create_model, model_fingerprint, model_input_shape, save_model
+    from forgetrt.runtime.architectures import create_model, model_input_shape
+    from forgetrt.runtime.model_folder import model_fingerprint, save_model
 
     ns = [int(v) for v in a.n.split(",")]
     c, h, w = model_input_shape(a.arch)

@@ -30,9 +30,9 @@ import torch
 from forgetrt.runtime.files import atomic_write_json
 from forgetrt.train import workflows as wf
 from forgetrt.train.data import ForgetSpec, load_data
-from forgetrt.train.engine import resolve_device
+from forgetrt.train.loops import resolve_device
 from forgetrt.train.metrics import format_table
-from forgetrt.train.vectors import PRESETS
+from forgetrt.train.recipes import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpeg.tar.gz"

@@ -34,7 +34,7 @@ import numpy as np
 from forgetrt.runtime.files import atomic_write_json
 from forgetrt.train import workflows as wf
 from forgetrt.train.data import ForgetSpec, load_data
-from forgetrt.train.vectors import PRESETS
+from forgetrt.train.recipes import PRESETS
 
 KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 METHODS = ("retrain", "ft", "ga", "rl")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from forgetrt.train import workflows as wf
 from forgetrt.train.data import ForgetSpec, load_data
-from forgetrt.train.vectors import PRESETS, VectorRecipe
+from forgetrt.train.recipes import PRESETS, VectorRecipe
 
 KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 

@@ -30,13 +30,15 @@ from forgetrt.runtime.bundle import (
     MODEL_ONNX,
     VECTORS_FILE,
     Bundle,
+    BundleManifest,
     write_bundle,
 )
 from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
-from forgetrt.runtime.files import sha256_file
+from forgetrt.runtime.files import atomic_write_bytes, sha256_file
+from forgetrt.runtime.model_folder import MODEL_MANIFEST, MODEL_WEIGHTS, load_model
 
 from .onnx_graph import classifier_io, fuse_classifier
-from .parity import FP32_TOLERANCE, check_parity, onnxruntime_logits, parity_inputs, reference_logits
+from .parity import compare_logits, onnxruntime_logits, parity_inputs, reference_logits
 
 __all__ = ["export_onnx", "export_classifier", "load_onnx_file"]
 
@@ -56,16 +58,13 @@ def load_onnx_file(path: str | os.PathLike) -> onnx.ModelProto:
 
 def export_classifier(model_dir: str | os.PathLike, out: str | os.PathLike, *, banks: Sequence[str | os.PathLike] = (), opset: int = 17) -> dict[str, Any]:
     """Write the bare classifier as ONNX and record its sha256 in each bank (which must match the model)."""
-    from forgetrt.runtime.files import atomic_write_bytes
-    from forgetrt.train.models import load_model
-
     from .torch_onnx import classifier_to_onnx
 
     model, info = load_model(model_dir, "cpu")
     opened = []
     for b in banks:
         bank = VectorBank.load(b)
-        bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+        bank.check_model(info.fingerprint, info.iospec, what=f"model {model_dir}")
         opened.append(bank)
     data = classifier_to_onnx(model, info.iospec, opset).SerializeToString()
     atomic_write_bytes(out, data)
@@ -95,7 +94,6 @@ def export_onnx(
     coeff_range: tuple[float, float] | None = None,
     opset: int = 17,
     policies: Mapping[str, Mapping[str, float]] | None = None,
-    tolerance: float = FP32_TOLERANCE,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export the fused graph into a bundle folder; fails, writing nothing, on any mismatch."""
@@ -124,33 +122,30 @@ def export_onnx(
             raise unknown(f"vector in policy {pname!r}:", bad[0], names)
     spec = bank.iospec
     files: dict[str, bytes] = {}
-    record: dict[str, Any] = {}
     if model_dir is not None:
-        from forgetrt.train.models import MODEL_FILE, MODEL_JSON, load_model
-
         from .torch_onnx import classifier_to_onnx
 
         model, info = load_model(model_dir, "cpu")
-        bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
+        bank.check_model(info.fingerprint, info.iospec, what=f"model {model_dir}")
         classifier = classifier_to_onnx(model, spec, opset)
-        files[CLASSIFIER_WEIGHTS] = (info.path / MODEL_FILE).read_bytes()
-        files[CLASSIFIER_JSON] = (info.path / MODEL_JSON).read_bytes()
-        record.update(source="model", arch=info.arch, model_verified=True)
+        files[CLASSIFIER_WEIGHTS] = (Path(model_dir) / MODEL_WEIGHTS).read_bytes()
+        files[CLASSIFIER_JSON] = (Path(model_dir) / MODEL_MANIFEST).read_bytes()
+        source, arch, verified, clf_sha = "model", info.arch, True, None
     else:
         assert from_onnx is not None
         classifier = load_onnx_file(from_onnx)
-        sha = sha256_file(from_onnx)
-        verified = sha in bank.onnx_sha256
+        clf_sha = sha256_file(from_onnx)
+        verified = clf_sha in bank.onnx_sha256
         if not verified and not allow_unverified_model:
             raise MismatchError(
-                f"{from_onnx} (sha256 {sha[:16]}…) is not a classifier this bank was verified against "
+                f"{from_onnx} (sha256 {clf_sha[:16]}…) is not a classifier this bank was verified against "
                 f"(bank {bank_dir} was trained for model {bank.fingerprint[:16]}…, recorded ONNX files: "
                 f"{[s[:16] + '…' for s in bank.onnx_sha256] or 'none'}); export it with `forgetrt export classifier "
                 "--bank`, or pass --allow-unverified-model to graft anyway"
             )
         classifier_io(classifier)
         files[CLASSIFIER_ONNX] = Path(from_onnx).read_bytes()
-        record.update(source="onnx", arch=bank.arch, model_verified=verified, classifier_onnx_sha256=sha)
+        source, arch = "onnx", bank.arch
     stacked = bank.stack(names)
     mand = bank.combine(mandatory) if mandatory else None
     bundle_id = uuid.uuid4().hex[:12]
@@ -160,25 +155,27 @@ def export_onnx(
     )
     files[MODEL_ONNX] = fused.SerializeToString()
     files[VECTORS_FILE] = _safetensors_bytes({n: bank.get(n) for n in [*names, *mandatory]})
-    record.update(
-        bundle_id=bundle_id,
-        iospec=spec.to_dict(),
-        model_fingerprint=bank.fingerprint,
-        vectors=names,
-        mandatory=mandatory,
-        coeff_range=list(coeff_range) if coeff_range else None,
-        policies=policies,
-        opset=next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")),
-        bank_entries={n: bank.entry(n) for n in [*names, *mandatory]},
-    )
     # parity before anything is written: onnxruntime on the fused graph vs the reference
     ref = reference_logits(files, spec, stacked, mand, coeff_range)
     images, coeffs = parity_inputs(spec.shape, len(names))
     got = onnxruntime_logits(files[MODEL_ONNX], spec, images, coeffs)
-    parity = check_parity(got, ref(images, coeffs), tolerance, backend="onnxruntime")
-    record["parity"] = {"onnxruntime": parity}
-    bundle: Bundle = write_bundle(out, files, record, overwrite=overwrite)
+    parity = compare_logits(got, ref(images, coeffs), "fp32", backend="onnxruntime")
+    manifest = BundleManifest(
+        bundle_id=bundle_id,
+        iospec=spec,
+        model_fingerprint=bank.fingerprint,
+        vectors=tuple(names),
+        source=source,
+        arch=arch,
+        model_verified=verified,
+        opset=next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")),
+        mandatory=mandatory,
+        coeff_range=coeff_range,
+        policies=policies,
+        bank_entries={n: bank.entry(n) for n in [*names, *mandatory]},
+        classifier_onnx_sha256=clf_sha,
+        parity={"onnxruntime": parity},
+    )
+    bundle: Bundle = write_bundle(out, files, manifest, overwrite=overwrite)
     return {"bundle": str(bundle.path), "bundle_id": bundle_id, "vectors": names, "mandatory": mandatory,
-            "source": record["source"], "model_verified": record["model_verified"], "parity": parity}
-
-
+            "source": source, "model_verified": verified, "parity": parity}

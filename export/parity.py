@@ -1,57 +1,63 @@
-"""Parity: every backend's logits against the PyTorch reference, on the same images and coefficient rows.
+"""Parity: what serves, against the PyTorch fp32 reference, on the same images and coefficient rows.
 
-Inputs: random [0, 1] images with a zero coefficient row, one one-hot row per vector and random rows
-(so every row of the batch differs). Error is reported as max and mean absolute error and as max
-error relative to the logits' scale (max |reference logit|). Tolerances: fp32 1e-4 of that scale;
-PyTorch on CUDA with TF32 convolutions (PyTorch's default there) 2e-3; fp16 engines 2e-2.
+Every backend is built through the runtime's registry with the serving options (precision, fusion,
+device) and run through :class:`~forgetrt.runtime.Runtime` (validation, composition and the backend's
+own prefix: the BN-folded, cuDNN-fused, CUDA-graph or reduced-precision path a server runs), so parity
+checks what ``forgetrt serve`` would answer.
 
-The reference is the PyTorch classifier in fp32 on CPU when the bundle carries its weights, else
-(a grafted bundle) the original ONNX classifier on onnxruntime CPU with the prefix done in NumPy.
+Inputs: synthetic [0, 1] images with a zero coefficient row, one one-hot row per vector and random rows
+(every row of the batch differs), and, when given, real images with rows cycling through "no vector"
+and each vector. Error is the max absolute logit error relative to the logits' scale (max |reference
+logit|), held against one table, :data:`~forgetrt.runtime.backends.TOLERANCES`, keyed by the numeric
+mode the backend reports (fp32, tf32, bf16, fp16); top-1 agreement with the reference is reported too.
+
+The reference is the PyTorch classifier in fp32 on CPU when the bundle carries its weights, else (a
+grafted bundle) the original ONNX classifier on onnxruntime CPU with the prefix done in NumPy.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from forgetrt.runtime.backends import TOLERANCES, backend_names, create_backend, get_backend, make_options, resolve_device
+from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bundle import CLASSIFIER_JSON, CLASSIFIER_ONNX, CLASSIFIER_WEIGHTS, Bundle
-from forgetrt.runtime.errors import BackendUnavailableError, MismatchError, unknown
+from forgetrt.runtime.errors import BackendUnavailableError, InvalidInputError, MismatchError
 from forgetrt.runtime.iospec import IOSpec
+from forgetrt.runtime.runtime import Runtime, RuntimeConfig
 
 __all__ = [
-    "FP32_TOLERANCE",
-    "FP16_TOLERANCE",
-    "TF32_TOLERANCE",
-    "PARITY_BACKENDS",
     "parity_inputs",
     "onnxruntime_logits",
-    "check_parity",
+    "compare_logits",
     "reference_logits",
     "run_parity",
     "format_parity",
 ]
 
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 2e-2
-TF32_TOLERANCE = 2e-3  # 10-bit mantissa inputs, fp32 accumulation: measured 1.5e-4 on resnet18-cifar (H200)
-PARITY_BACKENDS = ("onnxruntime", "torch", "tensorrt")
-
 Reference = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def parity_inputs(shape: Sequence[int], k: int, seed: int = 0, n_random: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def parity_inputs(
+    shape: Sequence[int], k: int, seed: int = 0, n_random: int = 4, coeff_range: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic images with a zero row, one one-hot row per vector and random rows (inside ``coeff_range``)."""
     rng = np.random.default_rng(seed)
     rows = [np.zeros(k)] + [np.eye(k)[i] for i in range(k)] + [rng.uniform(-1, 1, k) for _ in range(n_random)]
     coeffs = np.stack(rows).astype(np.float32)
+    if coeff_range is not None:
+        coeffs = np.clip(coeffs, *coeff_range).astype(np.float32)
     images = rng.random((len(coeffs), *shape), dtype=np.float32)
     return images, coeffs
 
 
 def onnxruntime_logits(model: bytes | str | os.PathLike, spec: IOSpec, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    """A fused graph's logits on onnxruntime CPU (the export-time check, before a bundle exists)."""
     import onnxruntime as ort
 
     src = model if isinstance(model, bytes) else str(model)
@@ -61,17 +67,26 @@ def onnxruntime_logits(model: bytes | str | os.PathLike, spec: IOSpec, images: n
     return sess.run([spec.output_name], {spec.image_name: images, spec.coeffs_name: coeffs})[0]
 
 
-def check_parity(got: np.ndarray, want: np.ndarray, tolerance: float, *, backend: str, raise_on_fail: bool = True) -> dict[str, Any]:
+def compare_logits(got: np.ndarray, want: np.ndarray, numerics: str, *, backend: str, raise_on_fail: bool = True) -> dict[str, Any]:
+    """Error of ``got`` against the reference ``want``, judged by ``TOLERANCES[numerics]``."""
     if got.shape != want.shape:
         raise MismatchError(f"{backend} returned logits of shape {got.shape}, the reference {want.shape}")
+    tolerance = TOLERANCES[numerics]
     err = np.abs(got.astype(np.float64) - want)
     scale = float(np.abs(want).max()) or 1.0
-    res = {"max_abs": float(err.max()), "mean_abs": float(err.mean()), "rel_to_scale": float(err.max() / scale),
-           "tolerance": tolerance, "ok": bool(err.max() / scale <= tolerance)}
+    res = {
+        "max_abs": float(err.max()),
+        "mean_abs": float(err.mean()),
+        "rel_to_scale": float(err.max() / scale),
+        "numerics": numerics,
+        "tolerance": tolerance,
+        "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+        "ok": bool(err.max() / scale <= tolerance),
+    }
     if raise_on_fail and not res["ok"]:
         raise MismatchError(
             f"{backend} output differs from the reference: max error {res['max_abs']:.3g} "
-            f"({res['rel_to_scale']:.3g} of the logits' scale, tolerance {tolerance:g})"
+            f"({res['rel_to_scale']:.3g} of the logits' scale, tolerance {tolerance:g} for {numerics})"
         )
     return res
 
@@ -82,29 +97,24 @@ def _prefix(images: np.ndarray, coeffs: np.ndarray, stacked: np.ndarray, mand: n
     return (x + mand if mand is not None else x).astype(np.float32)
 
 
-def _torch_classifier(files: Mapping[str, bytes], device: str = "cpu"):
-    from forgetrt.runtime.backends.torch_backend import classifier_from_bytes
-
-    return classifier_from_bytes(files[CLASSIFIER_JSON], files[CLASSIFIER_WEIGHTS]).to(device)
-
-
 def reference_logits(files: Mapping[str, bytes], spec: IOSpec, stacked: np.ndarray, mand: np.ndarray | None, coeff_range) -> Reference:
     """The reference for a bundle's files (see module docstring)."""
     if CLASSIFIER_WEIGHTS in files:
         import torch
 
-        model = _torch_classifier(files)
+        from forgetrt.runtime.model_folder import classifier_from_bytes
+
+        model, _ = classifier_from_bytes(files[CLASSIFIER_JSON], files[CLASSIFIER_WEIGHTS])
 
         def ref(images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 return model(torch.from_numpy(_prefix(images, coeffs, stacked, mand, coeff_range))).double().numpy()
 
         return ref
+    import onnx
     import onnxruntime as ort
 
     from .onnx_graph import classifier_io
-
-    import onnx
 
     clf_bytes = files[CLASSIFIER_ONNX]
     clf_in, clf_out = classifier_io(onnx.load_from_string(clf_bytes))
@@ -116,92 +126,102 @@ def reference_logits(files: Mapping[str, bytes], spec: IOSpec, stacked: np.ndarr
     return ref_onnx
 
 
-def _available(backend: str, bundle: Bundle) -> str | None:
-    """None if ``backend`` can run parity for this bundle here, else the reason it cannot."""
-    if backend == "onnxruntime":
-        return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
-    if backend == "torch":
-        if importlib.util.find_spec("torch") is None:
-            return "torch is not installed"
-        return None if bundle.has_torch_classifier else "bundle was grafted onto an ONNX classifier: no PyTorch weights"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (pip install 'forgetrt[trt]' from NVIDIA's index)"
-    if not bundle.plan_path.is_file():
-        return f"bundle has no {bundle.plan_path.name}: run `forgetrt export trt --bundle {bundle.path}` first"
-    import torch
-
-    return None if torch.cuda.is_available() else "TensorRT needs a CUDA device"
+def _data_rows(n: int, k: int) -> np.ndarray:
+    """Row i is "no vector" when i % (K + 1) == 0, else the one-hot of vector i % (K + 1) - 1."""
+    rows = np.zeros((n, k), np.float32)
+    which = np.arange(n) % (k + 1)
+    hit = which > 0
+    rows[np.flatnonzero(hit), which[hit] - 1] = 1.0
+    return rows
 
 
-def run_parity(bundle_path: str | os.PathLike, backends: Sequence[str] | None = None, *, seed: int = 0) -> dict[str, Any]:
-    """Compare backends against the reference. ``backends=None``: every available one, the others listed
-    as skipped with their reason; a backend asked for by name that cannot run raises BackendUnavailableError."""
+def _run(rt: Runtime, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    step = rt.config.batching.max_batch_size
+    return np.concatenate([rt.infer(images[i : i + step], coeffs=coeffs[i : i + step]).logits for i in range(0, len(images), step)])
+
+
+def run_parity(
+    bundle_path: str | os.PathLike,
+    backends: Sequence[str] | None = None,
+    *,
+    device: str = "auto",
+    options: Mapping[str, Any] | None = None,
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compare the serving backends against the reference.
+
+    ``backends=None``: every registered backend, those that cannot run here listed as skipped with the
+    reason; a backend asked for by name that cannot run raises :class:`BackendUnavailableError`.
+    ``options``: backend name -> its options (dataclass or mapping), as a server would be given them.
+    ``images`` (float32 [N, C, H, W] in the input range) and optional ``labels`` add a real-data check.
+    """
     bundle = Bundle.load(bundle_path)
-    for b in backends or ():
-        if b not in PARITY_BACKENDS:
-            raise unknown("backend", b, PARITY_BACKENDS)
-    files = {name: (bundle.path / name).read_bytes() for name in bundle.record["files"] if name in (CLASSIFIER_WEIGHTS, CLASSIFIER_JSON, CLASSIFIER_ONNX)}
+    names = list(backends) if backends else list(backend_names())
+    for b in [*names, *(options or {})]:
+        get_backend(b)  # unknown names fail before any work
+    dev = resolve_device(device)
+    files = {n: bundle.read(n) for n in (CLASSIFIER_WEIGHTS, CLASSIFIER_JSON, CLASSIFIER_ONNX) if n in bundle.manifest.files}
     stacked, mand = bundle.vector_arrays()
     ref = reference_logits(files, bundle.iospec, stacked, mand, bundle.coeff_range)
-    images, coeffs = parity_inputs(bundle.iospec.shape, len(bundle.vectors), seed)
-    want = ref(images, coeffs)
-    report: dict[str, Any] = {"bundle": str(bundle.path), "reference": "torch-cpu-fp32" if CLASSIFIER_WEIGHTS in files else "onnxruntime-cpu (original classifier)", "rows": len(coeffs), "backends": {}}
-    for b in backends or PARITY_BACKENDS:
-        reason = _available(b, bundle)
-        if reason:
+    k = len(bundle.vectors)
+    syn_x, syn_c = parity_inputs(bundle.iospec.shape, k, seed, coeff_range=bundle.coeff_range)
+    sets = {"synthetic": (syn_x, syn_c)}
+    if images is not None:
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(bundle.iospec.shape) or images.dtype != np.float32:
+            raise InvalidInputError(f"parity images must be float32 [N, {', '.join(map(str, bundle.iospec.shape))}], got {images.dtype} {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise InvalidInputError(f"{len(labels)} labels for {len(images)} images")
+        sets["data"] = (images, _data_rows(len(images), k))
+    want = {name: ref(x, c) for name, (x, c) in sets.items()}
+    report: dict[str, Any] = {
+        "bundle": str(bundle.path),
+        "device": dev,
+        "reference": "torch-cpu-fp32" if CLASSIFIER_WEIGHTS in files else "onnxruntime-cpu (original classifier)",
+        "rows": {name: len(x) for name, (x, _) in sets.items()},
+        "backends": {},
+    }
+    if labels is not None:
+        report["reference_accuracy"] = float((want["data"].argmax(1) == labels).mean() * 100)
+    for b in names:
+        why = get_backend(b).available(bundle, dev)
+        if why is not None:
             if backends:
-                raise BackendUnavailableError(f"backend {b!r} cannot run here: {reason}")
-            report["backends"][b] = {"status": "skipped", "reason": reason}
+                raise BackendUnavailableError(f"backend {b!r} cannot run on {dev}: {why}")
+            report["backends"][b] = {"status": "skipped", "reason": why}
             continue
-        tol = FP32_TOLERANCE
-        if b == "onnxruntime":
-            got, device = onnxruntime_logits(bundle.onnx_path, bundle.iospec, images, coeffs), "cpu"
-        elif b == "torch":
-            got, device = _torch_fused(files, images, coeffs, stacked, mand, bundle.coeff_range)
-            if device == "cuda" and _torch_tf32():
-                tol = TF32_TOLERANCE
-        else:
-            from forgetrt.runtime.backends.tensorrt_backend import TensorRTRunner
-
-            runner = TensorRTRunner(bundle.plan_path, bundle.iospec)
-            got, device = runner.infer(images, coeffs), "cuda"
-            if bundle.record.get("tensorrt", {}).get("fp16"):
-                tol = FP16_TOLERANCE
-        res = check_parity(got, want, tol, backend=b, raise_on_fail=False)
-        report["backends"][b] = {"status": "ok" if res["ok"] else "mismatch", "device": device, **res}
+        opts = make_options(b, (options or {}).get(b))
+        backend = create_backend(b, bundle, dev, opts)
+        batching = BatchingConfig(max_batch_size=min(64, backend.max_batch_size or 64))
+        entry: dict[str, Any] = {"device": dev, "options": dataclasses.asdict(opts), "described": backend.describe()}
+        with Runtime(bundle, [backend], RuntimeConfig(backend=b, device=dev, batching=batching)) as rt:
+            for name, (x, c) in sets.items():
+                got = _run(rt, x, c)
+                entry[name] = compare_logits(got, want[name], backend.numerics, backend=b, raise_on_fail=False)
+                if name == "data" and labels is not None:
+                    entry[name]["accuracy"] = float((got.argmax(1) == labels).mean() * 100)
+        entry["status"] = "ok" if all(entry[name]["ok"] for name in sets) else "mismatch"
+        report["backends"][b] = entry
     report["ok"] = all(v["status"] in ("ok", "skipped") for v in report["backends"].values())
     return report
 
 
-def _torch_tf32() -> bool:
-    import torch
-
-    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
-
-
-def _torch_fused(files, images, coeffs, stacked, mand, coeff_range) -> tuple[np.ndarray, str]:
-    """The same fused computation in PyTorch, on CUDA when available (else CPU, where it equals the reference)."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _torch_classifier(files, device)
-    c = torch.from_numpy(coeffs).to(device)
-    if coeff_range is not None:
-        c = c.clamp(*coeff_range)
-    x = torch.from_numpy(images).to(device) + (c @ torch.from_numpy(stacked).to(device)).view(images.shape)
-    if mand is not None:
-        x = x + torch.from_numpy(mand).to(device)
-    with torch.no_grad():
-        return model(x).float().cpu().numpy(), device
-
-
 def format_parity(rep: dict[str, Any]) -> str:
     """A human-readable report of :func:`run_parity`."""
-    lines = [f"parity of {rep['bundle']} against {rep['reference']} ({rep['rows']} rows: zero, one-hot, random)"]
+    rows = ", ".join(f"{n} {c} rows" for n, c in rep["rows"].items())
+    lines = [f"parity of {rep['bundle']} against {rep['reference']} on {rep['device']} ({rows})"]
+    if "reference_accuracy" in rep:
+        lines.append(f"  reference accuracy on the data rows: {rep['reference_accuracy']:.2f}%")
     for b, v in rep["backends"].items():
         if v["status"] == "skipped":
             lines.append(f"  {b:<12} skipped: {v['reason']}")
-        else:
-            lines.append(f"  {b:<12} {v['status']:<8} {v['device']:<5} max abs {v['max_abs']:.2e}  mean abs {v['mean_abs']:.2e}  "
-                         f"{v['rel_to_scale']:.2e} of scale (tol {v['tolerance']:g})")
+            continue
+        for name in rep["rows"]:
+            r = v[name]
+            lines.append(
+                f"  {b:<12} {name:<9} {'ok' if r['ok'] else 'MISMATCH':<8} {r['numerics']:<4} max abs {r['max_abs']:.2e}  "
+                f"{r['rel_to_scale']:.2e} of scale (tol {r['tolerance']:g})  top-1 agreement {100 * r['top1_agreement']:.2f}%"
+                + (f"  accuracy {r['accuracy']:.2f}%" if "accuracy" in r else "")
+            )
     return "\n".join(lines)

@@ -13,13 +13,13 @@ Refitter for swapping the ``forget_bank`` initializer of a refittable engine). T
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 
 from forgetrt.runtime.backends.tensorrt_backend import TensorRTRunner, import_tensorrt
-from forgetrt.runtime.bundle import MODEL_PLAN, Bundle, add_bundle_file
+from forgetrt.runtime.bundle import MODEL_PLAN, Bundle, TensorRTBuild, add_bundle_file
 from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError
 
 __all__ = ["TrtBuildConfig", "build_engine", "TensorRTRunner", "import_tensorrt"]
@@ -27,18 +27,20 @@ __all__ = ["TrtBuildConfig", "build_engine", "TensorRTRunner", "import_tensorrt"
 
 @dataclass(frozen=True)
 class TrtBuildConfig:
+    """The engine's optimization profile (batch sizes) and build flags."""
+
     fp16: bool = False
-    min_batch: int = 1
-    opt_batch: int = 32
-    max_batch: int = 256
+    min_batch_size: int = 1
+    opt_batch_size: int = 32
+    max_batch_size: int = 256
     refittable: bool = False
     workspace_mib: int = 1024
     timing_cache: str | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+        if not 1 <= self.min_batch_size <= self.opt_batch_size <= self.max_batch_size:
             raise InvalidInputError(
-                f"batch sizes must satisfy 1 <= min <= opt <= max, got {self.min_batch}, {self.opt_batch}, {self.max_batch}"
+                f"batch sizes must satisfy 1 <= min <= opt <= max, got {self.min_batch_size}, {self.opt_batch_size}, {self.max_batch_size}"
             )
         if self.workspace_mib < 16:
             raise InvalidInputError(f"workspace must be at least 16 MiB, got {self.workspace_mib}")
@@ -73,15 +75,15 @@ def build_engine(bundle_path: str | os.PathLike, cfg: TrtBuildConfig = TrtBuildC
     spec = bundle.iospec
     k = len(bundle.vectors)
     profile = builder.create_optimization_profile()
-    profile.set_shape(spec.image_name, (cfg.min_batch, *spec.shape), (cfg.opt_batch, *spec.shape), (cfg.max_batch, *spec.shape))
-    profile.set_shape(spec.coeffs_name, (cfg.min_batch, k), (cfg.opt_batch, k), (cfg.max_batch, k))
+    lo, opt, hi = cfg.min_batch_size, cfg.opt_batch_size, cfg.max_batch_size
+    profile.set_shape(spec.image_name, (lo, *spec.shape), (opt, *spec.shape), (hi, *spec.shape))
+    profile.set_shape(spec.coeffs_name, (lo, k), (opt, k), (hi, k))
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise CorruptArtifactError(f"TensorRT failed to build an engine for {bundle.onnx_path} (see the log above)")
     if cfg.timing_cache:
         Path(cfg.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-    meta = {"fp16": cfg.fp16, "min_batch": cfg.min_batch, "opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch,
-            "refittable": cfg.refittable, "tensorrt_version": trt.__version__}
-    add_bundle_file(bundle, MODEL_PLAN, bytes(plan), {"tensorrt": meta})
-    return {"plan": str(bundle.path / MODEL_PLAN), **meta}
+    build = TensorRTBuild(cfg.fp16, lo, opt, hi, cfg.refittable, str(trt.__version__))
+    add_bundle_file(bundle, MODEL_PLAN, bytes(plan), tensorrt=build)
+    return {"plan": str(bundle.path / MODEL_PLAN), **asdict(build)}

@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
-
+from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bundle import Bundle
 from forgetrt.runtime.errors import ArtifactError, InvalidInputError, unknown
 
@@ -32,33 +31,35 @@ def export_triton(
     *,
     name: str | None = None,
     backend: str = "onnx",
-    max_batch: int = 64,
-    max_queue_delay_us: int = 100,
-    instances: int = 1,
+    batching: BatchingConfig = BatchingConfig(),
     overwrite: bool = False,
 ) -> dict[str, Any]:
+    """``batching`` is the runtime's own batching config: Triton's dynamic batcher gets the same batch
+    size, queue delay, queue bound and instance count as ``forgetrt serve`` with that config."""
     bundle = Bundle.load(bundle_path)
+    if not isinstance(batching, BatchingConfig):
+        raise InvalidInputError(f"batching must be a BatchingConfig, got {type(batching).__name__}")
     if backend not in TRITON_BACKENDS:
         raise unknown("Triton backend", backend, TRITON_BACKENDS)
     name = name or bundle.path.name
     if not _NAME_RE.match(name):
         raise InvalidInputError(f"invalid Triton model name {name!r}: use letters, digits, '_', '.', '-'")
-    if max_batch < 1 or instances < 1 or max_queue_delay_us < 0:
-        raise InvalidInputError(f"need max_batch >= 1, instances >= 1, max_queue_delay_us >= 0; got {max_batch}, {instances}, {max_queue_delay_us}")
     platform, filename, kind = TRITON_BACKENDS[backend]
     src = bundle.path / filename
     if not src.is_file():
         raise ArtifactError(f"bundle {bundle.path} has no {filename}" + (": run `forgetrt export trt` first" if backend == "trt" else ""))
     if backend == "trt":
-        engine_max = int(bundle.record.get("tensorrt", {}).get("max_batch", 0))
-        if max_batch > engine_max:
-            raise InvalidInputError(f"max batch {max_batch} exceeds the TensorRT engine's profile maximum {engine_max}")
+        engine_max = bundle.manifest.tensorrt.max_batch_size if bundle.manifest.tensorrt else 0
+        if batching.max_batch_size > engine_max:
+            raise InvalidInputError(f"max batch size {batching.max_batch_size} exceeds the TensorRT engine's profile maximum {engine_max}")
+    import onnx
+
     output = onnx.load(str(bundle.onnx_path), load_external_data=False).graph.output[0].name
     spec = bundle.iospec
     dims = ", ".join(str(d) for d in spec.shape)
     config = f"""name: "{name}"
 platform: "{platform}"
-max_batch_size: {max_batch}
+max_batch_size: {batching.max_batch_size}
 input [
   {{
     name: "{spec.image_name}"
@@ -80,11 +81,14 @@ output [
   }}
 ]
 dynamic_batching {{
-  max_queue_delay_microseconds: {max_queue_delay_us}
+  max_queue_delay_microseconds: {batching.max_queue_delay_us}
+  default_queue_policy {{
+    max_queue_size: {batching.max_queue}
+  }}
 }}
 instance_group [
   {{
-    count: {instances}
+    count: {batching.instances}
     kind: {kind}
   }}
 ]
@@ -114,4 +118,4 @@ parameters {{
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"model_dir": str(dest), "platform": platform, "max_batch_size": max_batch, "vectors": list(bundle.vectors)}
+    return {"model_dir": str(dest), "platform": platform, "max_batch_size": batching.max_batch_size, "vectors": list(bundle.vectors)}

@@ -1,14 +1,17 @@
 """forgetrt.runtime: contracts and serving. Importing it never imports torch or tensorrt.
 
-Exports the Runtime (per-request forget-vector composition, dynamic batching, hot swap), the IOSpec
-contract, the vector bank and bundle formats, and the error hierarchy.
+Exports the Runtime (per-request forget-vector composition, dynamic batching, hot swap), the backend
+registry, the IOSpec contract, the three artifacts it owns (the model folder, the vector bank and the
+bundle, each with a typed manifest), and the error hierarchy.
 """
 
-from .bank import VectorBank, validate_vector_name
-from .batcher import InferResult
-from .bundle import Bundle
-from .compose import BankState
-from .core import Runtime, RuntimeConfig
+from .backends import BackendEntry, backend_names, create_backend, list_backends, register_backend
+from .bank import VectorBank, VectorEntry, validate_vector_name
+from .batcher import BatchingConfig, InferResult
+from .bundle import Bundle, BundleManifest
+from .compose import BankSnapshot, Composition
+from .model_folder import ModelManifest, read_model_manifest
+from .runtime import Runtime, RuntimeConfig
 from .errors import (
     ArtifactError,
     BackendUnavailableError,
@@ -29,11 +32,22 @@ from .iospec import IOSpec
 __all__ = [
     "Runtime",
     "RuntimeConfig",
+    "BatchingConfig",
     "InferResult",
-    "BankState",
+    "BankSnapshot",
+    "Composition",
     "IOSpec",
     "VectorBank",
+    "VectorEntry",
     "Bundle",
+    "BundleManifest",
+    "ModelManifest",
+    "read_model_manifest",
+    "BackendEntry",
+    "list_backends",
+    "backend_names",
+    "register_backend",
+    "create_backend",
     "BackendUnavailableError",
     "validate_vector_name",
     "weights_fingerprint",

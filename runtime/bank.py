@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .errors import ArtifactError, CorruptArtifactError, InvalidInputError, Mism
 from .files import atomic_write, atomic_write_json, read_json, sha256_file
 from .iospec import IOSpec
 
-__all__ = ["VectorBank", "BANK_SCHEMA_VERSION", "VECTORS_FILE", "MANIFEST_FILE", "validate_vector_name"]
+__all__ = ["VectorBank", "VectorEntry", "BANK_SCHEMA_VERSION", "VECTORS_FILE", "MANIFEST_FILE", "validate_vector_name"]
 
 BANK_SCHEMA_VERSION = 1
 VECTORS_FILE = "vectors.safetensors"
@@ -55,6 +55,44 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+@dataclass(frozen=True)
+class VectorEntry:
+    """The manifest record of one vector: what it forgets (a ``ForgetSpec`` description, e.g.
+    ``{"kind": "class", "classes": [3], "labels": ["cat"]}``), how it was made, and its measurements."""
+
+    forgets: dict[str, Any]
+    recipe: dict[str, Any]
+    created: str
+    norm_l2: float
+    metrics: dict[str, Any] | None = None
+    #: for a composed vector: the coefficients over the vectors it was built from
+    composition: dict[str, float] | None = None
+
+    @property
+    def composed(self) -> bool:
+        return self.composition is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Any, name: str = "?") -> "VectorEntry":
+        if not isinstance(d, dict):
+            raise CorruptArtifactError(f"manifest entry of vector {name!r} is not an object")
+        try:
+            comp = d.get("composition")
+            return cls(
+                forgets=dict(d.get("forgets") or {}),
+                recipe=dict(d.get("recipe") or {}),
+                created=str(d.get("created", "")),
+                norm_l2=float(d.get("norm_l2", 0.0)),
+                metrics=None if d.get("metrics") is None else dict(d["metrics"]),
+                composition=None if comp is None else {str(k): float(v) for k, v in comp.items()},
+            )
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CorruptArtifactError(f"manifest entry of vector {name!r} is malformed: {e}") from e
+
+
 @dataclass
 class VectorBank:
     """An in-memory bank; :meth:`load` and :meth:`save` move it to and from its folder."""
@@ -63,7 +101,7 @@ class VectorBank:
     arch: str
     iospec: IOSpec
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entries: dict[str, VectorEntry] = field(default_factory=dict)
     path: Path | None = None
     # sha256 of classifier ONNX files exported from the fingerprinted model (`forgetrt export classifier`):
     # the verified way to graft this bank onto an ONNX file instead of the PyTorch model
@@ -85,7 +123,7 @@ class VectorBank:
             raise unknown("vector", name, self.vectors)
         return self.vectors[name]
 
-    def entry(self, name: str) -> dict[str, Any]:
+    def entry(self, name: str) -> VectorEntry:
         self.get(name)
         return self.entries[name]
 
@@ -139,26 +177,16 @@ class VectorBank:
             raise InvalidInputError(f"vector {name!r} has shape {arr.shape}, the bank holds {tuple(self.iospec.shape)}")
         if not np.all(np.isfinite(arr)):
             raise InvalidInputError(f"vector {name!r} contains NaN or Inf")
-        entry: dict[str, Any] = {
-            "forgets": dict(forgets),
-            "recipe": dict(recipe),
-            "created": _now(),
-            "norm_l2": float(np.linalg.norm(arr.astype(np.float64))),
-        }
-        if metrics is not None:
-            entry["metrics"] = dict(metrics)
-        if composition is not None:
-            entry["composition"] = {k: float(v) for k, v in composition.items()}
+        entry = VectorEntry(
+            forgets=dict(forgets),
+            recipe=dict(recipe),
+            created=_now(),
+            norm_l2=float(np.linalg.norm(arr.astype(np.float64))),
+            metrics=None if metrics is None else dict(metrics),
+            composition=None if composition is None else {k: float(v) for k, v in composition.items()},
+        )
         self.vectors[name] = np.ascontiguousarray(arr, dtype=np.float32)
         self.entries[name] = entry
-
-    def remove(self, name: str) -> None:
-        self.get(name)
-        del self.vectors[name]
-        del self.entries[name]
-
-    def set_metrics(self, name: str, metrics: Mapping[str, Any]) -> None:
-        self.entry(name)["metrics"] = dict(metrics)
 
     # ------------------------------------------------------------------ disk
     def manifest(self, vectors_sha256: str) -> dict[str, Any]:
@@ -168,7 +196,7 @@ class VectorBank:
             "model": {"fingerprint": self.fingerprint, "arch": self.arch, "onnx_sha256": list(self.onnx_sha256)},
             "iospec": self.iospec.to_dict(),
             "vectors_sha256": vectors_sha256,
-            "vectors": {name: self.entries[name] for name in self.vectors},
+            "vectors": {name: self.entries[name].to_dict() for name in self.vectors},
         }
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
@@ -219,9 +247,9 @@ class VectorBank:
             fingerprint = str(m["model"]["fingerprint"])
             arch = str(m["model"]["arch"])
             onnx_sha = [str(x) for x in m["model"].get("onnx_sha256", [])]
-            entries = dict(m["vectors"])
+            entries = {str(n): VectorEntry.from_dict(e, n) for n, e in dict(m["vectors"]).items()}
             want_sha = str(m["vectors_sha256"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CorruptArtifactError(f"{man_path} lacks field {e}") from e
         iospec = IOSpec.from_dict(m.get("iospec") or {})
         vec_path = path / VECTORS_FILE

@@ -30,10 +30,32 @@ from typing import Any
 
 import numpy as np
 
-from .compose import BankState
+from .compose import BankSnapshot
 from .errors import DeadlineExceededError, EngineError, ForgetRTError, InvalidInputError, QueueFullError, RuntimeClosedError
 
-__all__ = ["InferResult", "Job", "DynamicBatcher", "BatchObserver"]
+__all__ = ["InferResult", "Job", "DynamicBatcher", "BatchingConfig", "BatchObserver"]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching, shared by the runtime and the Triton export (``config.pbtxt``):
+    ``max_batch_size`` images per engine call, ``max_queue_delay_us`` to wait for more, at most
+    ``max_queue`` pending requests (then :class:`QueueFullError`, Triton's ``max_queue_size``), and
+    ``instances`` engine instances, one worker each (Triton's ``instance_group`` count)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    max_queue: int = 1024
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "instances"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidInputError(f"{name} must be an integer >= 1, got {v!r}")
+        d = self.max_queue_delay_us
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise InvalidInputError(f"max_queue_delay_us must be an integer >= 0, got {d!r}")
 
 
 @dataclass(slots=True)
@@ -51,6 +73,24 @@ class InferResult:
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
 
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits, float64 [n, classes]."""
+        z = self.logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def top_k(self, k: int, labels: Sequence[str] | None = None) -> list[list[tuple[str | int, float]]]:
+        """Per image, the ``k`` most probable classes (label, or index without ``labels``) with their probability."""
+        if k < 1:
+            raise InvalidInputError(f"top-k needs k >= 1, got {k}")
+        prob = self.probabilities()
+        out = []
+        for p in prob:
+            best = np.argsort(-p, kind="stable")[:k]
+            out.append([(labels[i] if labels is not None else int(i), float(p[i])) for i in best])
+        return out
+
 
 class Job:
     """One request in the batcher: its images, coefficient row ([K] or [N, K]), bank snapshot, optional
@@ -59,7 +99,7 @@ class Job:
 
     __slots__ = ("images", "row", "bank", "deadline", "future", "loop", "n", "t_enqueue")
 
-    def __init__(self, images: np.ndarray, row: np.ndarray, bank: BankState, deadline: float | None = None,
+    def __init__(self, images: np.ndarray, row: np.ndarray, bank: BankSnapshot, deadline: float | None = None,
                  future: Future | asyncio.Future | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.images, self.row, self.bank, self.deadline, self.loop = images, row, bank, deadline, loop
         self.future = future if future is not None else Future()
@@ -104,27 +144,16 @@ def settle(jobs: Sequence[Job], results: Sequence[Any] | None, err: BaseExceptio
 
 #: observer(n_requests, n_images, queue_seconds_per_request, compute_seconds, ok)
 BatchObserver = Callable[[int, int, Sequence[float], float, bool], None]
-RunFn = Callable[[np.ndarray, np.ndarray, BankState], np.ndarray]
+RunFn = Callable[[np.ndarray, np.ndarray, BankSnapshot], np.ndarray]
 
 
 class DynamicBatcher:
-    def __init__(
-        self,
-        runners: Sequence[RunFn],
-        *,
-        max_batch_size: int = 64,
-        max_queue_delay_us: int = 500,
-        max_queue: int = 1024,
-        observer: BatchObserver | None = None,
-    ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_us < 0 or not runners:
-            raise InvalidInputError(
-                f"need max_batch_size >= 1, max_queue >= 1, max_queue_delay_us >= 0 and a runner; "
-                f"got {max_batch_size}, {max_queue}, {max_queue_delay_us}"
-            )
-        self.max_batch_size = max_batch_size
-        self.delay = max_queue_delay_us / 1e6
-        self.max_queue = max_queue
+    def __init__(self, runners: Sequence[RunFn], config: BatchingConfig = BatchingConfig(), *, observer: BatchObserver | None = None) -> None:
+        if not runners:
+            raise InvalidInputError("the batcher needs at least one runner")
+        self.max_batch_size = config.max_batch_size
+        self.delay = config.max_queue_delay_us / 1e6
+        self.max_queue = config.max_queue
         # one deque under one condition: a worker takes a whole batch per lock acquisition, and a
         # submitter wakes a worker only when one is idle or a full batch is waiting
         self._dq: deque[Job] = deque()

@@ -2,7 +2,8 @@
 
 For every point of the grid batch × concurrency × active vectors: warm up, then run closed-loop clients
 for ``duration`` seconds. Concurrency 1 calls ``Runtime.infer`` directly; higher concurrency runs that
-many client threads through the dynamic batcher (``submit``), so queue time and compute time are
+many client threads through the dynamic batcher (``submit``) configured by the runtime's
+:class:`~forgetrt.runtime.batcher.BatchingConfig`, so queue time and compute time are
 reported separately. ``compare_bare`` also times the classifier alone (the fused graph cut after the
 forget prefix) on onnxruntime in the same run. Every result carries the config, versions, machine and
 device, so a JSON line is self-describing.
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import Runtime
+from .runtime import Runtime
 from .errors import InvalidInputError, unknown
 
 __all__ = ["BenchConfig", "run_bench", "summarize", "plot_results", "MIXES", "latency_stats"]
@@ -40,7 +41,6 @@ class BenchConfig:
     duration: float = 10.0
     warmup: float = 2.0
     compare_bare: bool = False
-    max_queue_delay_us: int = 500
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,10 +82,10 @@ def _environment(rt: Runtime) -> dict[str, Any]:
 
 
 def _requests(rt: Runtime, batch: int, active: int, mix: str, rng: np.random.Generator, n: int = 64) -> list[tuple[np.ndarray, Any]]:
-    k = rt.bank.k
+    k = rt.snapshot.k
     if active > k:
         raise InvalidInputError(f"{active} active vectors requested, the bundle has {k}")
-    names = rt.bank.names
+    names = rt.snapshot.names
     out = []
     for i in range(n):
         x = rng.random((batch, *rt.iospec.shape), dtype=np.float32)
@@ -95,8 +95,8 @@ def _requests(rt: Runtime, batch: int, active: int, mix: str, rng: np.random.Gen
             forget = list(names[:active])
         else:
             forget = {names[j]: float(w) for j, w in zip(rng.choice(k, active, replace=False), rng.uniform(0.25, 1.0, active))}
-            if rt.bank.coeff_range is not None:
-                lo, hi = rt.bank.coeff_range
+            if rt.snapshot.coeff_range is not None:
+                lo, hi = rt.snapshot.coeff_range
                 forget = {n_: min(max(w, lo), hi) for n_, w in forget.items()}
         out.append((x, forget))
     return out
@@ -158,7 +158,7 @@ def run_bench(rt: Runtime, cfg: BenchConfig, *, progress: bool = True) -> list[d
     env = _environment(rt)
     rng = np.random.default_rng(cfg.seed)
     grid = [(b, c, a) for b in cfg.batches for c in cfg.concurrency for a in cfg.active_vectors]
-    limit = rt.config.max_batch_size
+    limit = rt.config.batching.max_batch_size
     over = sorted({b for b, _, _ in grid if b > limit})
     if over:
         raise InvalidInputError(f"batch sizes {over} exceed the runtime's maximum batch {limit} (the engine's limit, or --max-batch-size)")
@@ -172,7 +172,9 @@ def run_bench(rt: Runtime, cfg: BenchConfig, *, progress: bool = True) -> list[d
         lat, res, elapsed = _closed_loop(call, reqs, c, cfg.duration)
         rec: dict[str, Any] = {
             "point": {"batch": b, "concurrency": c, "active_vectors": a, "mix": cfg.mix, "path": "direct" if c == 1 else "batcher"},
-            "config": {**asdict(cfg), "max_batch_size": limit, "bundle": str(rt.bundle.path), "bundle_id": rt.bundle.bundle_id},
+            # what ran: the bench grid, the runtime's own config (batching included) and the backend as built
+            "config": {**asdict(cfg), "runtime": rt.config.to_dict(), "backend": rt.backends[0].describe(),
+                       "bundle": str(rt.bundle.path), "bundle_id": rt.bundle.bundle_id},
             "env": env,
             "requests": len(lat),
             "seconds": elapsed,

@@ -1,11 +1,16 @@
-"""Per-request composition: turning a request's ``forget`` spec into one coefficient row.
+"""Per-request composition: turning the vectors a request asks to apply (its *composition*, the
+``forget`` argument) into one coefficient row.
 
-A :class:`BankState` is an immutable snapshot of what the engine serves: the selectable vectors in
+Words: the *vector bank* (:class:`~forgetrt.runtime.bank.VectorBank`) is the folder of trained vectors;
+a :class:`BankSnapshot` is one immutable version of what the engine serves; its ``matrix`` is the
+[K, C·H·W] array; a *forget spec* (``forgetrt.train.data.ForgetSpec``) names training data to unlearn.
+
+A :class:`BankSnapshot` is an immutable snapshot of what the engine serves: the selectable vectors in
 coefficient order (as a [K, C·H·W] matrix), the named policies, the coefficient range and a version
 number. Requests resolve against the snapshot current when they arrive; a hot swap installs a new
 snapshot and never mutates an old one, so in-flight requests finish on the bank they started with.
 
-``forget`` accepts:
+A composition (``forget``) is one of:
 
 - ``None`` / ``[]``: no selectable vector (mandatory vectors baked into the engine still apply)
 - a list of names: weight 1 each, e.g. ``["forget-3", "forget-7"]``
@@ -25,13 +30,13 @@ import numpy as np
 
 from .errors import InvalidInputError, unknown
 
-__all__ = ["BankState", "ForgetRequest"]
+__all__ = ["BankSnapshot", "Composition"]
 
-ForgetRequest = Union[None, str, Sequence[str], Mapping[str, float], Sequence[float], np.ndarray]
+Composition = Union[None, str, Sequence[str], Mapping[str, float], Sequence[float], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
-class BankState:
+class BankSnapshot:
     version: int
     names: tuple[str, ...]
     matrix: np.ndarray  # float32 [K, C·H·W], read-only
@@ -61,7 +66,7 @@ class BankState:
     def k(self) -> int:
         return len(self.names)
 
-    def coeff_row(self, forget: ForgetRequest) -> np.ndarray:
+    def coeff_row(self, forget: Composition) -> np.ndarray:
         """One float32 coefficient row [K] for a request's ``forget`` spec (validated; read-only).
 
         Rows of named requests (a policy, a list of names) are cached per snapshot: the common case of
@@ -79,7 +84,7 @@ class BankState:
             self._cache[key] = row  # type: ignore[attr-defined]
         return row
 
-    def _row(self, forget: ForgetRequest) -> np.ndarray:
+    def _row(self, forget: Composition) -> np.ndarray:
         row = np.zeros(self.k, np.float32)
         if forget is None:
             return row

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .core import Runtime
+from .runtime import Runtime, RuntimeConfig
 from .errors import (
     ArtifactError,
     DeadlineExceededError,
@@ -233,7 +233,7 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
     async def model_meta(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
-        bank = runtime.bank
+        bank = runtime.snapshot
         return JSONResponse({
             "name": model_name,
             "versions": ["1"],
@@ -300,7 +300,7 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
         if "id" in req:
             resp["id"] = req["id"]
         metrics.requests.labels(status="200").inc()
-        metrics.bank_version.set(runtime.bank.version)
+        metrics.bank_version.set(runtime.snapshot.version)
         if binary_out:
             raw = logits.tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
@@ -322,7 +322,7 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
             params = req.get("parameters") or {} if isinstance(req, dict) else {}
             bank = params.get("bank")
             if bank is None:
-                return JSONResponse({"name": model_name, "bank_version": runtime.bank.version})
+                return JSONResponse({"name": model_name, "bank_version": runtime.snapshot.version})
             if not isinstance(bank, str):
                 raise InvalidInputError("parameters.bank must be a path string")
             state = runtime.reload_bank(bank)
@@ -355,18 +355,19 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
 
 def serve(
     bundle: str,
+    config: RuntimeConfig = RuntimeConfig(),
+    backend_options: Any = None,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     model_name: str | None = None,
     log_level: str = "info",
-    **runtime_options: Any,
 ) -> None:
     """Load the bundle and serve it until interrupted (blocking)."""
     import uvicorn
 
     metrics = ServerMetrics()
-    runtime = Runtime.load(bundle, observer=metrics.observe_batch, **runtime_options)
+    runtime = Runtime.load(bundle, config, backend_options, observer=metrics.observe_batch)
     name = model_name or Path(bundle).resolve().name
     app = create_app(runtime, name, metrics=metrics)
     log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)

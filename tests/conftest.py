@@ -60,7 +60,7 @@ def digits_model_dir(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
 @pytest.fixture(scope="session")
 def digits_bank(tmp_path_factory: pytest.TempPathFactory, digits, digits_model_dir: Path) -> tuple[Path, list[dict]]:
     """A bank with forget-0..forget-9 trained by the 'digits' preset, and the training results."""
-    from forgetrt.train.vectors import PRESETS
+    from forgetrt.train.recipes import PRESETS
     from forgetrt.train.workflows import train_class_vectors
 
     bank = tmp_path_factory.mktemp("digits-bank")
@@ -91,12 +91,11 @@ class TorchReference:
     def __init__(self, bundle_dir: Path) -> None:
         import torch
 
-        from forgetrt.runtime.backends.torch_backend import load_bundle_classifier
         from forgetrt.runtime.bundle import Bundle
 
         self.torch = torch
         self.bundle = Bundle.load(bundle_dir)
-        self.model = load_bundle_classifier(self.bundle, "cpu")
+        self.model = self.bundle.load_classifier("cpu")
         self.stacked, self.mandatory = self.bundle.vector_arrays()
 
     def __call__(self, images, coeffs, matrix=None):

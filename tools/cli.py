@@ -7,8 +7,10 @@ boundary (:class:`_Group`), never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,14 @@ from typing import Any
 import click
 
 from forgetrt import __version__
+from forgetrt.runtime.backends import DEVICES, backend_names, list_backends
+from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
+from forgetrt.runtime.bench import MIXES
+from forgetrt.runtime.runtime import PIXEL_POLICIES
+from forgetrt.export.triton import TRITON_BACKENDS
+from forgetrt.train.data import DATA_KINDS, ForgetSpec
+from forgetrt.train.recipes import BASELINES, PRESETS, VectorRecipe
 
 __all__ = ["cli", "main"]
 
@@ -93,27 +102,67 @@ class DataSpec(click.ParamType):
 CSV = CsvList()
 WEIGHTS = Weights()
 DATA = DataSpec()
-DEVICE = click.Choice(["auto", "cpu", "cuda"])
+DEVICE = click.Choice(list(DEVICES))
+BACKEND = click.Choice(["auto", *backend_names()])
 
 
 def _device_option(default: str = "auto") -> Callable:
-    return click.option("--device", type=DEVICE, default=default, show_default=True, help="Torch device.")
+    return click.option("--device", type=DEVICE, default=default, show_default=True, help="Device.")
 
 
-def _torch_backend_options(f: Callable) -> Callable:
-    """--precision / --fuse: options of the torch backend (given only when set, so other backends see none)."""
-    f = click.option("--fuse", type=click.Choice(["auto", "none", "bn", "cudnn"]),
-                     help="torch backend: inference rewrite of the classifier [default: auto, cuDNN fusion on CUDA, BN folding on CPU].")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="torch backend: compute precision [default: fp32; fp16 on CUDA only].")(f)
+def _click_type(hint: Any, f: dataclasses.Field) -> Any:
+    """The click type of a dataclass field: its ``choices`` metadata, else its (optional) type."""
+    if "choices" in f.metadata:
+        return click.Choice(list(f.metadata["choices"]))
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _dataclass_options(cls: type, *, skip: tuple[str, ...] = ()) -> list[tuple[dataclasses.Field, Callable]]:
+    """A click option per field of ``cls`` with a ``help`` text (``batch_size`` -> ``--batch-size``),
+    defaulting to None so only what the user sets reaches the library."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or f.name in skip:
+            continue
+        flag = f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            opt = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=f.metadata["help"])
+        else:
+            opt = click.option(f"--{flag}", f.name, type=_click_type(hints[f.name], f), default=None, help=f.metadata["help"])
+        out.append((f, opt))
+    return out
+
+
+def _apply(f: Callable, options: list[tuple[dataclasses.Field, Callable]]) -> Callable:
+    for _, opt in reversed(options):
+        f = opt(f)
     return f
 
 
-def _backend_options(precision: str | None, fuse: str | None) -> dict:
-    return {k: v for k, v in (("precision", precision), ("fuse", fuse)) if v is not None}
+# every backend's user options (TorchOptions.precision -> --precision, ...), each naming its backend
+_BACKEND_OPTION_OWNERS: dict[str, list[str]] = {}
+_BACKEND_OPTIONS: list[tuple[dataclasses.Field, Callable]] = []
+for _entry in list_backends():
+    for _f, _opt in _dataclass_options(_entry.options):
+        if _f.name not in _BACKEND_OPTION_OWNERS:
+            _BACKEND_OPTIONS.append((_f, _opt))
+        _BACKEND_OPTION_OWNERS.setdefault(_f.name, []).append(_entry.name)
+
+
+def _backend_options(f: Callable) -> Callable:
+    """The backends' own options (from the registry); only those the user sets are passed on."""
+    return _apply(f, _BACKEND_OPTIONS)
+
+
+def _pop_backend_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """Take the backend options out of a command's keyword arguments: {field: value} for those set."""
+    return {name: v for name in _BACKEND_OPTION_OWNERS if (v := kw.pop(name, None)) is not None}
 
 
 def _forget_options(prefix: str = "forget") -> Callable:
-    """--{prefix}-classes / --{prefix}-fraction / --{prefix}-indices (exactly one, checked later)."""
+    """--{prefix}-classes / --{prefix}-fraction / --{prefix}-indices (exactly one, checked by ForgetSpec.from_options)."""
 
     def deco(f: Callable) -> Callable:
         f = click.option(f"--{prefix}-indices", type=click.Path(dir_okay=False), help="File of training indices to forget (text or JSON list).")(f)
@@ -124,54 +173,19 @@ def _forget_options(prefix: str = "forget") -> Callable:
     return deco
 
 
-def _forget_spec(classes: list | None, fraction: float | None, indices: str | None, seed: int, required: bool = True):
-    from forgetrt.train.data import ForgetSpec
-
-    given = [x is not None for x in (classes, fraction, indices)]
-    if sum(given) == 0:
-        if required:
-            raise InvalidInputError("say what to forget: --forget-classes, --forget-fraction or --forget-indices")
-        return None
-    if sum(given) > 1:
-        raise InvalidInputError("give only one of --forget-classes, --forget-fraction, --forget-indices")
-    if indices is not None:
-        return ForgetSpec.from_indices_file(indices)
-    if fraction is not None:
-        return ForgetSpec(fraction=fraction, seed=seed)
-    return ForgetSpec(classes=tuple(classes or ()))
+_RECIPE_OPTIONS = _dataclass_options(VectorRecipe, skip=("seed",))
 
 
 def _recipe_options(f: Callable) -> Callable:
-    opts = [
-        click.option("--preset", type=click.Choice(["paper", "digits", "cifar"]), default="paper", show_default=True, help="Base recipe; the flags below override it."),
-        click.option("--epochs", type=int, help="Epochs (paper: 10)."),
-        click.option("--lr", type=float, help="SGD learning rate (paper: 0.2)."),
-        click.option("--batch-size", type=int, help="Mini-batch size per vector (paper: 256)."),
-        click.option("--alpha", type=float, help="Retain cross-entropy weight α (paper: 1)."),
-        click.option("--beta", type=float, help="Forget margin weight β (paper: 3-10; default 5)."),
-        click.option("--lam", type=float, help="L2 norm penalty weight λ (paper: 1)."),
-        click.option("--tau", type=float, help="Margin floor τ (paper: 1)."),
-        click.option("--gamma", type=float, help="ExponentialLR factor per epoch (paper: 0.9)."),
-        click.option("--forget-share", type=float, help="Share of forget samples per batch (default: natural mix)."),
-        click.option("--grad-clip", type=float, help="Per-vector gradient L2 clip (default: none)."),
-        click.option("--augment", type=click.Choice(["none", "shift", "crop-flip"]), help="Augment clean images before δ."),
-        click.option("--max-parallel", type=int, help="Vectors trained in one forward pass (default 16)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    """--preset and one option per VectorRecipe field (the preset's value unless given)."""
+    f = _apply(f, _RECIPE_OPTIONS)
+    return click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True, help="Base recipe; the options below override it.")(f)
 
 
-_RECIPE_KEYS = ("epochs", "lr", "batch_size", "alpha", "beta", "lam", "tau", "gamma", "forget_share", "grad_clip", "augment", "max_parallel")
-
-
-def _recipe(kw: dict[str, Any], seed: int):
-    from dataclasses import replace
-
-    from forgetrt.train.vectors import PRESETS
-
-    changes = {k: kw[k] for k in _RECIPE_KEYS if kw.get(k) is not None}
-    return replace(PRESETS[kw["preset"]], seed=seed, **changes)
+def _recipe(kw: dict[str, Any], seed: int) -> VectorRecipe:
+    """The recipe the user asked for (popping its options from ``kw``)."""
+    changes = {f.name: v for f, _ in _RECIPE_OPTIONS if (v := kw.pop(f.name, None)) is not None}
+    return dataclasses.replace(PRESETS[kw.pop("preset")], seed=seed, **changes)
 
 
 def _echo_json(obj: Any) -> None:
@@ -194,7 +208,7 @@ def cli() -> None:
 @cli.command("models")
 def models_cmd() -> None:
     """List the registered classifier architectures."""
-    from forgetrt.train.models import list_models, model_input_shape
+    from forgetrt.runtime.architectures import list_models, model_input_shape
 
     for name, desc in list_models().items():
         click.echo(f"{name:<16} input {'x'.join(map(str, model_input_shape(name))):<8} {desc}")
@@ -202,7 +216,7 @@ def models_cmd() -> None:
 
 @cli.command("train-model")
 @click.option("--arch", required=True, help="Architecture (see `forgetrt models`).")
-@click.option("--data", "data", type=DATA, default="digits", show_default=True, help="Data spec: digits | cifar10:PATH.")
+@click.option("--data", "data", type=DATA, default="digits", show_default=True, help=f"Data spec: {' | '.join(DATA_KINDS)}:PATH.")
 @click.option("--epochs", type=int, help="Epochs (default per arch).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output model folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -244,7 +258,7 @@ def train_vector_cmd(model_dir: str, data: str, forget_classes, forget_fraction,
     else:
         if not name:
             raise InvalidInputError("--name is required (or use --each-class)")
-        spec = _forget_spec(forget_classes, forget_fraction, forget_indices, seed)
+        spec = ForgetSpec.from_options(forget_classes, forget_fraction, forget_indices, seed=seed)
         res = wf.train_vector(model_dir, data, bank_dir, {name: spec}, recipe, device=device, evaluate_after=not no_eval, overwrite=overwrite)
     if no_eval:
         for r in res:
@@ -279,7 +293,7 @@ def compose_cmd(bank_dir: str, name: str, weights, learn: bool, model_dir, data:
         return
     if not model_dir:
         raise InvalidInputError("--learn needs --model")
-    spec = _forget_spec(target_classes, target_fraction, target_indices, seed)
+    spec = ForgetSpec.from_options(target_classes, target_fraction, target_indices, seed=seed, prefix="target")
     res = wf.compose_learned(bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite)
     _echo_json(res)
 
@@ -301,7 +315,7 @@ def eval_cmd(model_dir: str, data: str, bank_dir, vector, weights, forget_classe
     from forgetrt.train.metrics import format_table
     from forgetrt.train.workflows import evaluate_result
 
-    spec = _forget_spec(forget_classes, forget_fraction, forget_indices, seed, required=False)
+    spec = ForgetSpec.from_options(forget_classes, forget_fraction, forget_indices, seed=seed, required=False)
     res = evaluate_result(model_dir, data, bank_dir=bank_dir, vector=vector, weights=weights, forget=spec, indices_file=forget_indices, reference=reference, device=device)
     click.echo(format_table({res["evaluated"]: res}))
     if json_out:
@@ -310,7 +324,7 @@ def eval_cmd(model_dir: str, data: str, bank_dir, vector, weights, forget_classe
 
 
 @cli.command("unlearn-baseline")
-@click.option("--method", type=click.Choice(["retrain", "ft", "ga", "rl"]), required=True)
+@click.option("--method", type=click.Choice(list(BASELINES)), required=True)
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--data", "data", type=DATA, default="digits", show_default=True)
 @_forget_options()
@@ -323,7 +337,7 @@ def baseline_cmd(method: str, model_dir: str, data: str, forget_classes, forget_
     """Model-based unlearning (Retrain, FT, GA, RL) for comparison; evaluate OUT with `forgetrt eval`."""
     from forgetrt.train.workflows import unlearn_baseline
 
-    spec = _forget_spec(forget_classes, forget_fraction, forget_indices, seed)
+    spec = ForgetSpec.from_options(forget_classes, forget_fraction, forget_indices, seed=seed)
     rec = unlearn_baseline(method, model_dir, data, spec, out, epochs=epochs, lr=lr, device=device)
     click.echo(f"{method}: {rec['unlearning']['seconds']:.1f}s, test acc {rec['metrics']['test_acc']:.2f}% -> {out}")
 
@@ -338,11 +352,10 @@ def bank_cmd(bank_dir: str) -> None:
     click.echo(f"bank {bank_dir}: {len(bank)} vectors, shape {bank.iospec.shape}, model {bank.arch} {bank.fingerprint[:12]}")
     for n in bank.names:
         e = bank.entry(n)
-        m = e.get("metrics") or {}
-        f = e.get("forgets", {})
+        m, f = e.metrics or {}, e.forgets
         what = f.get("labels") or f.get("fraction") or f.get("count") or f.get("kind")
         stats = "  ".join(f"{k} {m[k]:.1f}" for k in ("UA", "RA", "TA", "MIA_efficacy") if k in m)
-        click.echo(f"  {n:<20} forgets {what!s:<12} |δ|₂ {e.get('norm_l2', 0):.3f}  {stats}")
+        click.echo(f"  {n:<20} forgets {what!s:<12} |δ|₂ {e.norm_l2:.3f}  {stats}")
 
 
 @cli.group("export")
@@ -411,53 +424,91 @@ def export_classifier_cmd(model_dir: str, out: str, banks: tuple[str, ...], opse
     click.echo(f"{res['onnx']} sha256 {res['sha256'][:16]}… recorded in {len(res['banks'])} bank(s)")
 
 
+def _batching_options(f: Callable, *, max_batch_size: int = BatchingConfig.max_batch_size) -> Callable:
+    """The BatchingConfig fields, shared by `serve` and `export triton` (one config, one set of defaults)."""
+    f = click.option("--instances", type=int, default=BatchingConfig.instances, show_default=True, help="Engine instances, one batcher worker each.")(f)
+    f = click.option("--max-queue", type=int, default=BatchingConfig.max_queue, show_default=True, help="Pending requests before they are refused (429).")(f)
+    f = click.option("--max-queue-delay-us", type=int, default=BatchingConfig.max_queue_delay_us, show_default=True, help="How long a batch waits for more requests.")(f)
+    f = click.option("--max-batch-size", "--max-batch", "max_batch_size", type=int, default=max_batch_size, show_default=True, help="Images per engine call.")(f)
+    return f
+
+
+def _batching(kw: dict[str, Any]) -> BatchingConfig:
+    return BatchingConfig(**{k: kw.pop(k) for k in ("max_batch_size", "max_queue_delay_us", "max_queue", "instances")})
+
+
 @export_group.command("trt")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), required=True)
-@click.option("--fp16", is_flag=True, help="Allow fp16 kernels (parity tolerance 2e-2 instead of 1e-4).")
-@click.option("--min-batch", type=int, default=1, show_default=True)
-@click.option("--opt-batch", type=int, default=32, show_default=True)
-@click.option("--max-batch", type=int, default=256, show_default=True)
+@click.option("--fp16", is_flag=True, help="Allow fp16 kernels (parity tolerance of fp16 instead of fp32).")
+@click.option("--min-batch-size", "--min-batch", "min_batch_size", type=int, default=1, show_default=True, help="Optimization profile: smallest batch.")
+@click.option("--opt-batch-size", "--opt-batch", "opt_batch_size", type=int, default=32, show_default=True, help="Optimization profile: batch tuned for.")
+@click.option("--max-batch-size", "--max-batch", "max_batch_size", type=int, default=256, show_default=True, help="Optimization profile: largest batch.")
 @click.option("--refittable", is_flag=True, help="Build a refittable engine (the bank can be swapped without a rebuild).")
 @click.option("--workspace-mib", type=int, default=1024, show_default=True)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file to read and update.")
-def export_trt_cmd(bundle_dir: str, fp16: bool, min_batch: int, opt_batch: int, max_batch: int, refittable: bool, workspace_mib: int, timing_cache) -> None:
+def export_trt_cmd(bundle_dir: str, **kw: Any) -> None:
     """Build BUNDLE/model.plan with TensorRT (one optimization profile over image and coeffs)."""
     from forgetrt.export.tensorrt import TrtBuildConfig, build_engine
 
-    cfg = TrtBuildConfig(fp16=fp16, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, refittable=refittable, workspace_mib=workspace_mib, timing_cache=timing_cache)
-    res = build_engine(bundle_dir, cfg)
-    click.echo(f"engine {res['plan']} (TensorRT {res['tensorrt_version']}, fp16={res['fp16']}, batch {res['min_batch']}..{res['max_batch']})")
+    res = build_engine(bundle_dir, TrtBuildConfig(**kw))
+    click.echo(f"engine {res['plan']} (TensorRT {res['tensorrt_version']}, fp16={res['fp16']}, batch {res['min_batch_size']}..{res['max_batch_size']})")
 
 
 @export_group.command("triton")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--repo", type=click.Path(file_okay=False), required=True, help="Triton model repository folder.")
 @click.option("--name", help="Model name (default: the bundle folder's name).")
-@click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
-@click.option("--max-batch", type=int, default=64, show_default=True)
-@click.option("--max-queue-delay-us", type=int, default=100, show_default=True)
-@click.option("--instances", type=int, default=1, show_default=True)
+@click.option("--backend", type=click.Choice(list(TRITON_BACKENDS)), default="onnx", show_default=True)
+@_batching_options
 @click.option("--overwrite", is_flag=True)
-def export_triton_cmd(bundle_dir: str, repo: str, name, backend: str, max_batch: int, max_queue_delay_us: int, instances: int, overwrite: bool) -> None:
-    """Write a Triton model repository entry (config.pbtxt, 1/model.onnx|plan, labels.txt) for the bundle."""
+def export_triton_cmd(bundle_dir: str, repo: str, name, backend: str, overwrite: bool, **kw: Any) -> None:
+    """Write a Triton model repository entry (config.pbtxt, 1/model.onnx|plan, labels.txt) for the bundle,
+    with the same batching settings as `forgetrt serve`."""
     from forgetrt.export.triton import export_triton
 
-    res = export_triton(bundle_dir, repo, name=name, backend=backend, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances, overwrite=overwrite)
+    res = export_triton(bundle_dir, repo, name=name, backend=backend, batching=_batching(kw), overwrite=overwrite)
     click.echo(f"{res['model_dir']} ({res['platform']}, max_batch_size {res['max_batch_size']})")
+
+
+def _parity_options(names: list[str], set_options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route each backend option the user set to the backends among ``names`` that take it."""
+    out: dict[str, dict[str, Any]] = {}
+    for opt, value in set_options.items():
+        owners = [b for b in _BACKEND_OPTION_OWNERS[opt] if b in names]
+        if not owners:
+            raise InvalidInputError(f"--{opt.replace('_', '-')} is an option of {', '.join(_BACKEND_OPTION_OWNERS[opt])}, which this parity run does not check")
+        for b in owners:
+            out.setdefault(b, {})[opt] = value
+    return out
 
 
 @cli.command("parity")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--backends", type=CSV, help="onnxruntime,tensorrt,torch (default: every available one).")
+@click.option("--backends", type=CSV, help=f"{','.join(backend_names())} (default: every available one).")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Device the backends serve on.")
+@_backend_options
+@click.option("--data", "data", type=DATA, help="Also compare on this data set's test images (top-1 agreement and accuracy).")
+@click.option("--limit", type=int, default=512, show_default=True, help="Test images to use with --data.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
-def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
-    """Compare each backend's logits with the PyTorch reference (zero, one-hot and random coefficient rows)."""
+def parity_cmd(bundle_dir: str, backends, device: str, data, limit: int, seed: int, json_out, **kw: Any) -> None:
+    """Compare what serves with the PyTorch fp32 reference: each backend built as `serve` would build it
+    (same --device and backend options), run through the runtime on zero, one-hot and random coefficient
+    rows, and on real images with --data."""
     from forgetrt.export.parity import format_parity, run_parity
     from forgetrt.runtime.errors import MismatchError
     from forgetrt.runtime.files import atomic_write_json
 
-    rep = run_parity(bundle_dir, [str(b) for b in backends] if backends else None, seed=seed)
+    names = [str(b) for b in backends] if backends else list(backend_names())
+    options = _parity_options(names, _pop_backend_options(kw))
+    images = labels = None
+    if data is not None:
+        if limit < 1:
+            raise InvalidInputError(f"--limit must be >= 1, got {limit}")
+        from forgetrt.train.data import load_data
+
+        images, labels = load_data(data).test_images(limit)
+    rep = run_parity(bundle_dir, [str(b) for b in backends] if backends else None, device=device, options=options, images=images, labels=labels, seed=seed)
     click.echo(format_parity(rep))
     if json_out:
         atomic_write_json(json_out, rep)
@@ -465,54 +516,32 @@ def parity_cmd(bundle_dir: str, backends, seed: int, json_out) -> None:
         raise MismatchError("parity failed for: " + ", ".join(b for b, v in rep["backends"].items() if v["status"] == "mismatch"))
 
 
+def _runtime_config(kw: dict[str, Any], *, batching: BatchingConfig | None = None, pixel_policy: str = "reject") -> "Any":
+    from forgetrt.runtime import RuntimeConfig
+
+    return RuntimeConfig(backend=kw.pop("backend"), device=kw.pop("device"), batching=batching or BatchingConfig(), pixel_policy=pixel_policy)
+
+
 @cli.command("serve")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
-@click.option("--max-batch-size", type=int, default=64, show_default=True)
-@click.option("--max-queue-delay-us", type=int, default=500, show_default=True)
-@click.option("--max-queue", type=int, default=1024, show_default=True, help="Pending requests before 429s.")
-@click.option("--instances", type=int, default=1, show_default=True, help="Backend instances (one batcher worker each).")
-@click.option("--pixel-policy", type=click.Choice(["reject", "clamp"]), default="reject", show_default=True)
-@_torch_backend_options
-def serve_cmd(bundle_dir: str, host: str, port: int, backend: str, device: str, model_name, max_batch_size: int, max_queue_delay_us: int, max_queue: int, instances: int, pixel_policy: str,
-              precision, fuse) -> None:
+@_batching_options
+@click.option("--pixel-policy", type=click.Choice(list(PIXEL_POLICIES)), default="reject", show_default=True)
+@_backend_options
+def serve_cmd(bundle_dir: str, host: str, port: int, model_name, pixel_policy: str, **kw: Any) -> None:
     """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics."""
     import logging
 
     from forgetrt.runtime.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    serve(bundle_dir, host=host, port=port, model_name=model_name, backend=backend, device=device, max_batch_size=max_batch_size,
-          max_queue_delay_us=max_queue_delay_us, max_queue=max_queue, instances=instances, pixel_policy=pixel_policy, **_backend_options(precision, fuse))
-
-
-def _load_images(paths: tuple[str, ...], spec) -> "Any":
-    import numpy as np
-
-    arrays = []
-    for p in paths:
-        if p.lower().endswith(".npy"):
-            try:
-                a = np.load(p, allow_pickle=False).astype(np.float32)
-            except (OSError, ValueError) as e:
-                raise InvalidInputError(f"cannot read {p}: {e}") from None
-            arrays.append(a[None] if a.ndim == 3 else a)
-            continue
-        from PIL import Image, UnidentifiedImageError
-
-        c, h, w = spec.shape
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-                a = np.asarray(im, np.float32) / 255.0
-        except (OSError, UnidentifiedImageError) as e:
-            raise InvalidInputError(f"cannot read image {p}: {e}") from None
-        arrays.append((a[None] if c == 1 else a.transpose(2, 0, 1))[None])
-    return np.concatenate(arrays).astype(np.float32)
+    options = _pop_backend_options(kw)
+    config = _runtime_config(kw, batching=_batching(kw), pixel_policy=pixel_policy)
+    serve(bundle_dir, config, options, host=host, port=port, model_name=model_name)
 
 
 @cli.command("infer")
@@ -520,29 +549,25 @@ def _load_images(paths: tuple[str, ...], spec) -> "Any":
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True), help="PNG/JPEG (resized to the model's input) or .npy float32 [C,H,W] / [N,C,H,W]; repeatable.")
 @click.option("--forget", type=WEIGHTS, help="Vectors to apply: forget-3 or forget-3=1,forget-7=0.5.")
 @click.option("--policy", help="A named composition stored in the bundle.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--top", type=int, default=3, show_default=True)
-@_torch_backend_options
-def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, backend: str, device: str, top: int, precision, fuse) -> None:
+@_backend_options
+def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, top: int, **kw: Any) -> None:
     """Classify image files with the bundle and a composition of forget vectors (a quick check)."""
-    import numpy as np
-
     from forgetrt.runtime import Runtime
+    from forgetrt.runtime.images import load_images
 
     if forget and policy:
         raise InvalidInputError("give --forget or --policy, not both")
-    with Runtime.load(bundle_dir, backend=backend, device=device, pixel_policy="clamp", **_backend_options(precision, fuse)) as rt:
-        x = _load_images(images, rt.iospec)
+    options = _pop_backend_options(kw)
+    with Runtime.load(bundle_dir, _runtime_config(kw, pixel_policy="clamp"), options) as rt:
+        x = load_images(images, rt.iospec)
         res = rt.infer(x, policy if policy else forget)
-        z = res.logits - res.logits.max(1, keepdims=True)
-        prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        labels = rt.iospec.labels
         click.echo(f"backend {rt.backend_name} on {rt.device}, bank version {res.bank_version}, forget {policy or forget or 'none (mandatory only)'}")
         names = list(images) if len(x) == len(images) else [f"image {i}" for i in range(len(x))]
-        for name, p in zip(names, prob):
-            best = np.argsort(-p)[:top]
-            click.echo(f"  {name}: " + ", ".join(f"{labels[i]} {100 * p[i]:.1f}%" for i in best))
+        for name, best in zip(names, res.top_k(top, rt.iospec.labels)):
+            click.echo(f"  {name}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in best))
 
 
 def _int_list(values: list, what: str) -> tuple[int, ...]:
@@ -570,32 +595,33 @@ def _check_writable(path: str | None, what: str) -> None:
 
 @cli.command("bench")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto", show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--batch", "batches", type=CSV, default="1,8,32", show_default=True, help="Images per request.")
 @click.option("--concurrency", type=CSV, default="1", show_default=True, help="Closed-loop clients; >1 goes through the dynamic batcher.")
-@click.option("--mix", type=click.Choice(["homogeneous", "heterogeneous"]), default="heterogeneous", show_default=True, help="Same composition for every request, or a different one each.")
+@click.option("--mix", type=click.Choice(list(MIXES)), default="heterogeneous", show_default=True, help="Same composition for every request, or a different one each.")
 @click.option("--active-vectors", type=CSV, default="1", show_default=True, help="Non-zero coefficients per request (0: mandatory only).")
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Timed seconds per point.")
 @click.option("--warmup", type=float, default=2.0, show_default=True, help="Warm-up seconds per point.")
-@click.option("--max-queue-delay-us", type=int, default=500, show_default=True)
+@click.option("--max-queue-delay-us", type=int, default=BatchingConfig.max_queue_delay_us, show_default=True, help="The batcher's wait for more requests.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write one JSON line per point.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG: latency vs batch, throughput vs concurrency.")
 @click.option("--compare-bare", is_flag=True, help="Also time the classifier without the forget prefix (onnxruntime).")
-@_torch_backend_options
-def bench_cmd(bundle_dir: str, backend: str, device: str, batches, concurrency, mix: str, active_vectors, duration: float, warmup: float, max_queue_delay_us: int, json_out, plot_out,
-              compare_bare: bool, precision, fuse) -> None:
+@_backend_options
+def bench_cmd(bundle_dir: str, batches, concurrency, mix: str, active_vectors, duration: float, warmup: float, max_queue_delay_us: int, json_out, plot_out,
+              compare_bare: bool, **kw: Any) -> None:
     """Latency and throughput of BUNDLE through the runtime: min/mean/p50/p90/p95/p99/max, images/s,
-    requests/s, queue vs compute time; one JSON line per point with config, versions and device."""
+    requests/s, queue vs compute time; one JSON line per point with the runtime config, versions and device."""
     from forgetrt.runtime import Runtime
     from forgetrt.runtime.bench import BenchConfig, plot_results, run_bench, summarize, write_jsonl
 
     cfg = BenchConfig(_int_list(batches, "--batch"), _int_list(concurrency, "--concurrency"), _int_list(active_vectors, "--active-vectors"),
-                      mix, duration, warmup, compare_bare, max_queue_delay_us)
+                      mix, duration, warmup, compare_bare)
     _check_writable(json_out, "--json file")
     _check_writable(plot_out, "--plot file")
-    with Runtime.load(bundle_dir, backend=backend, device=device, max_batch_size=max(cfg.batches), max_queue_delay_us=max_queue_delay_us, max_queue=4096,
-                      **_backend_options(precision, fuse)) as rt:
+    options = _pop_backend_options(kw)
+    batching = BatchingConfig(max_batch_size=max(cfg.batches), max_queue_delay_us=max_queue_delay_us, max_queue=4096)
+    with Runtime.load(bundle_dir, _runtime_config(kw, batching=batching), options) as rt:
         records = run_bench(rt, cfg)
     click.echo(summarize(records))
     if json_out:
@@ -611,7 +637,7 @@ def bench_cmd(bundle_dir: str, backend: str, device: str, batches, concurrency, 
 @_device_option("cpu")
 def demo_cmd(out: str, device: str) -> None:
     """The main job on sklearn's digits (no download): model, class vectors, compositions, metrics."""
-    from forgetrt.train.demo import run_demo
+    from forgetrt.tools.demo import run_demo
 
     run_demo(Path(out), device=device, log=click.echo)
 

@@ -10,49 +10,17 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from forgetrt.runtime.errors import unknown
 
 from .data import Dataset, ForgetSplit
-from .engine import DeviceData, TrainConfig, fit, train_classifier
+from .loops import DeviceData, fit, train_classifier
+from .recipes import BaselineConfig
 
-__all__ = ["BASELINES", "BaselineConfig", "run_baseline", "default_baseline_config"]
-
-BASELINES = ("retrain", "ft", "ga", "rl")
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    method: str
-    train: TrainConfig
-
-    def __post_init__(self) -> None:
-        if self.method not in BASELINES:
-            raise unknown("baseline method", self.method, BASELINES)
-
-
-def default_baseline_config(method: str, original: TrainConfig, epochs: int | None = None, lr: float | None = None) -> BaselineConfig:
-    """Recipes from the unlearning literature (Unlearn-Sparse / SalUn), scaled to the original's."""
-    if method not in BASELINES:
-        raise unknown("baseline method", method, BASELINES)
-    if method == "retrain":
-        cfg = original
-    elif method == "ft":
-        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
-    elif method == "rl":
-        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
-    else:  # ga: a few small steps uphill on the forget set only
-        cfg = TrainConfig(epochs=5, batch_size=min(original.batch_size, 64), lr=1e-3, weight_decay=0.0, augment="none", seed=original.seed)
-    changes = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
-    if changes:
-        cfg = TrainConfig(**{**cfg.to_dict(), **changes})
-    return BaselineConfig(method, cfg)
-
+__all__ = ["run_baseline"]
 
 def run_baseline(
     cfg: BaselineConfig, arch: str, original: nn.Module, ds: Dataset, split: ForgetSplit, device: torch.device

@@ -88,6 +88,11 @@ class Dataset:
             raise unknown("class", i, [f"{k} ({n})" for k, n in enumerate(self.classes)])
         return i
 
+    def test_images(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``limit`` test images as float32 [0, 1] pixels (the model's input space) and their labels."""
+        x, y = self.x_test[:limit], self.y_test[:limit]
+        return (x.astype(np.float32) / np.float32(self.scale)).astype(np.float32), y
+
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "Dataset":
         """A stratified-by-chance random subset (for quick experiments); same classes and scale."""
         rng = np.random.default_rng(seed)
@@ -407,6 +412,33 @@ class ForgetSpec:
     @property
     def kind(self) -> str:
         return "class" if self.classes is not None else "fraction" if self.fraction is not None else "indices"
+
+    @classmethod
+    def from_options(
+        cls,
+        classes: Sequence[int | str] | None = None,
+        fraction: float | None = None,
+        indices_file: str | os.PathLike | None = None,
+        *,
+        seed: int = 0,
+        required: bool = True,
+        prefix: str = "forget",
+    ) -> "ForgetSpec | None":
+        """The spec from the three ways a user names it (the CLI's ``--{prefix}-classes``,
+        ``--{prefix}-fraction``, ``--{prefix}-indices``): exactly one, or none when not ``required``."""
+        given = [x is not None for x in (classes, fraction, indices_file)]
+        flags = f"--{prefix}-classes, --{prefix}-fraction or --{prefix}-indices"
+        if sum(given) == 0:
+            if required:
+                raise InvalidInputError(f"say what to forget: {flags}")
+            return None
+        if sum(given) > 1:
+            raise InvalidInputError(f"give only one of {flags}")
+        if indices_file is not None:
+            return cls.from_indices_file(indices_file)
+        if fraction is not None:
+            return cls(fraction=fraction, seed=seed)
+        return cls(classes=tuple(classes or ()))
 
     @classmethod
     def from_indices_file(cls, path: str | os.PathLike) -> "ForgetSpec":

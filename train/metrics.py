@@ -24,7 +24,7 @@ from torch import nn
 from forgetrt.runtime.errors import InvalidInputError
 
 from .data import Dataset, ForgetSplit
-from .engine import accuracy, predict_logits
+from .loops import accuracy, predict_logits
 
 __all__ = ["evaluate", "mia_efficacy", "avg_gap", "format_table", "METRIC_KEYS"]
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,51 +32,10 @@ from tqdm.auto import tqdm
 from forgetrt.runtime.errors import InvalidInputError
 
 from .data import Dataset, ForgetSpec
-from .engine import DeviceData, _channels_last, augment_batch
+from .loops import DeviceData, _channels_last, augment_batch
+from .recipes import VectorRecipe
 
-__all__ = ["VectorRecipe", "TrainedVector", "train_vectors", "learn_composition", "PRESETS"]
-
-
-@dataclass(frozen=True)
-class VectorRecipe:
-    """Every constant of forget-vector training (defaults: the paper's recipe)."""
-
-    epochs: int = 10
-    lr: float = 0.2
-    momentum: float = 0.9
-    gamma: float = 0.9  # ExponentialLR factor per epoch
-    batch_size: int = 256
-    alpha: float = 1.0  # retain cross-entropy weight
-    beta: float = 5.0  # forget margin weight (paper: 3-10)
-    lam: float = 1.0  # L2 norm penalty weight
-    tau: float = 1.0  # margin floor
-    seed: int = 0
-    forget_share: float | None = None  # None: the natural mix; else the forget share of each batch
-    augment: str = "none"  # "none" | "shift" | "crop-flip": augment the clean image before δ is added
-    max_parallel: int = 16  # problems trained in one forward pass (memory bound)
-    grad_clip: float | None = None  # per-problem L2 clip of the gradient (None: the paper's plain SGD)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:
-            raise InvalidInputError(f"batch size must be >= 2, got {self.batch_size}")
-        for k in ("lr", "gamma"):
-            if not getattr(self, k) > 0:
-                raise InvalidInputError(f"{k} must be > 0, got {getattr(self, k)}")
-        for k in ("alpha", "beta", "lam", "tau"):
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v >= 0):
-                raise InvalidInputError(f"{k} must be finite and >= 0, got {v}")
-        if self.forget_share is not None and not 0.0 < self.forget_share < 1.0:
-            raise InvalidInputError(f"forget share must be in (0, 1), got {self.forget_share}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise InvalidInputError(f"grad clip must be > 0, got {self.grad_clip}")
-        if self.max_parallel < 1:
-            raise InvalidInputError(f"max_parallel must be >= 1, got {self.max_parallel}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["TrainedVector", "train_vectors", "learn_composition"]
 
 
 @dataclass
@@ -278,21 +236,3 @@ def learn_composition(
     )[0].cpu().numpy()
     vector = np.einsum("k,kchw->chw", coeffs, bank.cpu().numpy()).astype(np.float32)
     return TrainedVector(name, vector, spec, time.perf_counter() - t0, {k: float(c) for k, c in zip(keys, coeffs)})
-
-
-#: Named recipes. "paper" is the default (the paper's constants). "digits" was tuned on sklearn's digits
-#: with digits-cnn (seeds 0 and 1: every class vector UA >= 97%, remaining-class TA drop <= 4.2 points):
-#: half of each batch from the forget set, a stronger retain term, a softer margin floor and per-problem
-#: gradient clipping, because plain SGD at lr 0.2 overshot on some classes.
-PRESETS: dict[str, VectorRecipe] = {
-    "paper": VectorRecipe(),
-    "digits": VectorRecipe(
-        epochs=20, batch_size=128, forget_share=0.5, alpha=8.0, beta=10.0, tau=0.75, grad_clip=0.5
-    ),
-    #: best of a 13-recipe sweep on CIFAR-10 class 0 with resnet18-cifar (H200, 2026-11-26; see
-    #: benchmarks/RESULTS.md): UA 97.5%, MIA-Efficacy 98.5%, TA 83.0% (vs "paper" at 5 epochs: UA 86.6%,
-    #: TA 77.5%). Still short of the paper's TA: a starting point, not a tuned result.
-    "cifar": VectorRecipe(
-        epochs=5, lr=0.05, batch_size=128, forget_share=0.5, alpha=16.0, beta=20.0, tau=0.75, grad_clip=0.5
-    ),
-}

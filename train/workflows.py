@@ -19,16 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from forgetrt.runtime.architectures import model_input_shape
 from forgetrt.runtime.bank import VectorBank
 from forgetrt.runtime.errors import InvalidInputError
 from forgetrt.runtime.files import read_json
+from forgetrt.runtime.model_folder import ModelManifest, load_model, save_model
 
-from .baselines import default_baseline_config, run_baseline
+from .baselines import run_baseline
 from .data import Dataset, ForgetSpec, load_data
-from .engine import TrainConfig, accuracy, default_train_config, predict_logits, resolve_device, train_classifier
+from .loops import accuracy, predict_logits, resolve_device, train_classifier
 from .metrics import avg_gap, evaluate
-from .models import ModelInfo, load_model, model_input_shape, save_model
-from .vectors import VectorRecipe, learn_composition, train_vectors
+from .recipes import TrainConfig, VectorRecipe, default_baseline_config, default_train_config
+from .vectors import learn_composition, train_vectors
 
 __all__ = [
     "train_model",
@@ -50,7 +52,7 @@ def _data_spec(data: str | Dataset) -> str:
     return data if isinstance(data, str) else data.name
 
 
-def _check_data(info: ModelInfo, ds: Dataset) -> None:
+def _check_data(info: ModelManifest, ds: Dataset) -> None:
     if tuple(info.iospec.shape) != ds.shape or info.iospec.num_classes != ds.num_classes:
         raise InvalidInputError(
             f"model {info.path} takes {info.iospec.shape} with {info.iospec.num_classes} classes, "
@@ -87,7 +89,7 @@ def train_model(
     cfg = default_train_config(arch, epochs, seed=seed, batch_size=batch_size, lr=lr)
     model, spec, stats = train_classifier(arch, ds, cfg, dev)
     metrics = _accuracies(model, ds)
-    info = save_model(
+    manifest = save_model(
         out,
         model,
         arch=arch,
@@ -96,13 +98,13 @@ def train_model(
         metrics=metrics,
         training={**cfg.to_dict(), "device": str(dev), "seconds": stats["seconds"]},
     )
-    return info.record
+    return manifest.to_dict()
 
 
 # --------------------------------------------------------------------------- vectors
 
 
-def _open_bank(bank_dir: str | os.PathLike, info: ModelInfo) -> VectorBank:
+def _open_bank(bank_dir: str | os.PathLike, info: ModelManifest) -> VectorBank:
     if VectorBank.exists(bank_dir):
         bank = VectorBank.load(bank_dir)
         bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
@@ -194,7 +196,7 @@ def _union_forgets(bank: VectorBank, names: Sequence[str] | Mapping[str, float])
     items = names.items() if isinstance(names, Mapping) else ((n, 1.0) for n in names)
     classes: set[int] = set()
     for n, w in items:
-        f = bank.entry(n).get("forgets", {})
+        f = bank.entry(n).forgets
         if f.get("kind") != "class":
             return {"kind": "composition"}
         if float(w) > 0:
@@ -225,7 +227,7 @@ def compose_learned(
     bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
     if name in bank and not overwrite:
         raise InvalidInputError(f"vector {name!r} already exists in {bank_dir}; pass --overwrite to replace it")
-    names = list(basis) if basis else [n for n in bank.names if "composition" not in bank.entry(n)]
+    names = list(basis) if basis else [n for n in bank.names if not bank.entry(n).composed]
     if not names:
         raise InvalidInputError(f"bank {bank_dir} has no vector to compose from")
     vectors = {n: bank.get(n) for n in names}
@@ -286,14 +288,14 @@ def evaluate_result(
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev)
     delta = None
-    recorded: dict[str, Any] | None = (info.record.get("unlearning") or {}).get("forgets")
+    recorded: dict[str, Any] | None = (info.unlearning or {}).get("forgets")
     what = "model"
     if bank_dir is not None and (vector is not None or weights is not None):
         bank = VectorBank.load(bank_dir)
         bank.check_model(info.fingerprint, info.iospec, what=f"model {info.path}")
         if vector is not None:
             delta = bank.get(vector)
-            recorded = bank.entry(vector).get("forgets")
+            recorded = bank.entry(vector).forgets
             what = vector
         else:
             assert weights is not None
@@ -340,12 +342,12 @@ def unlearn_baseline(
     _check_data(info, ds)
     split = forget.resolve(ds)
     try:
-        original_cfg = TrainConfig(**{k: v for k, v in info.record.get("training", {}).items() if k in TrainConfig.__dataclass_fields__})
+        original_cfg = TrainConfig(**{k: v for k, v in info.training.items() if k in TrainConfig.__dataclass_fields__})
     except TypeError:
         original_cfg = default_train_config(info.arch)
     cfg = default_baseline_config(method, original_cfg, epochs, lr)
     unlearned, seconds = run_baseline(cfg, info.arch, model, ds, split, dev)
-    rec = save_model(
+    return save_model(
         out,
         unlearned,
         arch=info.arch,
@@ -359,6 +361,5 @@ def unlearn_baseline(
             "source_fingerprint": info.fingerprint,
             "seconds": seconds,
         },
-    ).record
-    return rec
+    ).to_dict()
 

@@ -1,25 +1,79 @@
-"""Backend registry: one module per backend behind :class:`Backend`; heavy libraries are imported only
-when a backend is created. ``auto`` picks the fastest available backend for the device and says
-which; a backend asked for by name that cannot run raises, it never falls back silently."""
+"""Backend registry: one :class:`BackendEntry` per backend, declared in the backend's own module.
+
+Adding a backend is one module (its :class:`Backend` subclass, options dataclass, availability check
+and ``ENTRY``) plus its name in ``_BUILTIN`` below, or a call to :func:`register_backend` from outside
+the package. The CLI's choices and options, ``auto``, parity and the tests all read this registry.
+
+Backend modules import only NumPy at module level; their heavy library (onnxruntime, torch,
+TensorRT) is imported when a backend is built or its availability checked on a device that needs it.
+``auto`` picks the highest-ranked available backend for the device and logs which; a backend asked
+for by name that cannot run raises :class:`BackendUnavailableError`, it never falls back silently.
+"""
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import inspect
+import dataclasses
+import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, InvalidInputError, unknown
-from .base import Backend
+from .base import TOLERANCES, Backend, BackendEntry, NoOptions, option_fields
 
-__all__ = ["Backend", "BACKENDS", "DEVICES", "create_backend", "resolve_device", "availability", "cuda_device_count"]
+__all__ = [
+    "Backend",
+    "BackendEntry",
+    "NoOptions",
+    "TOLERANCES",
+    "DEVICES",
+    "register_backend",
+    "list_backends",
+    "get_backend",
+    "backend_names",
+    "make_options",
+    "create_backend",
+    "choose_backend",
+    "resolve_device",
+    "cuda_device_count",
+    "option_fields",
+]
 
 log = logging.getLogger("forgetrt.runtime")
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 DEVICES = ("auto", "cpu", "cuda")
+_BUILTIN = ("onnxruntime_backend", "torch_backend", "tensorrt_backend")
+_REGISTRY: dict[str, BackendEntry] = {}
+
+
+def register_backend(entry: BackendEntry) -> BackendEntry:
+    """Add a backend to the registry (its name must be new)."""
+    if entry.name in _REGISTRY or entry.name == "auto":
+        raise InvalidInputError(f"backend {entry.name!r} is already registered")
+    if not (dataclasses.is_dataclass(entry.options) and entry.options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise InvalidInputError(f"backend {entry.name!r}: options must be a frozen dataclass")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+for _mod in _BUILTIN:
+    register_backend(importlib.import_module(f"{__name__}.{_mod}").ENTRY)
+
+
+def list_backends() -> tuple[BackendEntry, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> BackendEntry:
+    if name not in _REGISTRY:
+        raise unknown("backend", name, (*_REGISTRY, "auto"))
+    return _REGISTRY[name]
 
 
 def cuda_device_count() -> int:
@@ -46,74 +100,50 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def availability(name: str, bundle: Bundle, device: str) -> str | None:
-    """None if backend ``name`` can run ``bundle`` on ``device`` here, else why not (cheap: no heavy imports)."""
-    if name == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed"
-        if device == "cuda":
-            from .onnxruntime_backend import ort_cuda_available
+def make_options(name: str, options: Any = None) -> Any:
+    """The options dataclass of backend ``name`` from an instance, a mapping or None (defaults).
 
-            return None if ort_cuda_available() else "onnxruntime has no CUDAExecutionProvider (install 'forgetrt[gpu]')"
-        return None
-    if name == "torch":
-        if importlib.util.find_spec("torch") is None:
-            return "torch is not installed"
-        return None if bundle.has_torch_classifier else "the bundle was grafted onto an ONNX classifier: no PyTorch weights"
-    if name == "tensorrt":
-        if device != "cuda":
-            return "TensorRT runs on CUDA devices only"
-        if importlib.util.find_spec("tensorrt") is None:
-            return "TensorRT is not installed"
-        return None if bundle.plan_path.is_file() else "the bundle has no model.plan (forgetrt export trt)"
-    raise unknown("backend", name, BACKENDS)
-
-
-# fastest first, per device: TensorRT, then CUDA-graph replay, then onnxruntime's CUDA EP; on CPU onnxruntime beats eager torch
-_PREFERENCE = {"cuda": ("tensorrt", "torch", "onnxruntime"), "cpu": ("onnxruntime", "torch")}
-
-
-def _factory(name: str) -> Callable[..., Backend]:
-    if name == "onnxruntime":
-        from .onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend
-    if name == "torch":
-        from .torch_backend import TorchBackend
-
-        return TorchBackend
-    from .tensorrt_backend import TensorRTBackend
-
-    return TensorRTBackend
-
-
-def _construct(name: str, bundle: Bundle, device: str, options: dict) -> Backend:
-    factory = _factory(name)
-    params = inspect.signature(factory.__init__).parameters
-    valid = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    bad = sorted(set(options) - set(valid))
+    A key the backend does not take is an :class:`InvalidInputError` naming the backend's options.
+    """
+    entry = get_backend(name)
+    if isinstance(options, entry.options):
+        return options
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidInputError(f"backend {name!r} options must be a {entry.options.__name__} or a mapping, got {type(options).__name__}")
+    opts = dict(options or {})
+    valid = [f.name for f in dataclasses.fields(entry.options)]
+    bad = sorted(set(opts) - set(valid))
     if bad:
-        raise InvalidInputError(f"backend {name!r} takes no option {', '.join(map(repr, bad))} (its options: {', '.join(valid) or 'none'}); "
-                                "options are backend-specific, so name the backend")
-    return factory(bundle, device, **options)
+        raise InvalidInputError(
+            f"backend {name!r} takes no option {', '.join(map(repr, bad))} (its options: {', '.join(valid) or 'none'}); "
+            "options are backend-specific, so name the backend"
+        )
+    return entry.options(**opts)
 
 
-def create_backend(name: str, bundle: Bundle, device: str = "auto", **options) -> Backend:
-    """Create a backend; ``name="auto"`` picks the fastest available one and logs the choice. ``options``
-    go to the backend's constructor (keyword-only there); one it does not take is an InvalidInputError."""
+def choose_backend(bundle: Bundle, device: str) -> str:
+    """The highest-ranked backend that can run ``bundle`` on (resolved) ``device``."""
+    reasons = {}
+    for entry in sorted((e for e in _REGISTRY.values() if device in e.rank), key=lambda e: -e.rank[device]):
+        why = entry.available(bundle, device)
+        if why is None:
+            return entry.name
+        reasons[entry.name] = why
+    raise BackendUnavailableError(f"no backend can run this bundle on {device}: {reasons}")
+
+
+def create_backend(name: str, bundle: Bundle, device: str = "auto", options: Any = None) -> Backend:
+    """Build backend ``name`` (or ``"auto"``: the best available, logged) for ``bundle`` on ``device``.
+
+    ``options``: the backend's options dataclass, or a mapping of its fields.
+    """
     device = resolve_device(device)
     if name == "auto":
-        reasons = {}
-        for cand in _PREFERENCE[device]:
-            why = availability(cand, bundle, device)
-            if why is None:
-                log.info("backend auto: chose %s on %s", cand, device)
-                return _construct(cand, bundle, device, options)
-            reasons[cand] = why
-        raise BackendUnavailableError(f"no backend can run this bundle on {device}: {reasons}")
-    if name not in BACKENDS:
-        raise unknown("backend", name, (*BACKENDS, "auto"))
-    why = availability(name, bundle, device)
+        name = choose_backend(bundle, device)
+        log.info("backend auto: chose %s on %s", name, device)
+    entry = get_backend(name)
+    opts = make_options(name, options)
+    why = entry.available(bundle, device)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {why}")
-    return _construct(name, bundle, device, options)
+    return entry.factory(bundle, device, opts)

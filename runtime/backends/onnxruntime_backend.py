@@ -4,14 +4,26 @@ initializer whenever it differs from the one baked into the graph (hot swap with
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from ..bundle import Bundle
-from ..compose import BankState
-from ..errors import BackendUnavailableError
-from .base import Backend
+from ..compose import BankSnapshot
+from ..errors import InvalidInputError, MismatchError
+from .base import Backend, BackendEntry
 
-__all__ = ["OnnxRuntimeBackend", "ort_cuda_available"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "ort_cuda_available"]
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    threads: int | None = field(default=None, metadata={"help": "onnxruntime: intra-op threads [default: onnxruntime's choice]."})
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise InvalidInputError(f"threads must be >= 1, got {self.threads}")
 
 
 def ort_cuda_available() -> bool:
@@ -22,18 +34,23 @@ def ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _available(bundle: Bundle, device: str) -> str | None:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed"
+    if device == "cuda" and not ort_cuda_available():
+        return "onnxruntime has no CUDAExecutionProvider (install 'forgetrt[gpu]')"
+    return None
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     thread_safe = True  # InferenceSession.run is thread-safe
 
-    def __init__(self, bundle: Bundle, device: str, *, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str, options: OnnxRuntimeOptions = OnnxRuntimeOptions()) -> None:
         super().__init__(bundle, device)
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise BackendUnavailableError("onnxruntime is not installed") from e
-        if device == "cuda" and not ort_cuda_available():
-            raise BackendUnavailableError("onnxruntime has no CUDAExecutionProvider here (install 'forgetrt[gpu]')")
+        import onnxruntime as ort
+
+        threads = options.threads
         so = ort.SessionOptions()
         so.log_severity_level = 3  # the overridable forget_bank initializer is intended; silence ORT's note
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -68,15 +85,22 @@ class OnnxRuntimeBackend(Backend):
             pass
         return lambda feeds: public(out, feeds)
 
-    def _feeds(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> dict:
+    @property
+    def numerics(self) -> str:
+        return "tf32" if self.device == "cuda" else "fp32"  # the CUDA EP's convolutions use TF32 by default
+
+    def check_bank(self, bank: BankSnapshot) -> None:
+        super().check_bank(bank)
+        if bank.version != 0 and not self._has_bank_input:
+            raise MismatchError("this bundle's graph holds its bank as a constant: re-export it to hot-swap vectors")
+
+    def _feeds(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> dict:
         feeds = {self.spec.image_name: images, self.spec.coeffs_name: coeffs}
         if bank.version != 0:  # version 0 is the bundle's own bank, identical to the graph's initializer
-            if not self._has_bank_input:
-                raise BackendUnavailableError("this bundle's graph has a constant bank: re-export it to hot-swap vectors")
             feeds["forget_bank"] = bank.matrix
         return feeds
 
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
         feeds = self._feeds(images, coeffs, bank)
         if self.device != "cuda":
             return self._run(feeds)[0]
@@ -97,3 +121,13 @@ class OnnxRuntimeBackend(Backend):
         d["providers"] = self.session.get_providers()
         d["fast_call"] = self.fast_call
         return d
+
+
+ENTRY = BackendEntry(
+    name="onnxruntime",
+    factory=OnnxRuntimeBackend,
+    available=_available,
+    options=OnnxRuntimeOptions,
+    rank={"cuda": 10, "cpu": 20},
+    description="the bundle's fused model.onnx on onnxruntime (CPU, or the CUDA execution provider with IOBinding)",
+)

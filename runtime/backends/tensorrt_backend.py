@@ -9,20 +9,38 @@ Not run on real TensorRT yet: TensorRT cannot be installed where this was writte
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from ..compose import BankState
-from ..errors import BackendUnavailableError, CorruptArtifactError, EngineError, InvalidInputError
+from ..compose import BankSnapshot
+from ..errors import BackendUnavailableError, CorruptArtifactError, EngineError, InvalidInputError, MismatchError
 from ..iospec import IOSpec
-from .base import Backend
+from .base import Backend, BackendEntry, NoOptions
 
 __all__ = ["TensorRTRunner", "TensorRTBackend", "import_tensorrt"]
+
+
+def _available(bundle: Bundle, device: str) -> str | None:
+    """What construction needs: a CUDA device, TensorRT, torch (it allocates the device buffers) with
+    CUDA, and the bundle's model.plan."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (pip install 'forgetrt[trt]' from NVIDIA's index)"
+    if device != "cuda":
+        return "TensorRT runs on CUDA devices only"
+    if importlib.util.find_spec("torch") is None:
+        return "the TensorRT runner allocates device memory through torch, which is not installed"
+    if not bundle.has_plan:
+        return f"the bundle has no model.plan (run `forgetrt export trt --bundle {bundle.path}`)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "this torch build sees no CUDA device"
+    return None
 
 
 def import_tensorrt() -> Any:
@@ -56,14 +74,11 @@ class TensorRTRunner:
         if self.engine is None:
             raise CorruptArtifactError(f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
-        self.max_batch = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
+        self.max_batch_size = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
         self.stream = torch.cuda.Stream()
 
     def infer(self, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
         torch = self._torch
-        n = images.shape[0]
-        if n > self.max_batch:
-            raise InvalidInputError(f"batch {n} exceeds the engine's maximum {self.max_batch}")
         s = self.spec
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).cuda()
         c = torch.from_numpy(np.ascontiguousarray(coeffs, np.float32)).cuda()
@@ -92,25 +107,41 @@ class TensorRTRunner:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, device: str) -> None:
+    def __init__(self, bundle: Bundle, device: str, options: NoOptions = NoOptions()) -> None:
         super().__init__(bundle, device)
-        if not bundle.plan_path.is_file():
-            raise BackendUnavailableError(f"bundle has no model.plan: run `forgetrt export trt --bundle {bundle.path}`")
         self.runner = TensorRTRunner(bundle.plan_path, bundle.iospec)
-        self.max_batch = self.runner.max_batch
+        self.max_batch_size = self.runner.max_batch_size
         self._version = 0
-        self._refittable = bool(bundle.record.get("tensorrt", {}).get("refittable"))
+        build = bundle.manifest.tensorrt
+        self._fp16 = bool(build and build.fp16)
+        self._refittable = bool(build and build.refittable)
         self._k = len(bundle.vectors)
-        self._lock = threading.Lock()
 
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
-        with self._lock:
-            if bank.version != self._version:
-                if not self._refittable or bank.k != self._k:
-                    raise EngineError(
-                        f"the TensorRT engine holds its bank as constants (K={self._k}); this bank change "
-                        f"(K={bank.k}) needs a --refittable engine with the same K, or a rebuild"
-                    )
-                self.runner.refit_bank(bank.matrix)
-                self._version = bank.version
-            return self.runner.infer(images, coeffs)
+    @property
+    def numerics(self) -> str:
+        return "fp16" if self._fp16 else "tf32"  # TensorRT enables TF32 unless told otherwise
+
+    def check_bank(self, bank: BankSnapshot) -> None:
+        super().check_bank(bank)
+        if bank.version != self._version and (not self._refittable or bank.k != self._k):
+            raise MismatchError(
+                f"the TensorRT engine holds its bank as constants (K={self._k}); this bank change (K={bank.k}) "
+                "needs a --refittable engine with the same K, or a rebuild"
+            )
+
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
+        if bank.version != self._version:
+            self.check_bank(bank)
+            self.runner.refit_bank(bank.matrix)
+            self._version = bank.version
+        return self.runner.infer(images, coeffs)
+
+
+ENTRY = BackendEntry(
+    name="tensorrt",
+    factory=TensorRTBackend,
+    available=_available,
+    options=NoOptions,
+    rank={"cuda": 30},
+    description="the bundle's TensorRT engine (model.plan; forgetrt export trt)",
+)

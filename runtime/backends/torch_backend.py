@@ -13,7 +13,7 @@ kernels; CUDA only, an error if it fails its self-check).
 (CPU or CUDA) or "fp16" (CUDA only). A folded module is cast to that type as a whole; with
 ``fuse="none"`` autocast runs the module. The prefix stays fp32 and the logits come back as fp32.
 
-CPU: eager. CUDA: one CUDA graph per batch-size bucket (1, 2, 4, ... up to ``max_batch``), captured
+CPU: eager. CUDA: one CUDA graph per batch-size bucket (1, 2, 4, ... up to ``max_batch_size``), captured
 on first use with static input buffers; a batch is padded up to its bucket and the graph replayed, which
 removes the per-kernel launch overhead that dominates small batches. A new bank of the same K is
 copied into the static bank buffer (no recapture); a different K recaptures lazily.
@@ -21,56 +21,59 @@ copied into the static bank buffer (no recapture); a different K recaptures lazi
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
-import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bundle import CLASSIFIER_JSON, CLASSIFIER_WEIGHTS, Bundle
-from ..compose import BankState
-from ..errors import BackendUnavailableError, CorruptArtifactError, InvalidInputError, unknown
-from ..iospec import IOSpec
-from .base import Backend
+from ..bundle import Bundle
+from ..compose import BankSnapshot
+from ..errors import BackendUnavailableError, InvalidInputError, unknown
+from .base import TOLERANCES, Backend, BackendEntry
 
 log = logging.getLogger("forgetrt.runtime")
 
-__all__ = ["TorchBackend", "load_bundle_classifier", "classifier_from_bytes"]
+__all__ = ["TorchBackend", "TorchOptions", "PRECISIONS", "FUSE_MODES"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+FUSE_MODES = ("auto", "none", "bn", "cudnn")
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS, "help": "torch backend: compute precision [default: fp32; fp16 on CUDA only]."})
+    fuse: str = field(default="auto", metadata={
+        "choices": FUSE_MODES, "help": "torch backend: inference rewrite of the classifier [default: auto, cuDNN fusion on CUDA, BN folding on CPU]."})
+    cuda_graphs: bool = field(default=True, metadata={"help": "torch backend on CUDA: replay captured CUDA graphs [default: on]."})
+    #: the largest captured CUDA-graph bucket: the engine's batch limit on CUDA
+    max_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise unknown("precision", self.precision, PRECISIONS)
+        if self.fuse not in FUSE_MODES:
+            raise unknown("fuse mode", self.fuse, FUSE_MODES)
+        if self.max_batch_size < 1:
+            raise InvalidInputError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+
+
+def _available(bundle: Bundle, device: str) -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install 'forgetrt[train]')"
+    if not bundle.has_torch_classifier:
+        return "the bundle was grafted onto an ONNX classifier: it has no PyTorch weights"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "this torch build sees no CUDA device"
+    return None
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
     """torch.from_numpy wants writable memory; cached coefficient rows are read-only (copy: tiny)."""
     return a if a.flags.writeable else a.copy()
-
-
-def classifier_from_bytes(record_json: bytes, weights: bytes, fingerprint: str | None = None):
-    """A classifier (eval mode, CPU) from a model record and safetensors bytes, optionally fingerprint-checked."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    from ..files import weights_fingerprint
-    from ..models import create_model
-
-    rec = json.loads(record_json)
-    model = create_model(rec["arch"], IOSpec.from_dict(rec["iospec"]))
-    try:
-        state = load_safetensors(weights)
-    except (SafetensorError, ValueError) as e:
-        raise CorruptArtifactError(f"cannot read the classifier weights: {e}") from e
-    model.load_state_dict(state, strict=True)
-    if fingerprint is not None:
-        fp = weights_fingerprint({k: v.numpy() for k, v in model.state_dict().items()})
-        if fp != fingerprint:
-            raise CorruptArtifactError(f"classifier weights have fingerprint {fp[:16]}…, expected {fingerprint[:16]}…")
-    return model.eval()
-
-
-def load_bundle_classifier(bundle: Bundle, device: str):
-    """The bundle's PyTorch classifier in eval mode (fingerprint-checked against the bundle)."""
-    if not bundle.has_torch_classifier:
-        raise BackendUnavailableError(f"bundle {bundle.path} was grafted onto an ONNX classifier: it has no PyTorch weights")
-    model = classifier_from_bytes((bundle.path / CLASSIFIER_JSON).read_bytes(), (bundle.path / CLASSIFIER_WEIGHTS).read_bytes(), bundle.fingerprint)
-    return model.to(device)
 
 
 class _Graph:
@@ -83,53 +86,43 @@ class _Graph:
         self.hx_np, self.hc_np, self.hout_np = hx.numpy(), hc.numpy(), hout.numpy()
 
 
-# self-check of a rewritten module against the module as trained: the largest logit error allowed,
-# relative to the logit scale (a broken fused kernel is off by O(1); TF32 and bf16 are not)
-_CHECK_TOLERANCE = {"fp32": 2e-2, "fp16": 5e-2, "bf16": 0.25}
-
-
 class TorchBackend(Backend):
     name = "torch"
 
-    PRECISIONS = ("fp32", "bf16", "fp16")
-    FUSE_MODES = ("auto", "none", "bn", "cudnn")
-
-    def __init__(self, bundle: Bundle, device: str, *, cuda_graphs: bool = True, max_batch: int = 256, precision: str = "fp32",
-                 fuse: str = "auto") -> None:
+    def __init__(self, bundle: Bundle, device: str, options: TorchOptions = TorchOptions()) -> None:
         super().__init__(bundle, device)
-        if precision not in self.PRECISIONS:
-            raise unknown("precision", precision, self.PRECISIONS)
-        if fuse not in self.FUSE_MODES:
-            raise unknown("fuse mode", fuse, self.FUSE_MODES)
+        precision, fuse = options.precision, options.fuse
         if precision == "fp16" and device != "cuda":
             raise BackendUnavailableError("precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
         if fuse == "cudnn" and device != "cuda":
             raise BackendUnavailableError("fuse 'cudnn' needs CUDA; on CPU use 'bn' or 'none'")
-        try:
-            import torch
-        except ImportError as e:
-            raise BackendUnavailableError("torch is not installed") from e
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailableError("torch has no CUDA device here")
-        if max_batch < 1:
-            raise BackendUnavailableError(f"max_batch must be >= 1, got {max_batch}")
+        import torch
+
         self.torch = torch
+        self.options = options
         self.precision = precision
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self._channels_last = torch.channels_last if device == "cuda" else torch.contiguous_format
         self.fuse_requested = fuse
         self.fuse_fallback: str | None = None
-        self._build_module(load_bundle_classifier(bundle, device), bundle)
-        self.use_graphs = device == "cuda" and cuda_graphs
+        self._build_module(bundle.load_classifier(device), bundle)
+        self.use_graphs = device == "cuda" and options.cuda_graphs
         self.thread_safe = not self.use_graphs
         if self.use_graphs:
-            self.max_batch = max_batch
-            self.buckets = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
-            if self.buckets[-1] != max_batch:
-                self.buckets.append(max_batch)
+            self.max_batch_size = options.max_batch_size
+            self.buckets = [1 << i for i in range(options.max_batch_size.bit_length()) if (1 << i) <= options.max_batch_size]
+            if self.buckets[-1] != options.max_batch_size:
+                self.buckets.append(options.max_batch_size)
         self._graphs: dict[int, _Graph] = {}
         self._bank_dev: tuple[int, object] | None = None  # (version, device tensor [K (+1 constant row), CHW])
-        self._lock = threading.Lock()
+
+    @property
+    def numerics(self) -> str:
+        if self.precision != "fp32":
+            return self.precision
+        if self.device == "cuda" and (self.torch.backends.cudnn.allow_tf32 or self.torch.backends.cuda.matmul.allow_tf32):
+            return "tf32"
+        return "fp32"
 
     # ------------------------------------------------------------------ module
 
@@ -175,7 +168,7 @@ class TorchBackend(Backend):
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         err = float((got - want).abs().max())
         scale = max(1.0, float(want.abs().max()))
-        if not err <= _CHECK_TOLERANCE[self.precision] * scale:
+        if not err <= TOLERANCES[self.numerics] * scale:  # a broken fused kernel is off by O(1)
             return f"logits differ by {err:.3g} (scale {scale:.3g})"
         return None
 
@@ -192,7 +185,7 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ bank and inference
 
-    def _bank(self, bank: BankState):
+    def _bank(self, bank: BankSnapshot):
         """The bank on the device, with the constant row appended when there is one."""
         if self._bank_dev is None or self._bank_dev[0] != bank.version:
             t = self.torch.from_numpy(np.array(bank.matrix)).to(self.device)
@@ -217,7 +210,7 @@ class TorchBackend(Backend):
         z = self.torch.addmm(x.reshape(n, -1), c, bank_t)
         return self._classify(z.view(x.shape))
 
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
         torch = self.torch
         if not self.use_graphs:
             with torch.inference_mode():
@@ -225,12 +218,10 @@ class TorchBackend(Backend):
                 x = torch.from_numpy(_writable(images)).to(self.device)
                 c = torch.from_numpy(self._coeffs(coeffs)).to(self.device)
                 return self._forward(x, c, bank_t).cpu().numpy()
-        if images.shape[0] > self.max_batch:  # Backend.run checks too; kept for direct callers
-            raise InvalidInputError(f"batch of {images.shape[0]} exceeds the CUDA-graph maximum {self.max_batch}")
-        with self._lock, torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
+        with torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
             return self._replay(images, coeffs, bank)
 
-    def _replay(self, images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
+    def _replay(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
         n, k = coeffs.shape
         bucket = next(b for b in self.buckets if b >= n)
         bank_t = self._bank(bank)
@@ -283,3 +274,13 @@ class TorchBackend(Backend):
         if self.use_graphs:
             d["captured_buckets"] = sorted(self._graphs)
         return d
+
+
+ENTRY = BackendEntry(
+    name="torch",
+    factory=TorchBackend,
+    available=_available,
+    options=TorchOptions,
+    rank={"cuda": 20, "cpu": 10},  # CUDA-graph replay beats onnxruntime's CUDA EP; on CPU onnxruntime beats eager torch
+    description="the bundle's PyTorch classifier: BN/Normalize folded, cuDNN fusion and CUDA graphs on CUDA",
+)

@@ -1,6 +1,6 @@
 """Inference rewrites of a bundle's PyTorch classifier for the torch backend (imported with torch only).
 
-A trained classifier is ``Sequential(Normalize, body)`` (see :mod:`forgetrt.runtime.models`). At batch 1
+A trained classifier is ``Sequential(Normalize, body)`` (see :mod:`forgetrt.runtime.architectures`). At batch 1
 on a GPU every kernel costs a few microseconds however small it is, so the rewrites cut the kernel count:
 
 ``bn``
@@ -32,11 +32,9 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..errors import unknown
-from ..models import Normalize
+from ..architectures import Normalize
 
-__all__ = ["FUSE_MODES", "OptimizedClassifier", "optimize_classifier", "count_kernels_hint"]
-
-FUSE_MODES = ("auto", "none", "bn", "cudnn")
+__all__ = ["OptimizedClassifier", "optimize_classifier"]
 
 _RELU_FUNCS = {torch.relu, F.relu, torch.nn.functional.relu}
 _ADD_FUNCS = {operator.add, torch.add}
@@ -242,12 +240,3 @@ def optimize_classifier(model: nn.Module, mode: str, impl: str = "reference") ->
         p.requires_grad_(False)
     model.train(was_training)
     return OptimizedClassifier(module.eval(), offset, mode, counts)
-
-
-def count_kernels_hint(module: nn.Module) -> int:
-    """Number of leaf ops in the traced module (a rough proxy for kernels per forward; for reports)."""
-    try:
-        gm = module if isinstance(module, fx.GraphModule) else fx.symbolic_trace(module)
-    except Exception:  # noqa: BLE001 - a hint only
-        return -1
-    return sum(1 for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))

@@ -37,7 +37,7 @@ def test_bundle_contents_and_parity(bundle):
     b = Bundle.load(out)
     assert b.vectors == tuple(f"forget-{c}" for c in range(9)) and b.mandatory == {"forget-9": 1.0}
     assert b.coeff_range == (-2.0, 2.0) and res["parity"]["rel_to_scale"] <= 1e-4 and b.has_torch_classifier
-    assert b.record["policies"]["eu"] == {"forget-3": 1.0}
+    assert b.manifest.policies["eu"] == {"forget-3": 1.0}
     assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "classifier.json", "classifier.safetensors", "model.onnx", "vectors.safetensors"]
     sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
@@ -56,16 +56,54 @@ def test_bundle_contents_and_parity(bundle):
 
 
 def test_parity_report(bundle):
-    rep = run_parity(bundle[0])
-    assert rep["ok"] and rep["reference"] == "torch-cpu-fp32"
+    rep = run_parity(bundle[0], device="cpu")
+    assert rep["ok"] and rep["reference"] == "torch-cpu-fp32" and rep["device"] == "cpu"
     ort_res = rep["backends"]["onnxruntime"]
-    assert ort_res["status"] == "ok" and ort_res["rel_to_scale"] <= 1e-4
-    assert rep["backends"]["torch"]["status"] == "ok"
+    assert ort_res["status"] == "ok" and ort_res["synthetic"]["rel_to_scale"] <= 1e-4 and ort_res["synthetic"]["numerics"] == "fp32"
+    assert ort_res["synthetic"]["top1_agreement"] == 1.0
+    torch_res = rep["backends"]["torch"]
+    # the serving path: the torch backend as `serve` builds it (BN and Normalize folded on CPU)
+    assert torch_res["status"] == "ok" and torch_res["described"]["fuse"] == "bn" and torch_res["described"]["fused"]["bn_folded"] > 0
     assert rep["backends"]["tensorrt"]["status"] == "skipped" and rep["backends"]["tensorrt"]["reason"]
-    r = cli_run("parity", bundle[0], "--backends", "onnxruntime")
-    assert r.exit_code == 0 and "onnxruntime  ok" in r.output
+    r = cli_run("parity", bundle[0], "--backends", "onnxruntime", "--device", "cpu")
+    assert r.exit_code == 0 and "onnxruntime  synthetic ok" in r.output, r.output
     with pytest.raises(UnknownNameError, match="unknown backend 'tvm'"):
         run_parity(bundle[0], ["tvm"])
+
+
+def test_parity_uses_the_serving_options_and_real_images(bundle, digits):
+    images, labels = digits.test_images(200)
+    rep = run_parity(bundle[0], ["torch", "onnxruntime"], device="cpu", options={"torch": {"precision": "bf16", "fuse": "none"}},
+                     images=images, labels=labels)
+    t = rep["backends"]["torch"]
+    assert t["options"]["precision"] == "bf16" and t["described"]["fuse"] == "none"
+    assert t["synthetic"]["numerics"] == "bf16" and t["synthetic"]["tolerance"] > 1e-3  # judged by the bf16 row of the one table
+    assert rep["rows"]["data"] == 200 and t["data"]["top1_agreement"] > 0.95 and rep["ok"]
+    assert abs(rep["backends"]["onnxruntime"]["data"]["accuracy"] - rep["reference_accuracy"]) < 1e-9
+    r = cli_run("parity", bundle[0], "--backends", "torch", "--device", "cpu", "--fuse", "bn", "--data", "digits", "--limit", "50")
+    assert r.exit_code == 0 and "torch        data" in r.output and "top-1 agreement" in r.output, r.output
+    r = cli_run("parity", bundle[0], "--backends", "onnxruntime", "--device", "cpu", "--precision", "bf16")
+    assert r.exit_code == 2 and "--precision is an option of torch" in r.output
+
+
+def test_parity_catches_a_serving_path_that_drifts(bundle, monkeypatch):
+    """A backend whose served logits drift (a stand-in for a broken fused kernel) fails parity."""
+    import dataclasses
+
+    from forgetrt.runtime import backends as reg
+    from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    class Drifting(OnnxRuntimeBackend):
+        name = "drifting"
+
+        def _infer(self, images, coeffs, bank):
+            out = super()._infer(images, coeffs, bank)
+            return out + 1e-2 * np.abs(out).max()
+
+    entry = dataclasses.replace(reg.get_backend("onnxruntime"), name="drifting", factory=Drifting, rank={})
+    monkeypatch.setitem(reg._REGISTRY, "drifting", entry)
+    rep = run_parity(bundle[0], ["drifting"], device="cpu")
+    assert not rep["ok"] and rep["backends"]["drifting"]["status"] == "mismatch"
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -207,6 +245,6 @@ def test_tensorrt_engine_parity(bundle, tmp_path):
 
     copy = tmp_path / "b"
     shutil.copytree(bundle[0], copy)
-    build_engine(copy, TrtBuildConfig(max_batch=64, opt_batch=16))
+    build_engine(copy, TrtBuildConfig(max_batch_size=64, opt_batch_size=16))
     rep = run_parity(copy, ["tensorrt"])
     assert rep["backends"]["tensorrt"]["status"] == "ok"

@@ -11,7 +11,7 @@ from forgetrt.export.onnx_graph import forget_prefix, fuse_classifier
 from forgetrt.export.torch_onnx import classifier_to_onnx
 from forgetrt.runtime import IOSpec
 from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError, MismatchError
-from forgetrt.train.models import create_model
+from forgetrt.runtime.architectures import create_model
 
 SPEC = IOSpec(shape=(1, 8, 8), mean=(0.3,), std=(0.4,), labels=tuple("0123456789"))
 

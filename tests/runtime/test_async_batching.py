@@ -11,7 +11,7 @@ import pytest
 from forgetrt.runtime import DeadlineExceededError, EngineError, InvalidInputError, Runtime, RuntimeClosedError
 from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forgetrt.runtime.bundle import Bundle
-from forgetrt.runtime.core import RuntimeConfig
+from forgetrt.runtime import BatchingConfig, RuntimeConfig
 
 
 def _images(rng, n):
@@ -19,8 +19,8 @@ def _images(rng, n):
 
 
 def test_many_async_requests_match_the_reference(digits_bundle, torch_reference):
-    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_batch_size=32, max_queue_delay_us=200) as rt:
-        k = rt.bank.k
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=32, max_queue_delay_us=200))) as rt:
+        k = rt.snapshot.k
         rng = np.random.default_rng(7)
         reqs = []
         for i in range(600):
@@ -42,7 +42,7 @@ def test_many_async_requests_match_the_reference(digits_bundle, torch_reference)
         results = asyncio.run(main())
         sizes = []
         for (x, f, c), r in zip(reqs, results):
-            row = c if c is not None else np.tile(rt.bank.coeff_row(f), (len(x), 1))
+            row = c if c is not None else np.tile(rt.snapshot.coeff_row(f), (len(x), 1))
             np.testing.assert_allclose(r.logits, torch_reference(x, row), atol=1e-5, rtol=0)
             sizes.append(r.batch_images)
         assert max(sizes) > 3  # requests really shared engine calls
@@ -81,7 +81,7 @@ def test_async_engine_failure_deadline_and_abort(digits_bundle):
             await cancelled
         assert (await rt.infer_async(good)).logits.shape == (1, 10)  # still serving
 
-    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=1, max_queue_delay_us=0)) as rt:
+    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0))) as rt:
         asyncio.run(main(rt))
 
     gate.clear()
@@ -101,7 +101,7 @@ def test_async_engine_failure_deadline_and_abort(digits_bundle):
         await held  # it was running: it finishes
         await asyncio.get_running_loop().run_in_executor(None, closer.join)
 
-    rt = Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=1, max_queue_delay_us=0))
+    rt = Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0)))
     asyncio.run(abort(rt))
 
 
@@ -114,7 +114,7 @@ def test_results_for_a_closed_loop_are_dropped_quietly(digits_bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Bundle.load(digits_bundle)
-    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=4, max_queue_delay_us=0)) as rt:
+    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=4, max_queue_delay_us=0))) as rt:
         loop = asyncio.new_event_loop()
         task = loop.create_task(rt.infer_async(np.zeros((1, 1, 8, 8), np.float32)))
         loop.run_until_complete(asyncio.sleep(0.05))
@@ -150,5 +150,5 @@ def test_pixel_check_edges(rt_plain, value, ok):
 
 @pytest.fixture(scope="module")
 def rt_plain(digits_bundle):
-    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu") as r:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu")) as r:
         yield r

@@ -6,7 +6,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from forgetrt.runtime import InvalidInputError, Runtime, UnknownNameError
+from forgetrt.runtime import BatchingConfig, InvalidInputError, Runtime, RuntimeConfig, UnknownNameError
 from forgetrt.runtime.bench import BenchConfig, run_bench
 from forgetrt.tools.cli import cli
 
@@ -36,7 +36,7 @@ def test_two_point_bench_fields_and_order(digits_bundle, tmp_path):
 
 
 def test_batcher_points_report_queue_time(digits_bundle):
-    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_batch_size=8) as rt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=8))) as rt:
         recs = run_bench(rt, BenchConfig(batches=(1,), concurrency=(4,), active_vectors=(0, 2), mix="homogeneous", duration=0.5, warmup=0.1), progress=False)
     assert [r["point"]["active_vectors"] for r in recs] == [0, 2]
     assert all(r["point"]["path"] == "batcher" and r["queue_us"]["mean"] > 0 for r in recs)
@@ -47,7 +47,7 @@ def test_bench_errors(digits_bundle, tmp_path):
         BenchConfig(duration=0)
     with pytest.raises(UnknownNameError, match="mix"):
         BenchConfig(mix="random")
-    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_batch_size=8) as rt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=8))) as rt:
         with pytest.raises(InvalidInputError, match=r"batch sizes \[16\] exceed"):
             run_bench(rt, BenchConfig(batches=(16,), duration=0.1), progress=False)
         with pytest.raises(InvalidInputError, match="active vectors"):

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
-from forgetrt.runtime import BankState, InvalidInputError, UnknownNameError
+from forgetrt.runtime import BankSnapshot, InvalidInputError, UnknownNameError
 
 
 @pytest.fixture
 def state():
     m = np.arange(12, dtype=np.float32).reshape(3, 4)
-    return BankState(1, ("a", "b", "c"), m, {"eu": {"b": 1.0}, "mix": {"a": 0.5, "c": -1.0}}, (-1.0, 1.0))
+    return BankSnapshot(1, ("a", "b", "c"), m, {"eu": {"b": 1.0}, "mix": {"a": 0.5, "c": -1.0}}, (-1.0, 1.0))
 
 
 @pytest.mark.parametrize(
@@ -51,6 +51,6 @@ def test_state_is_immutable_and_validated(state):
     with pytest.raises(ValueError):
         state.matrix[0, 0] = 5
     with pytest.raises(UnknownNameError, match="policy 'p'"):
-        BankState(0, ("a",), np.zeros((1, 4)), {"p": {"b": 1.0}})
+        BankSnapshot(0, ("a",), np.zeros((1, 4)), {"p": {"b": 1.0}})
     with pytest.raises(InvalidInputError, match="NaN"):
-        BankState(0, ("a",), np.full((1, 4), np.nan))
+        BankSnapshot(0, ("a",), np.full((1, 4), np.nan))

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from forgetrt.runtime import BackendUnavailableError, Runtime
+from forgetrt.runtime import BackendUnavailableError, BatchingConfig, Runtime, RuntimeConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -27,15 +27,15 @@ def _images(rng, n):
 
 @pytest.fixture(scope="module")
 def graphs(digits_bundle):
-    r = Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=True, max_batch_size=64, max_queue_delay_us=500)
+    r = Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=500)), {"cuda_graphs": True})
     yield r
     r.close()
 
 
 def test_eager_and_graphs_match_the_cpu_reference(digits_bundle, graphs, torch_reference):
     rng = np.random.default_rng(0)
-    k = graphs.bank.k
-    with Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=False) as eager:
+    k = graphs.snapshot.k
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": False}) as eager:
         assert eager.describe()["backend"]["cuda_graphs"] is False
         for n in (1, 3, 8, 13, 64):  # 3 and 13 are padded up to their buckets
             x = _images(rng, n)
@@ -60,7 +60,7 @@ def test_padding_rows_do_not_leak(graphs, torch_reference):
 def test_hot_swap_same_k_and_new_k(digits_bundle, torch_reference):
     rng = np.random.default_rng(2)
     x = _images(rng, 4)
-    with Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=True) as rt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True}) as rt:
         before = rt.infer(x, ["forget-3"]).logits
         v = rng.uniform(-0.2, 0.2, (1, 8, 8)).astype(np.float32)
         st = rt.add_vector("forget-3", v, replace=True)  # same K: the captured graph reads the new bank
@@ -78,7 +78,7 @@ def test_hot_swap_same_k_and_new_k(digits_bundle, torch_reference):
 
 
 def test_batcher_threads_feed_the_graphs(graphs, torch_reference):
-    k = graphs.bank.k
+    k = graphs.snapshot.k
     errors: list[str] = []
 
     def client(seed: int) -> None:
@@ -103,7 +103,7 @@ def test_batcher_threads_feed_the_graphs(graphs, torch_reference):
 
 def test_onnxruntime_cuda_or_clear_error(digits_bundle, torch_reference):
     try:
-        rt = Runtime.load(digits_bundle, backend="onnxruntime", device="cuda")
+        rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cuda"))
     except BackendUnavailableError as e:
         assert "CUDAExecutionProvider" in str(e)
         pytest.skip(f"onnxruntime-gpu not installed: {e}")
@@ -115,11 +115,11 @@ def test_onnxruntime_cuda_or_clear_error(digits_bundle, torch_reference):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_graphs(digits_bundle, torch_reference, precision):
     rng = np.random.default_rng(4)
-    with Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=True, precision=precision) as rt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True, "precision": precision}) as rt:
         assert rt.describe()["backend"]["precision"] == precision
         for n in (1, 5):
             x = _images(rng, n)
-            c = rng.uniform(-1, 1, (n, rt.bank.k)).astype(np.float32)
+            c = rng.uniform(-1, 1, (n, rt.snapshot.k)).astype(np.float32)
             _close(rt.infer(x, coeffs=c).logits, torch_reference(x, c), rel=2e-2)
 
 
@@ -152,8 +152,8 @@ def test_default_fuse_on_cuda_is_cudnn(graphs):
 
 def test_graphs_of_the_module_as_trained(digits_bundle, torch_reference):
     rng = np.random.default_rng(5)
-    with Runtime.load(digits_bundle, backend="torch", device="cuda", cuda_graphs=True, fuse="none") as rt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True, "fuse": "none"}) as rt:
         assert rt.describe()["backend"]["fuse"] == "none"
         x = _images(rng, 3)
-        c = rng.uniform(-1, 1, (3, rt.bank.k)).astype(np.float32)
+        c = rng.uniform(-1, 1, (3, rt.snapshot.k)).astype(np.float32)
         _close(rt.infer(x, coeffs=c).logits, torch_reference(x, c))

@@ -44,7 +44,7 @@ def test_bank_roundtrip_preserves_order_values_and_entries(tmp_path):
     assert loaded.names == ["v0", "v1", "v2"]
     for n in bank.names:
         np.testing.assert_array_equal(loaded.get(n), bank.get(n))
-    assert loaded.entry("v1")["forgets"] == {"kind": "class", "classes": [1]}
+    assert loaded.entry("v1").forgets == {"kind": "class", "classes": [1]}
     np.testing.assert_allclose(loaded.combine({"v0": 2.0, "v2": -1.0}), 2 * bank.get("v0") - bank.get("v2"), rtol=1e-6)
     assert loaded.stack(["v2", "v0"]).shape == (2, 16)
     # no temporary files are left behind by the atomic writes

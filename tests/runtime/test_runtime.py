@@ -10,6 +10,7 @@ import pytest
 
 from forgetrt.runtime import (
     BackendUnavailableError,
+    BatchingConfig,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
@@ -17,6 +18,7 @@ from forgetrt.runtime import (
     QueueFullError,
     Runtime,
     RuntimeClosedError,
+    RuntimeConfig,
     UnknownNameError,
 )
 
@@ -29,7 +31,7 @@ def _images(rng, n):
 
 @pytest.fixture(scope="module")
 def rt(digits_bundle):
-    r = Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_batch_size=64, max_queue_delay_us=1000)
+    r = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=1000)))
     yield r
     r.close()
 
@@ -37,7 +39,7 @@ def rt(digits_bundle):
 def test_every_forget_form_matches_the_reference(rt, torch_reference):
     rng = np.random.default_rng(0)
     x = _images(rng, 3)
-    k = rt.bank.k
+    k = rt.snapshot.k
     cases = [
         (None, np.zeros(k)),
         (["forget-3"], np.eye(k)[3]),
@@ -61,7 +63,7 @@ def test_onnxruntime_fast_call_matches_the_public_run(rt):
     assert rt.describe()["backend"]["fast_call"] is True
     rng = np.random.default_rng(7)
     x = _images(rng, 3)
-    c = rng.uniform(-1, 1, (3, rt.bank.k)).astype(np.float32)
+    c = rng.uniform(-1, 1, (3, rt.snapshot.k)).astype(np.float32)
     for bank in (rt._state, rt._state.__class__(5, rt._state.names, rt._state.matrix * 0.5, rt._state.policies, rt._state.coeff_range,
                                                 rt._state.mandatory, "test")):
         feeds = be._feeds(x, c, bank)
@@ -70,7 +72,7 @@ def test_onnxruntime_fast_call_matches_the_public_run(rt):
 
 
 def test_torch_backend_agrees(digits_bundle, torch_reference):
-    with Runtime.load(digits_bundle, backend="torch", device="cpu") as trt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu")) as trt:
         x = _images(np.random.default_rng(1), 5)
         np.testing.assert_allclose(trt.infer(x, "eu").logits, torch_reference(x, np.tile(np.eye(9)[3], (5, 1))), atol=ATOL, rtol=0)
 
@@ -78,23 +80,23 @@ def test_torch_backend_agrees(digits_bundle, torch_reference):
 def test_torch_bf16_precision_and_precision_errors(digits_bundle, torch_reference):
     x = _images(np.random.default_rng(11), 6)
     want = torch_reference(x, np.tile(np.eye(9)[3], (6, 1)))
-    with Runtime.load(digits_bundle, backend="torch", device="cpu", precision="bf16") as r:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"precision": "bf16"}) as r:
         assert r.describe()["backend"]["precision"] == "bf16"
         got = r.infer(x, "eu").logits
         assert got.dtype == np.float32
         err = np.abs(got - want).max()
         assert 0 < err <= 2e-2 * np.abs(want).max()  # bf16 really ran (not bit-identical), within fp16-class tolerance
     with pytest.raises(BackendUnavailableError, match="fp16' needs CUDA"):
-        Runtime.load(digits_bundle, backend="torch", device="cpu", precision="fp16")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"precision": "fp16"})
     with pytest.raises(UnknownNameError, match="unknown precision 'int4'"):
-        Runtime.load(digits_bundle, backend="torch", device="cpu", precision="int4")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"precision": "int4"})
 
 
 def test_concurrent_heterogeneous_requests_match_single_request_reference(rt, torch_reference):
     """2,000 requests from 16 threads, each a random composition (none, mandatory-only, policies, names,
     weights, raw rows): every response equals the directly computed reference; no cross-talk."""
-    k = rt.bank.k
-    names = list(rt.bank.names)
+    k = rt.snapshot.k
+    names = list(rt.snapshot.names)
     results = []
     errors = []
     lock = threading.Lock()
@@ -167,7 +169,7 @@ def test_bad_requests_get_typed_errors(rt, images, forget, err, msg):
 
 
 def test_clamp_policy_and_coeffs_errors(digits_bundle, torch_reference):
-    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", pixel_policy="clamp") as r:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", pixel_policy="clamp")) as r:
         x = np.full((1, 1, 8, 8), 1.7, np.float32)
         np.testing.assert_allclose(r.infer(x).logits, torch_reference(np.ones_like(x), np.zeros((1, 9), np.float32)), atol=ATOL, rtol=0)
         with pytest.raises(InvalidInputError, match="coeffs must have shape"):
@@ -175,21 +177,21 @@ def test_clamp_policy_and_coeffs_errors(digits_bundle, torch_reference):
         with pytest.raises(InvalidInputError, match="either forget or coeffs"):
             r.infer(x, ["forget-1"], coeffs=np.zeros(9))
     with pytest.raises(UnknownNameError, match="pixel policy"):
-        Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", pixel_policy="wrap")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", pixel_policy="wrap"))
     with pytest.raises(UnknownNameError, match="unknown backend 'tvm'"):
-        Runtime.load(digits_bundle, backend="tvm", device="cpu")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="tvm", device="cpu"))
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_unavailable_backend_is_an_error_not_a_fallback(digits_bundle):
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
-        Runtime.load(digits_bundle, backend="tensorrt", device="cpu")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="tensorrt", device="cpu"))
 
 
 def test_queue_full_deadline_and_shutdown(digits_bundle):
     from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from forgetrt.runtime.bundle import Bundle
-    from forgetrt.runtime.core import RuntimeConfig
+    from forgetrt.runtime import BatchingConfig, RuntimeConfig
 
     gate = threading.Event()
 
@@ -199,7 +201,7 @@ def test_queue_full_deadline_and_shutdown(digits_bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Bundle.load(digits_bundle)
-    rt = Runtime(b, [Gated(b, "cpu")], RuntimeConfig(max_batch_size=1, max_queue=4, max_queue_delay_us=0))
+    rt = Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue=4, max_queue_delay_us=0)))
     x = np.zeros((1, 1, 8, 8), np.float32)
     first = rt.submit(x)  # taken by the worker, blocked at the gate
     time.sleep(0.2)
@@ -231,7 +233,7 @@ def test_queue_full_deadline_and_shutdown(digits_bundle):
 def test_engine_failure_fails_only_its_batch(digits_bundle):
     from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from forgetrt.runtime.bundle import Bundle
-    from forgetrt.runtime.core import RuntimeConfig
+    from forgetrt.runtime import BatchingConfig, RuntimeConfig
 
     class Flaky(OnnxRuntimeBackend):  # the real backend, failing on batches holding a marked image
         def _infer(self, images, coeffs, bank):
@@ -240,7 +242,7 @@ def test_engine_failure_fails_only_its_batch(digits_bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Bundle.load(digits_bundle)
-    with Runtime(b, [Flaky(b, "cpu")], RuntimeConfig(max_batch_size=1, max_queue_delay_us=0)) as rt:
+    with Runtime(b, [Flaky(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0))) as rt:
         good = np.zeros((1, 1, 8, 8), np.float32)
         bad = good.copy()
         bad[0, 0, 0, 0] = 0.25
@@ -267,8 +269,8 @@ def test_hot_swap_under_load(digits_bundle, digits_bank, torch_reference):
     """8 threads keep sending while vectors are replaced, added, removed and a whole bank reloaded:
     zero failures, and every response matches the bank version it reports."""
 
-    rt = Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_queue_delay_us=500)
-    versions = {0: (rt.bank.names, np.array(rt.bank.matrix))}
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_queue_delay_us=500)))
+    versions = {0: (rt.snapshot.names, np.array(rt.snapshot.matrix))}
     stop = threading.Event()
     out, errors = [], []
 
@@ -277,7 +279,7 @@ def test_hot_swap_under_load(digits_bundle, digits_bank, torch_reference):
         while not stop.is_set():
             x = _images(rng, 1)
             try:
-                bank = rt.bank
+                bank = rt.snapshot
                 forget = {bank.names[0]: 1.0, bank.names[-1]: -0.5}
                 out.append((x, forget, rt.submit(x, forget)))
             except Exception as e:  # noqa: BLE001
@@ -319,9 +321,9 @@ def test_hot_swap_under_load(digits_bundle, digits_bank, torch_reference):
 def test_hot_swap_errors(digits_bundle, digits_model_dir, tmp_path):
     from forgetrt.train.workflows import train_model, train_vector
     from forgetrt.train.data import ForgetSpec
-    from forgetrt.train.vectors import VectorRecipe
+    from forgetrt.train.recipes import VectorRecipe
 
-    with Runtime.load(digits_bundle, backend="onnxruntime", device="cpu") as rt:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu")) as rt:
         with pytest.raises(InvalidInputError, match="shape"):
             rt.add_vector("x", np.zeros((3, 8, 8), np.float32))
         with pytest.raises(InvalidInputError, match="mandatory"):
@@ -339,4 +341,4 @@ def test_hot_swap_errors(digits_bundle, digits_model_dir, tmp_path):
         train_vector(tmp_path / "other", "digits", tmp_path / "ob", {"v": ForgetSpec(classes=(1,))}, VectorRecipe(epochs=1), device="cpu", evaluate_after=False)
         with pytest.raises(MismatchError, match="fingerprint"):
             rt.reload_bank(tmp_path / "ob")
-        assert rt.bank.version == 3  # nothing changed by the refused reloads
+        assert rt.snapshot.version == 3  # nothing changed by the refused reloads

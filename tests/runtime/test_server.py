@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from forgetrt.runtime import Runtime
+from forgetrt.runtime import BatchingConfig, Runtime, RuntimeConfig
 from forgetrt.runtime.server import ServerMetrics, create_app
 
 ATOL = 1e-5
@@ -22,7 +22,7 @@ def server(digits_bundle):
     import uvicorn
 
     metrics = ServerMetrics()
-    rt = Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", max_batch_size=16, max_queue_delay_us=500, observer=metrics.observe_batch)
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=16, max_queue_delay_us=500)), observer=metrics.observe_batch)
     app = create_app(rt, "digits", metrics=metrics)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
@@ -180,7 +180,7 @@ def test_concurrent_clients_are_batched_and_metrics_exported(server, torch_refer
 def test_bank_hot_swap_through_repository_endpoint(digits_bundle, digits_bank, torch_reference, tmp_path):
     import uvicorn
 
-    rt = Runtime.load(digits_bundle, backend="onnxruntime", device="cpu")
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
     srv = uvicorn.Server(uvicorn.Config(create_app(rt, "digits"), host="127.0.0.1", port=0, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()

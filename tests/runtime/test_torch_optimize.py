@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from forgetrt.runtime import BackendUnavailableError, InvalidInputError, Runtime, UnknownNameError
+from forgetrt.runtime import BackendUnavailableError, InvalidInputError, Runtime, RuntimeConfig, UnknownNameError
 from forgetrt.runtime.backends.torch_optimize import ConvAddReLU, ConvReLU, optimize_classifier
 from forgetrt.runtime.iospec import IOSpec
-from forgetrt.runtime.models import Normalize, create_model
+from forgetrt.runtime.architectures import Normalize, create_model
 
 ARCHS = {"resnet18-cifar": (3, 32, 32), "digits-cnn": (1, 8, 8), "cifar-small": (3, 32, 32)}
 
@@ -94,23 +94,23 @@ def test_backend_fuse_modes_agree(digits_bundle, torch_reference):
     c = rng.uniform(-1, 1, (6, 9)).astype(np.float32)
     want = torch_reference(x, c)  # the module as trained, with forget-9 mandatory at 0.5
     for fuse, used in (("auto", "bn"), ("bn", "bn"), ("none", "none")):
-        with Runtime.load(digits_bundle, backend="torch", device="cpu", fuse=fuse) as r:
+        with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"fuse": fuse}) as r:
             d = r.describe()["backend"]
             assert (d["fuse_requested"], d["fuse"]) == (fuse, used)
             np.testing.assert_allclose(r.infer(x, coeffs=c).logits, want, atol=1e-5 * max(1.0, np.abs(want).max()))
     with pytest.raises(BackendUnavailableError, match="fuse 'cudnn' needs CUDA"):
-        Runtime.load(digits_bundle, backend="torch", device="cpu", fuse="cudnn")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"fuse": "cudnn"})
     with pytest.raises(UnknownNameError, match="unknown fuse mode 'all'"):
-        Runtime.load(digits_bundle, backend="torch", device="cpu", fuse="all")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"fuse": "all"})
     with pytest.raises(InvalidInputError, match="backend 'onnxruntime' takes no option 'fuse' \\(its options: threads\\)"):
-        Runtime.load(digits_bundle, backend="onnxruntime", device="cpu", fuse="bn")
+        Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"), {"fuse": "bn"})
 
 
 def test_folded_module_in_bf16(digits_bundle, torch_reference):
     rng = np.random.default_rng(1)
     x = rng.random((4, 1, 8, 8), dtype=np.float32)
     want = torch_reference(x, np.zeros((4, 9), np.float32))
-    with Runtime.load(digits_bundle, backend="torch", device="cpu", precision="bf16", fuse="bn") as r:
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"precision": "bf16", "fuse": "bn"}) as r:
         assert next(r.backends[0].module.parameters()).dtype == torch.bfloat16  # cast as a whole, no autocast
         got = r.infer(x).logits
     assert got.dtype == np.float32

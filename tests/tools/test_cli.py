@@ -129,7 +129,7 @@ def test_help_lists_every_command():
 
 
 def test_preset_choices_are_the_library_presets():
-    from forgetrt.train.vectors import PRESETS
+    from forgetrt.train.recipes import PRESETS
 
     opt = next(p for p in cli.commands["train-vector"].params if p.name == "preset")
     assert list(opt.type.choices) == list(PRESETS)

@@ -11,7 +11,7 @@ def test_cifar_subset_model_vector_eval(tmp_path):
 
     from forgetrt.train import workflows as wf
     from forgetrt.train.data import load_data
-    from forgetrt.train.vectors import VectorRecipe
+    from forgetrt.train.recipes import VectorRecipe
 
     ds = load_data(f"cifar10:{CIFAR_TAR}").subset(1500, 500, seed=0)
     rec = wf.train_model("cifar-small", ds, tmp_path / "m", epochs=1, device="cpu")

@@ -8,8 +8,8 @@ pytestmark = pytest.mark.gpu
 
 def test_cuda_inference_matches_cpu(digits, digits_model_dir, digits_bank):
     from forgetrt.runtime.bank import VectorBank
-    from forgetrt.train.engine import predict_logits
-    from forgetrt.train.models import load_model
+    from forgetrt.train.loops import predict_logits
+    from forgetrt.runtime.model_folder import load_model
 
     delta = VectorBank.load(digits_bank[0]).get("forget-3")
     cpu, _ = load_model(digits_model_dir, "cpu")
@@ -22,7 +22,7 @@ def test_cuda_inference_matches_cpu(digits, digits_model_dir, digits_bank):
 
 def test_cuda_training_and_vectors(digits, tmp_path):
     from forgetrt.train import workflows as wf
-    from forgetrt.train.vectors import PRESETS
+    from forgetrt.train.recipes import PRESETS
 
     rec = wf.train_model("digits-cnn", digits, tmp_path / "m", device="cuda")
     assert rec["metrics"]["test_acc"] >= 95 and rec["training"]["device"].startswith("cuda")

@@ -7,9 +7,10 @@ import torch
 from forgetrt.runtime.bank import VectorBank
 from forgetrt.runtime.errors import InvalidInputError
 from forgetrt.train.data import ForgetSpec
-from forgetrt.train.engine import accuracy, predict_logits
-from forgetrt.train.models import load_model
-from forgetrt.train.vectors import PRESETS, VectorRecipe, _objective
+from forgetrt.train.loops import accuracy, predict_logits
+from forgetrt.runtime.model_folder import load_model
+from forgetrt.train.recipes import PRESETS, VectorRecipe
+from forgetrt.train.vectors import _objective
 
 
 def _ta_remaining(model, ds, cls, delta=None):
@@ -20,7 +21,7 @@ def _ta_remaining(model, ds, cls, delta=None):
 def test_original_model_is_accurate(digits, digits_model_dir):
     model, info = load_model(digits_model_dir)
     assert accuracy(predict_logits(model, digits.x_test, digits.scale), digits.y_test) >= 97.0
-    assert info.record["metrics"]["test_acc"] >= 97.0
+    assert info.metrics["test_acc"] >= 97.0
 
 
 def test_each_class_vector_meets_the_bar(digits, digits_model_dir, digits_bank):
@@ -36,8 +37,8 @@ def test_each_class_vector_meets_the_bar(digits, digits_model_dir, digits_bank):
         assert ua >= 95.0, (c, ua)
         assert drop <= 5.0, (c, drop)
         # the manifest carries the metrics measured at save time, equal to a fresh measurement
-        assert bank.entry(f"forget-{c}")["metrics"]["UA"] == pytest.approx(ua)
-        assert bank.entry(f"forget-{c}")["forgets"] == {"kind": "class", "classes": [c], "labels": [str(c)]}
+        assert bank.entry(f"forget-{c}").metrics["UA"] == pytest.approx(ua)
+        assert bank.entry(f"forget-{c}").forgets == {"kind": "class", "classes": [c], "labels": [str(c)]}
 
 
 def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, digits_bank, tmp_path):
@@ -53,9 +54,9 @@ def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, d
     assert res["metrics"]["UA_per_class"]["3"] >= 90.0
     bank = VectorBank.load(bank_dir)
     entry = bank.entry("learned-0-3")
-    assert entry["recipe"]["method"] == "learned" and entry["composition"] == pytest.approx(res["coefficients"])
+    assert entry.recipe["method"] == "learned" and entry.composition == pytest.approx(res["coefficients"])
     # the saved vector is exactly the recorded combination
-    np.testing.assert_allclose(bank.get("learned-0-3"), bank.combine(entry["composition"]), atol=1e-5)
+    np.testing.assert_allclose(bank.get("learned-0-3"), bank.combine(entry.composition), atol=1e-5)
 
 
 def test_problems_trained_together_stay_independent():

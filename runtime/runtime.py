@@ -5,7 +5,7 @@ Example::
 
     from forgetrt.runtime import Runtime
 
-    with Runtime.load("runs/bundle", backend="onnxruntime") as rt:
+    with Runtime.load("runs/bundle", RuntimeConfig(backend="onnxruntime")) as rt:
         r = rt.infer(images, forget=["forget-3"])          # names, weight 1 each
         r = rt.infer(images, forget={"forget-3": 0.5})     # name -> weight
         r = rt.infer(images, forget="eu")                  # a policy stored in the bundle
@@ -22,21 +22,20 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends import Backend, create_backend
-from .bank import VectorBank
-from .batcher import BatchObserver, DynamicBatcher, InferResult, Job
+from .backends import DEVICES, Backend, create_backend
+from .bank import VectorBank, validate_vector_name
+from .batcher import BatchingConfig, BatchObserver, DynamicBatcher, InferResult, Job
 from .bundle import Bundle
-from .compose import BankState, ForgetRequest
+from .compose import BankSnapshot, Composition
 from .errors import InvalidInputError, MismatchError, RuntimeClosedError, UnknownNameError, unknown
 
-__all__ = ["Runtime", "RuntimeConfig", "InferResult", "PIXEL_POLICIES"]
+__all__ = ["Runtime", "RuntimeConfig", "BatchingConfig", "InferResult", "PIXEL_POLICIES"]
 
 log = logging.getLogger("forgetrt.runtime")
 PIXEL_POLICIES = ("reject", "clamp")
@@ -44,46 +43,45 @@ PIXEL_POLICIES = ("reject", "clamp")
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """How a runtime serves a bundle. ``batching.instances`` backend instances are built, one batcher
+    worker each; a backend's own options are passed beside this (:meth:`Runtime.load`)."""
+
     backend: str = "auto"
     device: str = "auto"
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 500
-    max_queue: int = 1024
-    instances: int = 1
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     pixel_policy: str = "reject"
     default_deadline_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.pixel_policy not in PIXEL_POLICIES:
             raise unknown("pixel policy", self.pixel_policy, PIXEL_POLICIES)
-        if self.instances < 1:
-            raise InvalidInputError(f"instances must be >= 1, got {self.instances}")
+        if self.device not in DEVICES:
+            raise unknown("device", self.device, DEVICES)
+        if not isinstance(self.batching, BatchingConfig):
+            raise InvalidInputError(f"batching must be a BatchingConfig, got {type(self.batching).__name__}")
         if self.default_deadline_ms is not None and not self.default_deadline_ms > 0:
             raise InvalidInputError(f"default deadline must be > 0 ms, got {self.default_deadline_ms}")
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 class Runtime:
-    def __init__(self, bundle: Bundle, backends: list[Backend], config: RuntimeConfig, observer: BatchObserver | None = None) -> None:
+    def __init__(self, bundle: Bundle, backends: list[Backend], config: RuntimeConfig = RuntimeConfig(), observer: BatchObserver | None = None) -> None:
+        if not backends:
+            raise InvalidInputError("a runtime needs at least one backend instance")
         self.bundle = bundle
         self.config = config
         self.backends = backends
-        self._locks = [nullcontext() if b.thread_safe else threading.Lock() for b in backends]
         stacked, _ = bundle.vector_arrays()
-        self._state = BankState(
-            0, bundle.vectors, stacked, dict(bundle.record.get("policies") or {}), bundle.coeff_range, dict(bundle.mandatory), bundle.bundle_id
-        )
+        m = bundle.manifest
+        self._state = BankSnapshot(0, m.vectors, stacked, m.policies, m.coeff_range, m.mandatory, m.bundle_id)
         self._swap_lock = threading.Lock()
-        engine_max = min((b.max_batch for b in backends if b.max_batch is not None), default=None)
-        if engine_max is not None and config.max_batch_size > engine_max:
-            raise InvalidInputError(f"max_batch_size {config.max_batch_size} exceeds the engine's maximum batch {engine_max}")
-        self._batcher = DynamicBatcher(
-            [self._runner(i) for i in range(len(backends))],
-            max_batch_size=config.max_batch_size,
-            max_queue_delay_us=config.max_queue_delay_us,
-            max_queue=config.max_queue,
-            observer=observer,
-        )
-        self._direct = self._runner(0)
+        engine_max = min((b.max_batch_size for b in backends if b.max_batch_size is not None), default=None)
+        if engine_max is not None and config.batching.max_batch_size > engine_max:
+            raise InvalidInputError(f"max_batch_size {config.batching.max_batch_size} exceeds the engine's maximum batch {engine_max}")
+        self._batcher = DynamicBatcher([b.run for b in backends], config.batching, observer=observer)
+        self._direct = backends[0].run
         self._shape = tuple(bundle.iospec.shape)
         self._lo, self._hi = (float(v) for v in bundle.iospec.input_range)
         # [0, hi] ranges: one reduction checks range, sign, NaN and Inf at once. Non-negative float32
@@ -95,24 +93,21 @@ class Runtime:
     def load(
         cls,
         bundle: str | os.PathLike | Bundle,
-        backend: str = "auto",
-        device: str = "auto",
+        config: RuntimeConfig = RuntimeConfig(),
+        backend_options: Any = None,
         *,
-        max_batch_size: int = 64,
-        max_queue_delay_us: int = 500,
-        max_queue: int = 1024,
-        instances: int = 1,
-        pixel_policy: str = "reject",
-        default_deadline_ms: float | None = None,
         observer: BatchObserver | None = None,
-        **backend_options: Any,
     ) -> "Runtime":
-        """Load a bundle (hashes verified) and start ``instances`` backend instances, one batcher worker each."""
-        config = RuntimeConfig(backend, device, max_batch_size, max_queue_delay_us, max_queue, instances, pixel_policy, default_deadline_ms)
+        """Load a bundle (hashes verified) and start ``config.batching.instances`` backend instances, one
+        batcher worker each. ``backend_options``: the backend's options dataclass or a mapping of its fields."""
+        if not isinstance(config, RuntimeConfig):
+            raise InvalidInputError(f"config must be a RuntimeConfig, got {type(config).__name__}")
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-        backends = [create_backend(backend, b, device, **backend_options) for _ in range(instances)]
-        log.info("runtime: bundle %s, backend %s on %s, %d instance(s)", b.bundle_id, backends[0].name, backends[0].device, instances)
-        return cls(b, backends, config, observer)
+        first = create_backend(config.backend, b, config.device, backend_options)
+        # "auto" resolves once: every instance is the backend the first one chose
+        rest = [create_backend(first.name, b, first.device, backend_options) for _ in range(config.batching.instances - 1)]
+        log.info("runtime: bundle %s, backend %s on %s, %d instance(s)", b.bundle_id, first.name, first.device, config.batching.instances)
+        return cls(b, [first, *rest], config, observer)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -120,7 +115,8 @@ class Runtime:
         return self.bundle.iospec
 
     @property
-    def bank(self) -> BankState:
+    def snapshot(self) -> BankSnapshot:
+        """The bank snapshot new requests resolve against."""
         return self._state
 
     @property
@@ -136,21 +132,12 @@ class Runtime:
             "bundle_id": self.bundle.bundle_id,
             "backend": self.backends[0].describe(),
             "instances": len(self.backends),
-            "config": self.config.__dict__,
+            "config": self.config.to_dict(),
             "bank": self._state.describe(),
             "labels": list(self.iospec.labels),
         }
 
     # ------------------------------------------------------------------ requests
-    def _runner(self, i: int):
-        backend, lock = self.backends[i], self._locks[i]
-
-        def run(images: np.ndarray, coeffs: np.ndarray, bank: BankState) -> np.ndarray:
-            with lock:
-                return backend.run(images, coeffs, bank)
-
-        return run
-
     def validate_images(self, images: Any) -> np.ndarray:
         """float32 [N, C, H, W] (or one [C, H, W] image), finite, inside the input range (or clamped)."""
         if not isinstance(images, np.ndarray):
@@ -180,7 +167,7 @@ class Runtime:
                 images = np.clip(images, lo, hi)
         return images if images.flags.c_contiguous else np.ascontiguousarray(images)
 
-    def _prepare(self, images: Any, forget: ForgetRequest | None, coeffs: Any) -> tuple[np.ndarray, np.ndarray, BankState]:
+    def _prepare(self, images: Any, forget: Composition | None, coeffs: Any) -> tuple[np.ndarray, np.ndarray, BankSnapshot]:
         """Validated images, the request's coefficient row ([K] or [N, K]) and the bank snapshot it resolved against."""
         imgs = self.validate_images(images)
         bank = self._state  # one snapshot for the whole request
@@ -197,7 +184,7 @@ class Runtime:
             raise InvalidInputError(f"coeffs outside the bundle's coefficient range {list(bank.coeff_range)}")
         return imgs, row, bank
 
-    def _job(self, images: Any, forget: ForgetRequest | None, coeffs: Any, deadline_ms: float | None, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+    def _job(self, images: Any, forget: Composition | None, coeffs: Any, deadline_ms: float | None, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         imgs, row, bank = self._prepare(images, forget, coeffs)
         ms = deadline_ms if deadline_ms is not None else self.config.default_deadline_ms
         deadline = None
@@ -209,7 +196,7 @@ class Runtime:
             return Job(imgs, row, bank, deadline)
         return Job(imgs, row, bank, deadline, loop.create_future(), loop)
 
-    def infer(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None) -> InferResult:
+    def infer(self, images: Any, forget: Composition | None = None, *, coeffs: Any = None) -> InferResult:
         """Run one request now, on the calling thread (no batching): lowest latency for a lone caller."""
         imgs, row, bank = self._prepare(images, forget, coeffs)
         if self._closed:
@@ -220,23 +207,27 @@ class Runtime:
         out = self._direct(imgs, coeff_mat, bank)
         return InferResult(out, bank.version, 0.0, (time.perf_counter() - t0) * 1e6, n)
 
-    def submit(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> Future:
+    def submit(self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> Future:
         """Queue one request for the dynamic batcher; the future resolves to an :class:`InferResult`."""
         return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
 
-    async def infer_async(self, images: Any, forget: ForgetRequest | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> InferResult:
+    async def infer_async(self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> InferResult:
         """``submit`` for asyncio code: the batcher resolves an asyncio future of the running loop directly
         (one wake-up of the loop per batch, not per request)."""
         return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, asyncio.get_running_loop()))
 
     # ------------------------------------------------------------------ hot swap
-    def _install(self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str) -> BankState:
+    def _install(self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str) -> BankSnapshot:
+        """Publish a new snapshot, once every backend has said it can serve it (else MismatchError,
+        and the old snapshot keeps serving)."""
         with self._swap_lock:
             old = self._state
             try:
-                new = BankState(old.version + 1, names, matrix, policies, old.coeff_range, old.mandatory, label)
+                new = BankSnapshot(old.version + 1, names, matrix, policies, old.coeff_range, old.mandatory, label)
             except UnknownNameError as e:
                 raise MismatchError(f"bank change refused, a policy would dangle: {e}") from e
+            for b in self.backends:
+                b.check_bank(new)
             self._state = new  # atomic reference swap: in-flight requests keep their snapshot
             log.info("bank version %d installed (%d vectors, %s)", new.version, new.k, label)
             return new
@@ -247,7 +238,7 @@ class Runtime:
             raise InvalidInputError(f"a vector must be finite float32 of shape {tuple(self.iospec.shape)}, got {v.shape}")
         return v.reshape(-1)
 
-    def reload_bank(self, path: str | os.PathLike, *, vectors: list[str] | None = None) -> BankState:
+    def reload_bank(self, path: str | os.PathLike, *, vectors: list[str] | None = None) -> BankSnapshot:
         """Serve the vectors of bank folder ``path`` (same model, checked) without rebuilding the engine."""
         bank = VectorBank.load(path)
         bank.check_model(self.bundle.fingerprint, self.iospec, what=f"bundle {self.bundle.path}")
@@ -259,9 +250,7 @@ class Runtime:
             raise InvalidInputError(f"bank {path} has no selectable vector")
         return self._install(tuple(names), bank.stack(names), self._state.policies, str(Path(path)))
 
-    def add_vector(self, name: str, vector: Any, *, replace: bool = False) -> BankState:
-        from .bank import validate_vector_name
-
+    def add_vector(self, name: str, vector: Any, *, replace: bool = False) -> BankSnapshot:
         validate_vector_name(name)
         if name in self._state.mandatory:
             raise InvalidInputError(f"{name!r} is mandatory in this bundle and cannot be selectable")
@@ -275,7 +264,7 @@ class Runtime:
             return self._install(s.names, m, s.policies, f"replace {name}")
         return self._install((*s.names, name), np.vstack([s.matrix, v[None]]), s.policies, f"add {name}")
 
-    def remove_vector(self, name: str) -> BankState:
+    def remove_vector(self, name: str) -> BankSnapshot:
         s = self._state
         if name not in s.names:
             raise unknown("vector", name, s.names)
@@ -284,12 +273,12 @@ class Runtime:
         keep = [i for i, n in enumerate(s.names) if n != name]
         return self._install(tuple(s.names[i] for i in keep), s.matrix[keep], s.policies, f"remove {name}")
 
-    def set_policy(self, name: str, weights: Mapping[str, float]) -> BankState:
+    def set_policy(self, name: str, weights: Mapping[str, float]) -> BankSnapshot:
         s = self._state
         s.coeff_row(dict(weights))  # validates names, weights and range before anything changes
         return self._install(s.names, s.matrix, {**s.policies, name: {k: float(v) for k, v in weights.items()}}, f"policy {name}")
 
-    def remove_policy(self, name: str) -> BankState:
+    def remove_policy(self, name: str) -> BankSnapshot:
         s = self._state
         if name not in s.policies:
             raise unknown("policy", name, s.policies)

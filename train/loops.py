@@ -1,29 +1,27 @@
-"""Shared PyTorch plumbing: devices, batching of uint8 data, inference with a forget vector, and
+"""Training loops and their PyTorch plumbing: devices, batching of uint8 data, inference with a forget vector, and
 classifier training (used by ``train-model`` and the Retrain/FT/RL baselines)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from forgetrt.runtime.architectures import create_model
 from forgetrt.runtime.errors import InvalidInputError, unknown
 from forgetrt.runtime.iospec import IOSpec
 
 from .data import Dataset
-from .models import create_model
+from .recipes import TrainConfig
 
 __all__ = [
     "resolve_device",
     "DeviceData",
     "predict_logits",
-    "TrainConfig",
     "train_classifier",
     "fit",
     "iospec_for",
@@ -113,49 +111,6 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 def iospec_for(ds: Dataset) -> IOSpec:
     mean, std = ds.channel_stats()
     return IOSpec(shape=ds.shape, mean=mean, std=std, labels=ds.classes)
-
-
-AUGMENTATIONS = ("none", "shift", "crop-flip")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Classifier training recipe: SGD + Nesterov, one-cycle LR, optional crop/flip augmentation."""
-
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    augment: str = "none"  # "none", "shift" (random crop with 1-pixel padding), "crop-flip" (CIFAR: pad 4 + flip)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise InvalidInputError(f"learning rate must be > 0, got {self.lr}")
-        if self.augment not in AUGMENTATIONS:
-            raise unknown("augmentation", self.augment, AUGMENTATIONS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def default_train_config(arch: str, epochs: int | None = None, **kw: Any) -> TrainConfig:
-    """Sensible per-architecture defaults (digits: no augmentation; CIFAR: crop + flip, bigger batch)."""
-    if arch == "digits-cnn":
-        base = dict(epochs=30, batch_size=64, lr=0.05, augment="none")
-    elif arch == "resnet18-cifar":
-        base = dict(epochs=24, batch_size=512, lr=0.2, augment="crop-flip")
-    else:
-        base = dict(epochs=15, batch_size=256, lr=0.1, augment="crop-flip")
-    if epochs is not None:
-        base["epochs"] = epochs
-    base.update({k: v for k, v in kw.items() if v is not None})
-    return TrainConfig(**base)  # type: ignore[arg-type]
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator | None = None, mode: str = "crop-flip") -> torch.Tensor:

@@ -5,7 +5,8 @@ import torch
 
 from forgetrt.runtime import IOSpec
 from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, UnknownNameError
-from forgetrt.train.models import create_model, list_models, load_model, model_input_shape, save_model
+from forgetrt.runtime.architectures import create_model, list_models, model_input_shape
+from forgetrt.runtime.model_folder import ModelManifest, load_model, read_model_manifest, save_model
 
 
 def _spec(arch):
@@ -21,9 +22,10 @@ def test_registry_forward_and_roundtrip(arch, tmp_path):
     with torch.no_grad():
         y = model(x)
     assert y.shape == (2, 10)
-    info = save_model(tmp_path / arch, model, arch=arch, iospec=_spec(arch))
+    info = save_model(tmp_path / arch, model, arch=arch, iospec=_spec(arch), metrics={"test_acc": 1.0})
     loaded, info2 = load_model(tmp_path / arch)
-    assert info2.fingerprint == info.fingerprint
+    assert info2 == info and info2.metrics == {"test_acc": 1.0} and info2.path == tmp_path / arch
+    assert read_model_manifest(tmp_path / arch) == info
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), y)
 
@@ -54,7 +56,7 @@ def test_model_errors(tmp_path):
     wfile = tmp_path / "m" / "model.safetensors"
     raw = wfile.read_bytes()
     wfile.write_bytes(raw[:100])
-    with pytest.raises(CorruptArtifactError, match="cannot read"):
+    with pytest.raises(CorruptArtifactError, match="cannot read the model .* weights"):
         load_model(tmp_path / "m")
     # valid file, different weights: the fingerprint check catches it
     other = create_model("digits-cnn", _spec("digits-cnn"))
@@ -69,3 +71,34 @@ def test_model_errors(tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(CorruptArtifactError, match="not a ForgetRT model"):
         load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text(json.dumps({"kind": "forgetrt.model", "schema_version": 1, "iospec": {}}))
+    with pytest.raises(CorruptArtifactError, match="lacks or mangles field"):
+        read_model_manifest(tmp_path / "m")
+
+
+def test_manifest_roundtrip_without_torch_objects():
+    m = ModelManifest("digits-cnn", _spec("digits-cnn"), "ab" * 32, data="digits", training={"epochs": 3}, unlearning={"method": "rl"})
+    assert ModelManifest.from_dict(m.to_dict()) == m
+    assert "path" not in m.to_dict()
+
+
+def test_bundle_and_model_folder_share_one_loader(digits_bundle, tmp_path):
+    """A bundle's classifier goes through the model folder's loader: same fingerprint check, same errors."""
+    import shutil
+
+    from forgetrt.runtime.bundle import Bundle
+
+    b = Bundle.load(digits_bundle)
+    module = b.load_classifier("cpu")
+    assert b.classifier_manifest().fingerprint == b.fingerprint
+    assert sum(p.numel() for p in module.parameters()) > 0
+    copy = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, copy)
+    other = create_model("digits-cnn", b.iospec)
+    from safetensors.torch import save as save_bytes
+
+    from forgetrt.runtime.bundle import CLASSIFIER_WEIGHTS, add_bundle_file
+
+    tampered = add_bundle_file(Bundle.load(copy), CLASSIFIER_WEIGHTS, save_bytes({k: v.contiguous() for k, v in other.state_dict().items()}))
+    with pytest.raises(CorruptArtifactError, match="fingerprint"):
+        tampered.load_classifier("cpu")

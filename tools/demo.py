@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forgetrt.export.onnx_export import export_onnx
+from forgetrt.export.parity import format_parity, run_parity
 from forgetrt.runtime.files import atomic_write_json
-
-from . import workflows as wf
-from .data import ForgetSpec, load_data
-from .metrics import format_table
-from .vectors import PRESETS
+from forgetrt.train import workflows as wf
+from forgetrt.train.data import ForgetSpec, load_data
+from forgetrt.train.metrics import format_table
+from forgetrt.train.recipes import PRESETS
 
 __all__ = ["run_demo", "DEMO_PAIR"]
 
@@ -25,11 +26,12 @@ def _serve_mixed_batch(bundle_dir: Path, ds) -> dict[str, Any]:
     once: the dynamic batcher runs them as one heterogeneous engine call."""
     import numpy as np
 
-    from forgetrt.runtime import Runtime
+    from forgetrt.runtime import BatchingConfig, Runtime, RuntimeConfig
 
     x = (ds.x_test[ds.y_test == 3][:1].astype(np.float32) / ds.scale).astype(np.float32)
     forgets = [None, ["forget-3"], ["forget-5"], {"forget-0": 1.0, "forget-3": 1.0}, {"forget-3": 0.5}]
-    with Runtime.load(bundle_dir, backend="onnxruntime", device="cpu", max_queue_delay_us=20_000) as rt:
+    config = RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_queue_delay_us=20_000))
+    with Runtime.load(bundle_dir, config) as rt:
         futures = [rt.submit(x, f) for f in forgets]
         results = [f.result(30) for f in futures]
         backend = rt.backend_name
@@ -70,13 +72,10 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     rows[f"learned-{a}-{b}"] = learned["metrics"]
     table = format_table(rows)
 
-    from forgetrt.export.onnx_export import export_onnx
-    from forgetrt.export.parity import format_parity, run_parity
-
     bundle_dir = out / "bundle"
     log(f"[5/5] exporting the fused ONNX bundle (image, coeffs -> logits) -> {bundle_dir}")
     exported = export_onnx(bank_dir, bundle_dir, model_dir=model_dir, vectors=[v["name"] for v in vecs], overwrite=True)
-    parity = run_parity(bundle_dir)
+    parity = run_parity(bundle_dir, device=device)
     served = _serve_mixed_batch(bundle_dir, ds)
     report = {
         "data": "digits",

@@ -1,0 +1,161 @@
+"""Training configurations as frozen dataclasses, importable without PyTorch (the CLI derives its
+options from them): the forget-vector recipe and its named presets, the classifier training recipe, and
+the model-based unlearning baselines.
+
+A recipe field with a ``help`` text in its metadata is a command-line option of the same name
+(``batch_size`` -> ``--batch-size``); a new field or preset reaches the CLI without touching it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from forgetrt.runtime.errors import InvalidInputError, unknown
+
+__all__ = [
+    "AUGMENTATIONS",
+    "VectorRecipe",
+    "PRESETS",
+    "TrainConfig",
+    "default_train_config",
+    "BASELINES",
+    "BaselineConfig",
+    "default_baseline_config",
+]
+
+AUGMENTATIONS = ("none", "shift", "crop-flip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Classifier training recipe: SGD + Nesterov, one-cycle LR, optional crop/flip augmentation."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    augment: str = "none"  # "none", "shift" (random crop with 1-pixel padding), "crop-flip" (CIFAR: pad 4 + flip)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise InvalidInputError(f"learning rate must be > 0, got {self.lr}")
+        if self.augment not in AUGMENTATIONS:
+            raise unknown("augmentation", self.augment, AUGMENTATIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_train_config(arch: str, epochs: int | None = None, **kw: Any) -> TrainConfig:
+    """Sensible per-architecture defaults (digits: no augmentation; CIFAR: crop + flip, bigger batch)."""
+    if arch == "digits-cnn":
+        base = dict(epochs=30, batch_size=64, lr=0.05, augment="none")
+    elif arch == "resnet18-cifar":
+        base = dict(epochs=24, batch_size=512, lr=0.2, augment="crop-flip")
+    else:
+        base = dict(epochs=15, batch_size=256, lr=0.1, augment="crop-flip")
+    if epochs is not None:
+        base["epochs"] = epochs
+    base.update({k: v for k, v in kw.items() if v is not None})
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class VectorRecipe:
+    """Every constant of forget-vector training (defaults: the paper's recipe)."""
+
+    epochs: int = field(default=10, metadata={"help": 'Epochs (paper: 10).'})
+    lr: float = field(default=0.2, metadata={"help": 'SGD learning rate (paper: 0.2).'})
+    momentum: float = field(default=0.9, metadata={"help": 'SGD momentum (paper: 0.9).'})
+    gamma: float = field(default=0.9, metadata={"help": 'ExponentialLR factor per epoch (paper: 0.9).'})
+    batch_size: int = field(default=256, metadata={"help": 'Mini-batch size per vector (paper: 256).'})
+    alpha: float = field(default=1.0, metadata={"help": 'Retain cross-entropy weight α (paper: 1).'})
+    beta: float = field(default=5.0, metadata={"help": 'Forget margin weight β (paper: 3-10; default 5).'})
+    lam: float = field(default=1.0, metadata={"help": 'L2 norm penalty weight λ (paper: 1).'})
+    tau: float = field(default=1.0, metadata={"help": 'Margin floor τ (paper: 1).'})
+    seed: int = 0
+    forget_share: float | None = field(default=None, metadata={"help": 'Share of forget samples per batch (default: natural mix).'})
+    augment: str = field(default="none", metadata={"help": 'Augment clean images before δ.', "choices": AUGMENTATIONS})
+    max_parallel: int = field(default=16, metadata={"help": 'Vectors trained in one forward pass (default 16).'})
+    grad_clip: float | None = field(default=None, metadata={"help": 'Per-vector gradient L2 clip (default: none).'})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise InvalidInputError(f"batch size must be >= 2, got {self.batch_size}")
+        for k in ("lr", "gamma"):
+            if not getattr(self, k) > 0:
+                raise InvalidInputError(f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("alpha", "beta", "lam", "tau"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise InvalidInputError(f"{k} must be finite and >= 0, got {v}")
+        if self.forget_share is not None and not 0.0 < self.forget_share < 1.0:
+            raise InvalidInputError(f"forget share must be in (0, 1), got {self.forget_share}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InvalidInputError(f"grad clip must be > 0, got {self.grad_clip}")
+        if self.augment not in AUGMENTATIONS:
+            raise unknown("augmentation", self.augment, AUGMENTATIONS)
+        if self.max_parallel < 1:
+            raise InvalidInputError(f"max_parallel must be >= 1, got {self.max_parallel}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Named recipes. "paper" is the default (the paper's constants). "digits" was tuned on sklearn's digits
+#: with digits-cnn (seeds 0 and 1: every class vector UA >= 97%, remaining-class TA drop <= 4.2 points):
+#: half of each batch from the forget set, a stronger retain term, a softer margin floor and per-problem
+#: gradient clipping, because plain SGD at lr 0.2 overshot on some classes.
+PRESETS: dict[str, VectorRecipe] = {
+    "paper": VectorRecipe(),
+    "digits": VectorRecipe(
+        epochs=20, batch_size=128, forget_share=0.5, alpha=8.0, beta=10.0, tau=0.75, grad_clip=0.5
+    ),
+    #: best of a 13-recipe sweep on CIFAR-10 class 0 with resnet18-cifar (H200, 2026-11-26; see
+    #: benchmarks/RESULTS.md): UA 97.5%, MIA-Efficacy 98.5%, TA 83.0% (vs "paper" at 5 epochs: UA 86.6%,
+    #: TA 77.5%). Still short of the paper's TA: a starting point, not a tuned result.
+    "cifar": VectorRecipe(
+        epochs=5, lr=0.05, batch_size=128, forget_share=0.5, alpha=16.0, beta=20.0, tau=0.75, grad_clip=0.5
+    ),
+}
+
+
+BASELINES = ("retrain", "ft", "ga", "rl")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    method: str
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.method not in BASELINES:
+            raise unknown("baseline method", self.method, BASELINES)
+
+
+def default_baseline_config(method: str, original: TrainConfig, epochs: int | None = None, lr: float | None = None) -> BaselineConfig:
+    """Recipes from the unlearning literature (Unlearn-Sparse / SalUn), scaled to the original's."""
+    if method not in BASELINES:
+        raise unknown("baseline method", method, BASELINES)
+    if method == "retrain":
+        cfg = original
+    elif method == "ft":
+        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
+    elif method == "rl":
+        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
+    else:  # ga: a few small steps uphill on the forget set only
+        cfg = TrainConfig(epochs=5, batch_size=min(original.batch_size, 64), lr=1e-3, weight_decay=0.0, augment="none", seed=original.seed)
+    changes = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    if changes:
+        cfg = TrainConfig(**{**cfg.to_dict(), **changes})
+    return BaselineConfig(method, cfg)
