@@ -38,7 +38,13 @@ def _session(data: bytes, threads: int) -> ort.InferenceSession:
 
 def _pct(a: list[float]) -> dict[str, float]:
     x = np.asarray(a) * 1e3
-    return {"p50_ms": float(np.percentile(x, 50)), "p90_ms": float(np.percentile(x, 90)), "p99_ms": float(np.percentile(x, 99)), "mean_ms": float(x.mean()), "n": len(x)}
+    return {
+        "p50_ms": float(np.percentile(x, 50)),
+        "p90_ms": float(np.percentile(x, 90)),
+        "p99_ms": float(np.percentile(x, 99)),
+        "mean_ms": float(x.mean()),
+        "n": len(x),
+    }
 
 
 def bench(arch: str, batches: list[int], runs: int, warmup: int, k: int, threads: int) -> dict:
@@ -74,8 +80,14 @@ def bench(arch: str, batches: list[int], runs: int, warmup: int, k: int, threads
                     sess[name].run(None, feeds[name])
                     times[name].append(time.perf_counter() - t)
         b, f = _pct(times["bare"]), _pct(times["fused"])
-        out["points"].append({"batch": n, "bare": b, "fused": f, "overhead_p50_pct": 100 * (f["p50_ms"] / b["p50_ms"] - 1)})
-        print(f"{arch:<15} batch {n:>3}: bare p50 {b['p50_ms']:8.3f} ms  fused p50 {f['p50_ms']:8.3f} ms  overhead {out['points'][-1]['overhead_p50_pct']:+.2f}%", flush=True)
+        out["points"].append(
+            {"batch": n, "bare": b, "fused": f, "overhead_p50_pct": 100 * (f["p50_ms"] / b["p50_ms"] - 1)}
+        )
+        print(
+            f"{arch:<15} batch {n:>3}: bare p50 {b['p50_ms']:8.3f} ms  fused p50 {f['p50_ms']:8.3f} ms  overhead "
+            f"{out['points'][-1]['overhead_p50_pct']:+.2f}%",
+            flush=True,
+        )
     return out
 
 
@@ -89,9 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", default=None, help="write results here")
     a = p.parse_args(argv)
-    env = {"onnxruntime": ort.__version__, "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "threads": a.threads, "date": time.strftime("%Y-%m-%d %H:%M")}
-    results = {"env": env, "config": vars(a), "archs": [bench(arch, [int(b) for b in a.batch.split(",")], a.runs, a.warmup, a.k, a.threads) for arch in a.arch.split(",")]}
+    env = {
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": a.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    results = {
+        "env": env,
+        "config": vars(a),
+        "archs": [
+            bench(arch, [int(b) for b in a.batch.split(",")], a.runs, a.warmup, a.k, a.threads)
+            for arch in a.arch.split(",")
+        ],
+    }
     for r in results["archs"]:
         print(f"{r['arch']}: classifier export {r['export_classifier_s']:.2f}s, prefix graft {r['fuse_s']:.3f}s")
     if a.json:

@@ -46,7 +46,12 @@ def make_bundle(arch: str, k: int, root: Path) -> Path:
     bank = VectorBank.create(model_fingerprint(model), arch, spec)
     rng = np.random.default_rng(0)
     for i in range(k):
-        bank.add(f"v{i}", rng.normal(0, 0.05, spec.shape).astype(np.float32), forgets={"kind": "class", "classes": [i % 10]}, recipe={})
+        bank.add(
+            f"v{i}",
+            rng.normal(0, 0.05, spec.shape).astype(np.float32),
+            forgets={"kind": "class", "classes": [i % 10]},
+            recipe={},
+        )
     bank.save(root / f"{arch}-bank")
     out = root / f"{arch}-bundle"
     export_onnx(root / f"{arch}-bank", out, model_dir=root / f"{arch}-model", overwrite=True)
@@ -55,7 +60,12 @@ def make_bundle(arch: str, k: int, root: Path) -> Path:
 
 def pct(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "n": len(a),
+    }
 
 
 def interleaved(fns: dict, runs: int, warmup: int, block: int = 10) -> dict[str, list[float]]:
@@ -75,8 +85,25 @@ def interleaved(fns: dict, runs: int, warmup: int, block: int = 10) -> dict[str,
     return times
 
 
-def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threads: int, c_batch: int = 32, c_delay_us: int = 0, c_rounds: int = 3) -> dict:
-    rt = Runtime.load(bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=200, max_queue=4096)))
+def bench(
+    arch: str,
+    bundle: Path,
+    runs: int,
+    warmup: int,
+    seconds: float,
+    threads: int,
+    c_batch: int = 32,
+    c_delay_us: int = 0,
+    c_rounds: int = 3,
+) -> dict:
+    rt = Runtime.load(
+        bundle,
+        RuntimeConfig(
+            backend="onnxruntime",
+            device="cpu",
+            batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=200, max_queue=4096),
+        ),
+    )
     spec, k = rt.iospec, rt.snapshot.k
     rng = np.random.default_rng(0)
     so = ort.SessionOptions()
@@ -88,7 +115,11 @@ def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threa
     res: dict = {"arch": arch, "K": k}
 
     # (a) per-call overhead at batch 1
-    t = interleaved({"bare": lambda: bare.run(None, {"image": x1, "coeffs": c1}), "runtime": lambda: rt.infer(x1, ["v1"])}, runs, warmup)
+    t = interleaved(
+        {"bare": lambda: bare.run(None, {"image": x1, "coeffs": c1}), "runtime": lambda: rt.infer(x1, ["v1"])},
+        runs,
+        warmup,
+    )
     a = {"bare": pct(t["bare"]), "runtime": pct(t["runtime"])}
     a["overhead_pct"] = 100 * (a["runtime"]["p50_ms"] / a["bare"]["p50_ms"] - 1)
     res["a_infer_vs_bare_batch1"] = a
@@ -97,7 +128,11 @@ def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threa
     x64 = rng.random((64, *spec.shape), dtype=np.float32)
     hetero = rng.uniform(-1, 1, (64, k)).astype(np.float32)
     homo = np.tile(hetero[0], (64, 1))
-    t = interleaved({"homogeneous": lambda: rt.infer(x64, coeffs=homo), "heterogeneous": lambda: rt.infer(x64, coeffs=hetero)}, max(20, runs // 5), max(3, warmup // 5))
+    t = interleaved(
+        {"homogeneous": lambda: rt.infer(x64, coeffs=homo), "heterogeneous": lambda: rt.infer(x64, coeffs=hetero)},
+        max(20, runs // 5),
+        max(3, warmup // 5),
+    )
     b = {m: pct(v) for m, v in t.items()}
     for m in b:
         b[m]["images_per_s"] = 64 / (b[m]["p50_ms"] / 1e3)
@@ -163,7 +198,14 @@ def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threa
 
     # (c) runs on its own runtime, its batcher sized for the load; serial and concurrent rates are
     # measured in interleaved rounds (medians), since this machine's speed drifts between seconds
-    rt_c = Runtime.load(bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=c_batch, max_queue_delay_us=c_delay_us, max_queue=4096)))
+    rt_c = Runtime.load(
+        bundle,
+        RuntimeConfig(
+            backend="onnxruntime",
+            device="cpu",
+            batching=BatchingConfig(max_batch_size=c_batch, max_queue_delay_us=c_delay_us, max_queue=4096),
+        ),
+    )
     rt_serial, rt = rt, rt_c
     serial_rate()  # warm-up
     rounds: dict[str, list] = {"serial": [], "threads": [], "async": []}
@@ -178,15 +220,35 @@ def bench(arch: str, bundle: Path, runs: int, warmup: int, seconds: float, threa
     s = float(np.median(rounds["serial"]))
     conc, mean_batch = (float(np.median([r[i] for r in rounds["threads"]])) for i in (0, 1))
     aconc, amean = (float(np.median([r[i] for r in rounds["async"]])) for i in (0, 1))
-    res["c_concurrent_vs_serial"] = {"serial_req_per_s": s, "threads": threads, "thread_submitters_req_per_s": conc, "thread_speedup": conc / s,
-                                     "thread_mean_batch_images": mean_batch, "async_submitters_req_per_s": aconc, "async_speedup": aconc / s,
-                                     "async_mean_batch_images": amean, "rounds": c_rounds, "round_seconds": seconds,
-                                     "batcher": {"max_batch_size": c_batch, "max_queue_delay_us": c_delay_us}, "per_round": rounds}
+    res["c_concurrent_vs_serial"] = {
+        "serial_req_per_s": s,
+        "threads": threads,
+        "thread_submitters_req_per_s": conc,
+        "thread_speedup": conc / s,
+        "thread_mean_batch_images": mean_batch,
+        "async_submitters_req_per_s": aconc,
+        "async_speedup": aconc / s,
+        "async_mean_batch_images": amean,
+        "rounds": c_rounds,
+        "round_seconds": seconds,
+        "batcher": {"max_batch_size": c_batch, "max_queue_delay_us": c_delay_us},
+        "per_round": rounds,
+    }
     rt.close()
-    print(f"{arch:<15} (a) batch-1 p50: bare {a['bare']['p50_ms']:.4f} ms, Runtime.infer {a['runtime']['p50_ms']:.4f} ms ({a['overhead_pct']:+.1f}%)")
-    print(f"{'':<15} (b) batch 64: homogeneous {b['homogeneous']['images_per_s']:.0f} img/s, heterogeneous {b['heterogeneous']['images_per_s']:.0f} img/s (ratio {b['ratio']:.3f})")
-    print(f"{'':<15} (c) serial batch-1 {s:.0f} req/s; {threads} submitter threads {conc:.0f} req/s ({conc / s:.2f}x, mean batch {mean_batch:.1f}); "
-          f"{threads} asyncio tasks {aconc:.0f} req/s ({aconc / s:.2f}x, mean batch {amean:.1f})", flush=True)
+    print(
+        f"{arch:<15} (a) batch-1 p50: bare {a['bare']['p50_ms']:.4f} ms, Runtime.infer {a['runtime']['p50_ms']:.4f} ms "
+        f"({a['overhead_pct']:+.1f}%)"
+    )
+    print(
+        f"{'':<15} (b) batch 64: homogeneous {b['homogeneous']['images_per_s']:.0f} img/s, heterogeneous "
+        f"{b['heterogeneous']['images_per_s']:.0f} img/s (ratio {b['ratio']:.3f})"
+    )
+    print(
+        f"{'':<15} (c) serial batch-1 {s:.0f} req/s; {threads} submitter threads {conc:.0f} req/s ({conc / s:.2f}x, "
+        f"mean batch {mean_batch:.1f}); "
+        f"{threads} asyncio tasks {aconc:.0f} req/s ({aconc / s:.2f}x, mean batch {amean:.1f})",
+        flush=True,
+    )
     return res
 
 
@@ -196,19 +258,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--runs", type=int, default=500)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--seconds", type=float, default=2.0, help="duration of each throughput measurement in (c), per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of serial / threads / asyncio in (c); medians are reported")
+    p.add_argument(
+        "--seconds", type=float, default=2.0, help="duration of each throughput measurement in (c), per round"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of serial / threads / asyncio in (c); medians are reported",
+    )
     p.add_argument("--c-max-batch", type=int, default=32, help="(c): the batcher's max_batch_size")
     p.add_argument("--c-delay-us", type=int, default=0, help="(c): the batcher's max_queue_delay_us")
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    env = {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    env = {
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     out = {"env": env, "config": vars(a), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.arch.split(","):
-            out["results"].append(bench(arch, make_bundle(arch, a.k, Path(tmp)), a.runs, a.warmup, a.seconds, a.threads, a.c_max_batch, a.c_delay_us, a.rounds))
+            out["results"].append(
+                bench(
+                    arch,
+                    make_bundle(arch, a.k, Path(tmp)),
+                    a.runs,
+                    a.warmup,
+                    a.seconds,
+                    a.threads,
+                    a.c_max_batch,
+                    a.c_delay_us,
+                    a.rounds,
+                )
+            )
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=2))

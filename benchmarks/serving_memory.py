@@ -58,7 +58,9 @@ _PROBE = textwrap.dedent(
 
 
 def _probe(mode: str, path: Path, n: int) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(path), str(n)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode, str(path), str(n)], capture_output=True, text=True, check=True
+    )
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss_growth_bytes"])
 
 
@@ -94,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in ns:
             bank = VectorBank.create(model_fingerprint(model), a.arch, spec)
             for i in range(n):
-                bank.add(f"v{i}", rng.normal(0, 0.05, spec.shape).astype(np.float32), forgets={"kind": "class", "classes": [i % 10]}, recipe={})
+                bank.add(
+                    f"v{i}",
+                    rng.normal(0, 0.05, spec.shape).astype(np.float32),
+                    forgets={"kind": "class", "classes": [i % 10]},
+                    recipe={},
+                )
             bank.save(root / f"bank{n}")
             export_onnx(root / f"bank{n}", root / f"bundle{n}", model_dir=root / "model", overwrite=True)
             vec = _probe("vectors", root / f"bundle{n}", n)
@@ -105,17 +112,38 @@ def main(argv: list[str] | None = None) -> int:
                 if per_copy is None:
                     per_copy = _probe("copies", clf, 1)
                 copies, how = int(per_copy * n), f"computed ({per_copy / 2**20:.1f} MiB per copy x {n})"
-            rows.append({"n": n, "forget_vectors_bytes": vec, "model_copies_bytes": copies, "model_copies": how, "ratio": copies / max(vec, 1)})
-            print(f"N={n:>5}: one engine + {n} vectors {vec / 2**20:8.1f} MiB | {n} model copies {copies / 2**20:10.1f} MiB ({how}) | {copies / max(vec, 1):6.1f}x", flush=True)
-    env = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M"),
-           "weights_mib": sum(p.numel() * 4 for p in model.state_dict().values()) / 2**20}
+            rows.append(
+                {
+                    "n": n,
+                    "forget_vectors_bytes": vec,
+                    "model_copies_bytes": copies,
+                    "model_copies": how,
+                    "ratio": copies / max(vec, 1),
+                }
+            )
+            print(
+                f"N={n:>5}: one engine + {n} vectors {vec / 2**20:8.1f} MiB | {n} model copies {copies / 2**20:10.1f} "
+                f"MiB ({how}) | {copies / max(vec, 1):6.1f}x",
+                flush=True,
+            )
+    env = {
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "weights_mib": sum(p.numel() * 4 for p in model.state_dict().values()) / 2**20,
+    }
     result = {"arch": a.arch, "env": env, "rows": rows}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2))
     if a.markdown:
         md = ["| N | one engine + N vectors (MiB) | N model copies (MiB) | copies / vectors |", "|---|---|---|---|"]
-        md += [f"| {r['n']} | {r['forget_vectors_bytes'] / 2**20:.1f} | {r['model_copies_bytes'] / 2**20:.1f} ({r['model_copies']}) | {r['ratio']:.1f}x |" for r in rows]
+        md += [
+            f"| {r['n']} | {r['forget_vectors_bytes'] / 2**20:.1f} | {r['model_copies_bytes'] / 2**20:.1f} "
+            f"({r['model_copies']}) | {r['ratio']:.1f}x |"
+            for r in rows
+        ]
         Path(a.markdown).write_text("\n".join(md) + "\n")
     return 0
 

@@ -12,7 +12,8 @@ GPU (the real benchmark)::
 
 CPU smoke run (plumbing only; numbers are not the benchmark)::
 
-    python benchmarks/unlearning_cifar10.py --arch cifar-small --subset 3000,1000 --epochs 2 --vector-epochs 1 --device cpu
+    python benchmarks/unlearning_cifar10.py --arch cifar-small --subset 3000,1000 --epochs 2 \
+        --vector-epochs 1 --device cpu
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpeg.t
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 archive, ImageFolder tree or cifar-10-batches-py")
+    p.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="CIFAR-10 archive, ImageFolder tree or cifar-10-batches-py"
+    )
     p.add_argument("--arch", default="resnet18-cifar")
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs (default per arch)")
     p.add_argument("--classes", default="0", help="classes to train vectors for, e.g. 0,3,5")
@@ -66,13 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         ntr, nte = (int(x) for x in a.subset.split(","))
         ds = ds.subset(ntr, nte, seed=0)
     recipe = PRESETS[a.preset]
-    changes = {k: v for k, v in dict(epochs=a.vector_epochs, beta=a.beta, alpha=a.alpha, forget_share=a.forget_share, grad_clip=a.grad_clip, augment=a.augment).items() if v is not None}
+    changes = {
+        k: v
+        for k, v in dict(
+            epochs=a.vector_epochs,
+            beta=a.beta,
+            alpha=a.alpha,
+            forget_share=a.forget_share,
+            grad_clip=a.grad_clip,
+            augment=a.augment,
+        ).items()
+        if v is not None
+    }
     recipe = replace(recipe, **changes)
     classes = [int(c) for c in a.classes.split(",")]
 
     model_dir, bank_dir = out / "model", out / "bank"
     rec = wf.train_model(a.arch, ds, model_dir, epochs=a.epochs, device=str(dev))
-    vecs = wf.train_class_vectors(model_dir, ds, bank_dir, classes=classes, recipe=recipe, device=str(dev), overwrite=True)
+    vecs = wf.train_class_vectors(
+        model_dir, ds, bank_dir, classes=classes, recipe=recipe, device=str(dev), overwrite=True
+    )
     rows, checks = {}, {}
     base_ta = {}
     for c in classes:
@@ -80,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     retrain = None
     if not a.no_retrain:
         c = classes[0]
-        r_rec = wf.unlearn_baseline("retrain", model_dir, ds, ForgetSpec(classes=(c,)), out / f"retrain-{c}", device=str(dev))
+        r_rec = wf.unlearn_baseline(
+            "retrain", model_dir, ds, ForgetSpec(classes=(c,)), out / f"retrain-{c}", device=str(dev)
+        )
         retrain = wf.evaluate_result(out / f"retrain-{c}", ds, device=str(dev))
         retrain["seconds"] = r_rec["unlearning"]["seconds"]
         rows[f"retrain-{c}"] = retrain
@@ -91,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             m["avg_gap"] = sum(abs(m[k] - retrain[k]) for k in ("UA", "RA", "TA", "MIA_efficacy")) / 4
         m["TA_drop"] = base_ta[c] - m["TA"]
         rows[v["name"]] = m
-        checks[v["name"]] = {"UA>=99": m["UA"] >= 99, "MIA>=99": m["MIA_efficacy"] >= 99, "TA_drop<=3": m["TA_drop"] <= 3}
+        checks[v["name"]] = {
+            "UA>=99": m["UA"] >= 99,
+            "MIA>=99": m["MIA_efficacy"] >= 99,
+            "TA_drop<=3": m["TA_drop"] <= 3,
+        }
     checks["original"] = {"test_acc>=90": rec["metrics"]["test_acc"] >= 90}
     table = format_table(rows, ("UA", "RA", "TA", "TA_drop", "MIA_efficacy", "avg_gap", "seconds"))
     env = {

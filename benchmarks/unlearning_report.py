@@ -44,7 +44,9 @@ def _gap(r: dict, ref: dict) -> float:
     return float(np.mean([abs(r[k] - ref[k]) for k in KEYS]))
 
 
-def run_task(name: str, spec: ForgetSpec, ds, model_dir: Path, out: Path, recipe, device: str, log, mia: int | None) -> dict[str, dict]:
+def run_task(
+    name: str, spec: ForgetSpec, ds, model_dir: Path, out: Path, recipe, device: str, log, mia: int | None
+) -> dict[str, dict]:
     """Every method on one forget task; returns method -> metrics (with avg_gap vs retrain and seconds)."""
     res: dict[str, dict] = {}
     ev = {"device": device, "mia_max_per_side": mia}
@@ -54,14 +56,19 @@ def run_task(name: str, spec: ForgetSpec, ds, model_dir: Path, out: Path, recipe
         r["seconds"] = rec["unlearning"]["seconds"]
         res[m] = r
     t0 = time.perf_counter()
-    vec = wf.train_vector(model_dir, ds, out / "bank", {f"fv-{name}": spec}, recipe, device=device, evaluate_after=False, overwrite=True)
+    vec = wf.train_vector(
+        model_dir, ds, out / "bank", {f"fv-{name}": spec}, recipe, device=device, evaluate_after=False, overwrite=True
+    )
     fv = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"fv-{name}", forget=spec, **ev)
     fv["seconds"] = vec[0]["seconds"]
     fv["wall_seconds"] = time.perf_counter() - t0
     res["forget vector"] = fv
     for r in res.values():
         r["avg_gap"] = _gap(r, res["retrain"])
-    log(f"  {name}: " + ", ".join(f"{m} UA {r['UA']:.1f} TA {r['TA']:.1f} gap {r['avg_gap']:.2f}" for m, r in res.items()))
+    log(
+        f"  {name}: "
+        + ", ".join(f"{m} UA {r['UA']:.1f} TA {r['TA']:.1f} gap {r['avg_gap']:.2f}" for m, r in res.items())
+    )
     return res
 
 
@@ -79,9 +86,11 @@ def _md_table(rows: dict[str, dict[str, Any]], with_std: bool) -> list[str]:
     head = "| method | UA | RA | TA | MIA-Efficacy | Avg.Gap vs Retrain | time (s) |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
+
         def cell(k: str) -> str:
             v = r[k]
             return f"{v[0]:.2f} ± {v[1]:.2f}" if with_std else f"{v:.2f}"
+
         lines.append(f"| {m} | " + " | ".join(cell(k) for k in (*KEYS, "avg_gap", "seconds")) + " |")
     return lines
 
@@ -93,17 +102,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", default="0,3,7", help="classes for the class-wise table")
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--pair", default="0,3", help="2-class task for the arithmetic table")
-    p.add_argument("--basis", default="all", choices=["all", "tasks"],
-                   help="arithmetic basis: all class vectors (trained together) or the class-wise tasks' vectors (no extra training)")
+    p.add_argument(
+        "--basis",
+        default="all",
+        choices=["all", "tasks"],
+        help="arithmetic basis: all class vectors (trained together) or the class-wise tasks' vectors "
+        "(no extra training)",
+    )
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
-    p.add_argument("--random-preset", default="paper", choices=sorted(PRESETS),
-                   help="recipe for the random data-wise task (the class-wise tuned 'digits' preset over-forgets random data)")
+    p.add_argument(
+        "--random-preset",
+        default="paper",
+        choices=sorted(PRESETS),
+        help="recipe for the random data-wise task (the class-wise tuned 'digits' preset over-forgets random data)",
+    )
     p.add_argument("--vector-epochs", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="classifier (and so Retrain) epochs")
-    p.add_argument("--mia-max-per-side", type=int, default=5000,
-                   help="cap on members and non-members the MIA's SVC is fit on (RBF SVC cost grows quadratically)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds: a stage that would likely not finish in what is left is skipped (and listed as skipped)")
+    p.add_argument(
+        "--mia-max-per-side",
+        type=int,
+        default=5000,
+        help="cap on members and non-members the MIA's SVC is fit on (RBF SVC cost grows quadratically)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: a stage that would likely not finish in what is left is skipped (and listed as skipped)",
+    )
     p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST seeded random subset (smoke runs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/unlearning-report")
@@ -118,8 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         ds = ds.subset(ntr, nte, seed=0)
     report_data_s = time.perf_counter() - t_start
     recipe = PRESETS[a.preset] if a.vector_epochs is None else replace(PRESETS[a.preset], epochs=a.vector_epochs)
-    rand_recipe = PRESETS[a.random_preset] if a.vector_epochs is None else replace(PRESETS[a.random_preset], epochs=a.vector_epochs)
-    env = {"machine": platform.machine(), "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M"), "device": a.device}
+    rand_recipe = (
+        PRESETS[a.random_preset]
+        if a.vector_epochs is None
+        else replace(PRESETS[a.random_preset], epochs=a.vector_epochs)
+    )
+    env = {
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": a.device,
+    }
     try:
         import torch
 
@@ -128,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             env["device_name"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    report: dict[str, Any] = {"config": vars(a), "env": env, "recipe": recipe.to_dict(), "random_recipe": rand_recipe.to_dict(),
-                              "skipped": [], "complete": False, "data_load_seconds": report_data_s}
+    report: dict[str, Any] = {
+        "config": vars(a),
+        "env": env,
+        "recipe": recipe.to_dict(),
+        "random_recipe": rand_recipe.to_dict(),
+        "skipped": [],
+        "complete": False,
+        "data_load_seconds": report_data_s,
+    }
 
     def save() -> None:
         report["total_seconds"] = time.perf_counter() - t_start
@@ -162,19 +204,29 @@ def main(argv: list[str] | None = None) -> int:
         if not fits(f"class {c}", task_s):
             continue
         t0 = time.perf_counter()
-        task = run_task(f"class{c}", ForgetSpec(classes=(c,)), ds, model_dir, out, recipe, a.device, log, a.mia_max_per_side)
+        task = run_task(
+            f"class{c}", ForgetSpec(classes=(c,)), ds, model_dir, out, recipe, a.device, log, a.mia_max_per_side
+        )
         task_s = time.perf_counter() - t0
         fv = task["forget vector"]
-        base = wf.evaluate_result(model_dir, ds, forget=ForgetSpec(classes=(c,)), device=a.device, mia_max_per_side=a.mia_max_per_side)
+        base = wf.evaluate_result(
+            model_dir, ds, forget=ForgetSpec(classes=(c,)), device=a.device, mia_max_per_side=a.mia_max_per_side
+        )
         fv["TA_drop"] = base["TA"] - fv["TA"]  # both on the remaining classes' test images
         class_tasks.append(task)
-        report["class_wise"] = {"classes": classes[: len(class_tasks)], "per_class": class_tasks, "mean_std": _mean_std(class_tasks)}
+        report["class_wise"] = {
+            "classes": classes[: len(class_tasks)],
+            "per_class": class_tasks,
+            "mean_std": _mean_std(class_tasks),
+        }
         save()
 
     log(f"[3/4] random {a.fraction:.0%} data-wise forgetting")
     rand_spec = ForgetSpec(fraction=a.fraction, seed=1)
     if fits("random", task_s):
-        report["random"] = run_task("random", rand_spec, ds, model_dir, out, rand_recipe, a.device, log, a.mia_max_per_side)
+        report["random"] = run_task(
+            "random", rand_spec, ds, model_dir, out, rand_recipe, a.device, log, a.mia_max_per_side
+        )
         save()
 
     log("[4/4] forget-vector arithmetic: learned composition of class vectors vs a directly trained vector")
@@ -186,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         basis_s = sum(t["forget vector"]["seconds"] for t in class_tasks)
     elif fits("arithmetic basis (all class vectors)", 0.4 * task_s * ds.num_classes):
         t0 = time.perf_counter()
-        basis = wf.train_class_vectors(model_dir, ds, out / "bank", recipe=recipe, device=a.device, evaluate_after=False, overwrite=True)
+        basis = wf.train_class_vectors(
+            model_dir, ds, out / "bank", recipe=recipe, device=a.device, evaluate_after=False, overwrite=True
+        )
         basis_s = time.perf_counter() - t0
         basis_names = [b["name"] for b in basis]
     else:
@@ -204,15 +258,44 @@ def main(argv: list[str] | None = None) -> int:
         if not fits(f"arithmetic: {task}", 0.5 * task_s):
             continue
         key = "pair" if task.startswith("classes") else "rand"
-        direct = wf.train_vector(model_dir, ds, out / "bank", {f"direct-{key}": spec}, r_, device=a.device, evaluate_after=False, overwrite=True)
+        direct = wf.train_vector(
+            model_dir,
+            ds,
+            out / "bank",
+            {f"direct-{key}": spec},
+            r_,
+            device=a.device,
+            evaluate_after=False,
+            overwrite=True,
+        )
         d = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"direct-{key}", forget=spec, **ev)
-        learned = wf.compose_learned(out / "bank", f"learned-{key}", model_dir, ds, spec, r_, basis=basis_names, device=a.device, evaluate_after=False, overwrite=True)
+        learned = wf.compose_learned(
+            out / "bank",
+            f"learned-{key}",
+            model_dir,
+            ds,
+            spec,
+            r_,
+            basis=basis_names,
+            device=a.device,
+            evaluate_after=False,
+            overwrite=True,
+        )
         lm = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"learned-{key}", forget=spec, **ev)
         arithmetic[task] = {
-            "direct vector": {**{k: d[k] for k in KEYS}, "parameters": int(np.prod(ds.shape)), "seconds": direct[0]["seconds"],
-                              **({"avg_gap": _gap(d, ref)} if ref else {})},
-            "learned composition": {**{k: lm[k] for k in KEYS}, "parameters": len(basis_names), "seconds": learned["seconds"],
-                                    **({"avg_gap": _gap(lm, ref)} if ref else {}), "coefficients": learned["coefficients"]},
+            "direct vector": {
+                **{k: d[k] for k in KEYS},
+                "parameters": int(np.prod(ds.shape)),
+                "seconds": direct[0]["seconds"],
+                **({"avg_gap": _gap(d, ref)} if ref else {}),
+            },
+            "learned composition": {
+                **{k: lm[k] for k in KEYS},
+                "parameters": len(basis_names),
+                "seconds": learned["seconds"],
+                **({"avg_gap": _gap(lm, ref)} if ref else {}),
+                "coefficients": learned["coefficients"],
+            },
         }
         if "UA_per_class" in lm:
             arithmetic[task]["learned composition"]["UA_per_class"] = lm["UA_per_class"]
@@ -221,37 +304,72 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  {task}: direct UA {d['UA']:.1f} TA {d['TA']:.1f} | learned UA {lm['UA']:.1f} TA {lm['TA']:.1f}")
     report["complete"] = not report["skipped"]
     save()
-    log(f"report: {out / 'report.md'} ({report['total_seconds']:.0f}s){'; skipped: ' + ', '.join(report['skipped']) if report['skipped'] else ''}")
+    log(
+        f"report: {out / 'report.md'} "
+        f"({report['total_seconds']:.0f}s){'; skipped: ' + ', '.join(report['skipped']) if report['skipped'] else ''}"
+    )
     return 0
 
 
 def _write_md(report: dict[str, Any], path: Path, argv: list[str] | None) -> None:
     a, env, orig = report["config"], report["env"], report.get("original", {})
-    md = [f"# Unlearning report: {a['arch']} on {a['data']} ({env.get('device_name', a['device'])}, {env['date']})", "",
-          f"Original model: train {orig.get('train_acc', float('nan')):.2f}%, test {orig.get('test_acc', float('nan')):.2f}% "
-          f"(trained in {orig.get('train_seconds', float('nan')):.1f} s). Forget-vector recipe: preset `{a['preset']}` (class-wise), "
-          f"`{a['random_preset']}` (random){', ' + str(a['vector_epochs']) + ' epochs' if a['vector_epochs'] else ''}. "
-          f"MIA fit on at most {a['mia_max_per_side']} members and non-members.",
-          f"Command: `python benchmarks/unlearning_report.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    md = [
+        f"# Unlearning report: {a['arch']} on {a['data']} ({env.get('device_name', a['device'])}, {env['date']})",
+        "",
+        f"Original model: train {orig.get('train_acc', float('nan')):.2f}%, test "
+        f"{orig.get('test_acc', float('nan')):.2f}% "
+        f"(trained in {orig.get('train_seconds', float('nan')):.1f} s). Forget-vector recipe: preset `{a['preset']}` "
+        "(class-wise), "
+        f"`{a['random_preset']}` (random){', ' + str(a['vector_epochs']) + ' epochs' if a['vector_epochs'] else ''}. "
+        f"MIA fit on at most {a['mia_max_per_side']} members and non-members.",
+        f"Command: `python benchmarks/unlearning_report.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+    ]
     if not report["complete"]:
         md += [f"**Incomplete**: skipped {', '.join(report['skipped']) or 'nothing yet (still running)'}.", ""]
     cw = report.get("class_wise")
     if cw:
-        md += [f"## Class-wise forgetting (classes {cw['classes']}; mean ± std)", "", *_md_table(cw["mean_std"], True), ""]
+        md += [
+            f"## Class-wise forgetting (classes {cw['classes']}; mean ± std)",
+            "",
+            *_md_table(cw["mean_std"], True),
+            "",
+        ]
         drops = [t["forget vector"]["TA_drop"] for t in cw["per_class"]]
-        md += [f"Forget vector TA drop vs the original model (remaining classes' test images): {', '.join(f'{d:.2f}' for d in drops)} points.", ""]
+        md += [
+            "Forget vector TA drop vs the original model (remaining classes' test images): "
+            f"{', '.join(f'{d:.2f}' for d in drops)} points.",
+            "",
+        ]
     if report.get("random"):
-        md += [f"## Random {a['fraction']:.0%} data-wise forgetting (seed 1)", "", *_md_table(report["random"], False), ""]
+        md += [
+            f"## Random {a['fraction']:.0%} data-wise forgetting (seed 1)",
+            "",
+            *_md_table(report["random"], False),
+            "",
+        ]
     if report.get("arithmetic"):
-        md += ["## Forget-vector arithmetic", "",
-               "| task | method | UA | RA | TA | MIA-Efficacy | Avg.Gap | parameters learned | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+        md += [
+            "## Forget-vector arithmetic",
+            "",
+            "| task | method | UA | RA | TA | MIA-Efficacy | Avg.Gap | parameters learned | time (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for task, rows in report["arithmetic"].items():
             for m, r in rows.items():
                 gap = f"{r['avg_gap']:.2f}" if "avg_gap" in r else "-"
-                md.append(f"| {task} | {m} | {r['UA']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} | {r['MIA_efficacy']:.2f} | {gap} | {r['parameters']} | {r['seconds']:.2f} |")
+                md.append(
+                    f"| {task} | {m} | {r['UA']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} | {r['MIA_efficacy']:.2f} | {gap} "
+                    f"| {r['parameters']} | {r['seconds']:.2f} |"
+                )
         b = report["arithmetic_basis"]
-        md += ["", f"The learned compositions reuse {len(b['vectors'])} class-wise vectors ({', '.join(b['vectors'])}; trained in {b['seconds']:.1f} s).",
-               "Avg.Gap is against Retrain on the same forget set (for the 2-class task no Retrain was run, so it is left out)."]
+        md += [
+            "",
+            f"The learned compositions reuse {len(b['vectors'])} class-wise vectors ({', '.join(b['vectors'])}; "
+            f"trained in {b['seconds']:.1f} s).",
+            "Avg.Gap is against Retrain on the same forget set (for the 2-class task no Retrain was run, so it is "
+            "left out).",
+        ]
     md += ["", "![UA vs TA](tradeoff.png)"]
     path.write_text("\n".join(md) + "\n")
 
@@ -263,12 +381,22 @@ def _plot(class_tasks: list[dict], rand_task: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, tasks, title in ((axes[0], class_tasks, "class-wise"), (axes[1], [rand_task] if rand_task else [], "random data-wise")):
+    for ax, tasks, title in (
+        (axes[0], class_tasks, "class-wise"),
+        (axes[1], [rand_task] if rand_task else [], "random data-wise"),
+    ):
         if not tasks:
             ax.set_axis_off()
             continue
         for i, m in enumerate(tasks[0]):
-            ax.scatter([t[m]["TA"] for t in tasks], [t[m]["UA"] for t in tasks], label=m, marker="*" if m == "forget vector" else "o", s=90 if m == "forget vector" else 40, color=f"C{i}")
+            ax.scatter(
+                [t[m]["TA"] for t in tasks],
+                [t[m]["UA"] for t in tasks],
+                label=m,
+                marker="*" if m == "forget vector" else "o",
+                s=90 if m == "forget vector" else 40,
+                color=f"C{i}",
+            )
         ax.set(xlabel="TA (%)", ylabel="UA (%)", title=f"UA vs TA, {title}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

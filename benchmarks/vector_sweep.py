@@ -31,7 +31,9 @@ def parse_recipe(text: str) -> tuple[str, VectorRecipe]:
     name, _, rest = text.partition("=")
     preset, _, overrides = rest.partition(":")
     if not name or preset not in PRESETS:
-        raise SystemExit(f"bad --recipe {text!r}: want NAME=PRESET[:key=value,...] with PRESET one of {sorted(PRESETS)}")
+        raise SystemExit(
+            f"bad --recipe {text!r}: want NAME=PRESET[:key=value,...] with PRESET one of {sorted(PRESETS)}"
+        )
     types = {f.name: f.type for f in fields(VectorRecipe)}
     changes = {}
     for item in filter(None, overrides.split(",")):
@@ -57,14 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     cands = [parse_recipe(r) for r in a.recipe]
-    spec = ForgetSpec(classes=tuple(int(c) for c in a.classes.split(","))) if a.classes else ForgetSpec(fraction=a.fraction, seed=1)
+    spec = (
+        ForgetSpec(classes=tuple(int(c) for c in a.classes.split(",")))
+        if a.classes
+        else ForgetSpec(fraction=a.fraction, seed=1)
+    )
     ds = load_data(a.data)
     res: dict = {}
     for name, recipe in cands:
         t0 = time.perf_counter()
-        wf.train_vector(a.model, ds, a.bank, {name: spec}, recipe, device=a.device, evaluate_after=False, overwrite=True)
+        wf.train_vector(
+            a.model, ds, a.bank, {name: spec}, recipe, device=a.device, evaluate_after=False, overwrite=True
+        )
         seconds = time.perf_counter() - t0
-        m = wf.evaluate_result(a.model, ds, bank_dir=a.bank, vector=name, forget=spec, device=a.device, mia_max_per_side=a.mia_max_per_side)
+        m = wf.evaluate_result(
+            a.model, ds, bank_dir=a.bank, vector=name, forget=spec, device=a.device, mia_max_per_side=a.mia_max_per_side
+        )
         res[name] = {**{k: m[k] for k in KEYS}, "seconds": seconds, "recipe": recipe.to_dict()}
         print(f"{name:<24} " + "  ".join(f"{k} {m[k]:6.2f}" for k in KEYS) + f"  {seconds:6.1f}s", flush=True)
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ Nothing is written unless onnxruntime reproduces the reference within tolerance.
 
 from __future__ import annotations
 
-
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -52,11 +51,15 @@ def load_onnx_file(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as e:  # onnx raises DecodeError, ValidationError, ... without a common base
-        raise CorruptArtifactError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise CorruptArtifactError(
+            f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     return model
 
 
-def export_classifier(model_dir: str | os.PathLike, out: str | os.PathLike, *, banks: Sequence[str | os.PathLike] = (), opset: int = 17) -> dict[str, Any]:
+def export_classifier(
+    model_dir: str | os.PathLike, out: str | os.PathLike, *, banks: Sequence[str | os.PathLike] = (), opset: int = 17
+) -> dict[str, Any]:
     """Write the bare classifier as ONNX and record its sha256 in each bank (which must match the model)."""
     from .torch_onnx import classifier_to_onnx
 
@@ -79,7 +82,10 @@ def export_classifier(model_dir: str | os.PathLike, out: str | os.PathLike, *, b
 def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     from safetensors.numpy import save
 
-    return save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, metadata={"format": "forgetrt.bundle_vectors"})
+    return save(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+        metadata={"format": "forgetrt.bundle_vectors"},
+    )
 
 
 def export_onnx(
@@ -98,7 +104,9 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export the fused graph into a bundle folder; fails, writing nothing, on any mismatch."""
     if (model_dir is None) == (from_onnx is None):
-        raise InvalidInputError("give exactly one of --model (a ForgetRT model folder) or --from-onnx (a classifier .onnx)")
+        raise InvalidInputError(
+            "give exactly one of --model (a ForgetRT model folder) or --from-onnx (a classifier .onnx)"
+        )
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
     bank = VectorBank.load(bank_dir)
@@ -110,7 +118,9 @@ def export_onnx(
     both = sorted(set(names) & set(mandatory))
     if both:
         # refused: a request could cancel a mandatory vector with a negative coefficient on its selectable copy
-        raise InvalidInputError(f"vectors {both} are both mandatory and selectable; a mandatory vector cannot be selectable")
+        raise InvalidInputError(
+            f"vectors {both} are both mandatory and selectable; a mandatory vector cannot be selectable"
+        )
     if not names:
         raise InvalidInputError("no selectable vector left to export")
     if len(set(names)) != len(names):
@@ -150,7 +160,12 @@ def export_onnx(
     mand = bank.combine(mandatory) if mandatory else None
     bundle_id = uuid.uuid4().hex[:12]
     fused = fuse_classifier(
-        classifier, spec, stacked, vector_names=names, mandatory=mand, coeff_range=coeff_range,
+        classifier,
+        spec,
+        stacked,
+        vector_names=names,
+        mandatory=mand,
+        coeff_range=coeff_range,
         metadata={"forgetrt.bundle_id": bundle_id, "forgetrt.model_fingerprint": bank.fingerprint},
     )
     files[MODEL_ONNX] = fused.SerializeToString()
@@ -177,5 +192,12 @@ def export_onnx(
         parity={"onnxruntime": parity},
     )
     bundle: Bundle = write_bundle(out, files, manifest, overwrite=overwrite)
-    return {"bundle": str(bundle.path), "bundle_id": bundle_id, "vectors": names, "mandatory": mandatory,
-            "source": source, "model_verified": verified, "parity": parity}
+    return {
+        "bundle": str(bundle.path),
+        "bundle_id": bundle_id,
+        "vectors": names,
+        "mandatory": mandatory,
+        "source": source,
+        "model_verified": verified,
+        "parity": parity,
+    }

@@ -3,7 +3,8 @@
 The prefix is pure ONNX built with ``onnx.helper`` (no hand-edited protobuf)::
 
     coeffs [N, K] ─(Clip, optional)─ MatMul(·, forget_bank [K, C·H·W]) ─ Reshape [N, C, H, W] ─┐
-    image  [N, C, H, W] ─────────────────────────────────────────────────────────────── Add ─(Add mandatory δ)─► classifier ─► logits
+    image  [N, C, H, W] ──────────────────────────────────────────────────────────── Add ─┐
+                                             (Add mandatory δ) ─► classifier ─► logits ◄─┘
 
 ``onnx.compose.merge_models`` joins it to the classifier, whose node and tensor names, opset and
 metadata stay as they were. Every input is validated before any graph is built.
@@ -26,8 +27,18 @@ from forgetrt.runtime.iospec import IOSpec
 __all__ = ["MIN_OPSET", "forget_prefix", "fuse_classifier", "classifier_io", "freeze_bank"]
 
 MIN_OPSET = 13  # Clip with tensor bounds (11) and Reshape with allowzero-free semantics; 13 keeps both simple
-_PREFIX_NAMES = ("forget_bank", "forget_delta_flat", "forget_delta_shape", "forget_delta", "forget_perturbed",
-                 "forget_coeffs_clipped", "forget_coeff_lo", "forget_coeff_hi", "forget_mandatory", "forget_input")
+_PREFIX_NAMES = (
+    "forget_bank",
+    "forget_delta_flat",
+    "forget_delta_shape",
+    "forget_delta",
+    "forget_perturbed",
+    "forget_coeffs_clipped",
+    "forget_coeff_lo",
+    "forget_coeff_hi",
+    "forget_mandatory",
+    "forget_input",
+)
 
 
 def classifier_io(model: onnx.ModelProto) -> tuple[str, str]:
@@ -67,7 +78,9 @@ def forget_prefix(
     ForgetRT's runtime feeds a newer bank (hot swap, even with a different K) without a rebuild.
     """
     if opset < MIN_OPSET:
-        raise InvalidInputError(f"opset {opset} is too old for the forget prefix (MatMul/Reshape/Clip): use >= {MIN_OPSET}")
+        raise InvalidInputError(
+            f"opset {opset} is too old for the forget prefix (MatMul/Reshape/Clip): use >= {MIN_OPSET}"
+        )
     bank = np.asarray(bank)
     if bank.ndim != 2 or bank.shape[1] != iospec.numel or bank.shape[0] < 1:
         raise InvalidInputError(f"bank must be [K >= 1, {iospec.numel}], got {bank.shape}")
@@ -91,13 +104,21 @@ def forget_prefix(
     nodes = []
     coeffs = iospec.coeffs_name
     if coeff_range is not None:
-        inits += [numpy_helper.from_array(np.array(lo, np.float32), "forget_coeff_lo"),
-                  numpy_helper.from_array(np.array(hi, np.float32), "forget_coeff_hi")]
-        nodes.append(helper.make_node("Clip", [coeffs, "forget_coeff_lo", "forget_coeff_hi"], ["forget_coeffs_clipped"], name="forget_clip"))
+        inits += [
+            numpy_helper.from_array(np.array(lo, np.float32), "forget_coeff_lo"),
+            numpy_helper.from_array(np.array(hi, np.float32), "forget_coeff_hi"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Clip", [coeffs, "forget_coeff_lo", "forget_coeff_hi"], ["forget_coeffs_clipped"], name="forget_clip"
+            )
+        )
         coeffs = "forget_coeffs_clipped"
     nodes += [
         helper.make_node("MatMul", [coeffs, "forget_bank"], ["forget_delta_flat"], name="forget_matmul"),
-        helper.make_node("Reshape", ["forget_delta_flat", "forget_delta_shape"], ["forget_delta"], name="forget_reshape"),
+        helper.make_node(
+            "Reshape", ["forget_delta_flat", "forget_delta_shape"], ["forget_delta"], name="forget_reshape"
+        ),
     ]
     last = "forget_perturbed" if mandatory is not None else output_name
     nodes.append(helper.make_node("Add", [iospec.image_name, "forget_delta"], [last], name="forget_input_add"))
@@ -105,8 +126,10 @@ def forget_prefix(
         inits.append(numpy_helper.from_array(mandatory[None], "forget_mandatory"))
         nodes.append(helper.make_node("Add", [last, "forget_mandatory"], [output_name], name="forget_mandatory_add"))
     kdim: int | str = "K" if overridable_bank else k
-    inputs = [helper.make_tensor_value_info(iospec.image_name, f32, ["N", c, h, w]),
-              helper.make_tensor_value_info(iospec.coeffs_name, f32, ["N", kdim])]
+    inputs = [
+        helper.make_tensor_value_info(iospec.image_name, f32, ["N", c, h, w]),
+        helper.make_tensor_value_info(iospec.coeffs_name, f32, ["N", kdim]),
+    ]
     if overridable_bank:
         inputs.append(helper.make_tensor_value_info("forget_bank", f32, [kdim, c * h * w]))
     graph = helper.make_graph(
@@ -137,22 +160,48 @@ def fuse_classifier(
     if len(vector_names) != np.asarray(bank).shape[0]:
         raise InvalidInputError(f"{len(vector_names)} vector names for a bank of {np.asarray(bank).shape[0]} rows")
     clf_in, clf_out = classifier_io(classifier)
-    taken = {n for node in classifier.graph.node for n in (*node.input, *node.output)} | {i.name for i in classifier.graph.initializer}
+    taken = {n for node in classifier.graph.node for n in (*node.input, *node.output)} | {
+        i.name for i in classifier.graph.initializer
+    }
     clash = sorted(taken & {*_PREFIX_NAMES, iospec.image_name, iospec.coeffs_name} - {clf_in})
     if clash:
         raise InvalidInputError(f"classifier already uses names reserved for the forget prefix: {clash}")
-    in_shape = [d.dim_value if d.HasField("dim_value") else None for d in classifier.graph.input[[i.name for i in classifier.graph.input].index(clf_in)].type.tensor_type.shape.dim]
+    in_shape = [
+        d.dim_value if d.HasField("dim_value") else None
+        for d in classifier.graph.input[
+            [i.name for i in classifier.graph.input].index(clf_in)
+        ].type.tensor_type.shape.dim
+    ]
     if len(in_shape) != 4 or tuple(in_shape[1:]) != tuple(iospec.shape):
-        raise MismatchError(f"classifier input {clf_in!r} has shape {in_shape}, the bank's IOSpec says [N, {', '.join(map(str, iospec.shape))}]")
+        raise MismatchError(
+            f"classifier input {clf_in!r} has shape {in_shape}, the bank's IOSpec says [N, "
+            f"{', '.join(map(str, iospec.shape))}]"
+        )
     opset = _opset(classifier)
-    prefix = forget_prefix(iospec, bank, mandatory=mandatory, coeff_range=coeff_range, opset=opset, ir_version=classifier.ir_version)
+    prefix = forget_prefix(
+        iospec, bank, mandatory=mandatory, coeff_range=coeff_range, opset=opset, ir_version=classifier.ir_version
+    )
     if clf_in == iospec.image_name:
         # the classifier's own input carries the name the fused model exposes: rename it inside the classifier
-        classifier = onnx.compose.add_prefix(classifier, "clf_", rename_nodes=False, rename_edges=False, rename_inputs=True,
-                                             rename_outputs=False, rename_initializers=False, rename_value_infos=False, rename_functions=False)
+        classifier = onnx.compose.add_prefix(
+            classifier,
+            "clf_",
+            rename_nodes=False,
+            rename_edges=False,
+            rename_inputs=True,
+            rename_outputs=False,
+            rename_initializers=False,
+            rename_value_infos=False,
+            rename_functions=False,
+        )
         clf_in = "clf_" + clf_in
-    fused = onnx.compose.merge_models(prefix, classifier, io_map=[("forget_input", clf_in)], producer_name="forgetrt",
-                                      doc_string="frozen classifier with a fused forget-vector input-add prefix")
+    fused = onnx.compose.merge_models(
+        prefix,
+        classifier,
+        io_map=[("forget_input", clf_in)],
+        producer_name="forgetrt",
+        doc_string="frozen classifier with a fused forget-vector input-add prefix",
+    )
     props = {"forgetrt.vectors": ",".join(vector_names), **(metadata or {})}
     existing = {p.key for p in fused.metadata_props}
     for key, value in props.items():

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from forgetrt.runtime.backends import TOLERANCES, backend_names, create_backend, get_backend, make_options, resolve_device
+from forgetrt.runtime.backends import (
+    TOLERANCES,
+    backend_names,
+    create_backend,
+    get_backend,
+    make_options,
+    resolve_device,
+)
 from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bundle import CLASSIFIER_JSON, CLASSIFIER_ONNX, CLASSIFIER_WEIGHTS, Bundle
 from forgetrt.runtime.errors import BackendUnavailableError, InvalidInputError, MismatchError
@@ -56,7 +63,9 @@ def parity_inputs(
     return images, coeffs
 
 
-def onnxruntime_logits(model: bytes | str | os.PathLike, spec: IOSpec, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+def onnxruntime_logits(
+    model: bytes | str | os.PathLike, spec: IOSpec, images: np.ndarray, coeffs: np.ndarray
+) -> np.ndarray:
     """A fused graph's logits on onnxruntime CPU (the export-time check, before a bundle exists)."""
     import onnxruntime as ort
 
@@ -67,7 +76,9 @@ def onnxruntime_logits(model: bytes | str | os.PathLike, spec: IOSpec, images: n
     return sess.run([spec.output_name], {spec.image_name: images, spec.coeffs_name: coeffs})[0]
 
 
-def compare_logits(got: np.ndarray, want: np.ndarray, numerics: str, *, backend: str, raise_on_fail: bool = True) -> dict[str, Any]:
+def compare_logits(
+    got: np.ndarray, want: np.ndarray, numerics: str, *, backend: str, raise_on_fail: bool = True
+) -> dict[str, Any]:
     """Error of ``got`` against the reference ``want``, judged by ``TOLERANCES[numerics]``."""
     if got.shape != want.shape:
         raise MismatchError(f"{backend} returned logits of shape {got.shape}, the reference {want.shape}")
@@ -91,13 +102,17 @@ def compare_logits(got: np.ndarray, want: np.ndarray, numerics: str, *, backend:
     return res
 
 
-def _prefix(images: np.ndarray, coeffs: np.ndarray, stacked: np.ndarray, mand: np.ndarray | None, coeff_range) -> np.ndarray:
+def _prefix(
+    images: np.ndarray, coeffs: np.ndarray, stacked: np.ndarray, mand: np.ndarray | None, coeff_range
+) -> np.ndarray:
     c = coeffs if coeff_range is None else np.clip(coeffs, *coeff_range)
     x = images + (c @ stacked).reshape(images.shape)
     return (x + mand if mand is not None else x).astype(np.float32)
 
 
-def reference_logits(files: Mapping[str, bytes], spec: IOSpec, stacked: np.ndarray, mand: np.ndarray | None, coeff_range) -> Reference:
+def reference_logits(
+    files: Mapping[str, bytes], spec: IOSpec, stacked: np.ndarray, mand: np.ndarray | None, coeff_range
+) -> Reference:
     """The reference for a bundle's files (see module docstring)."""
     if CLASSIFIER_WEIGHTS in files:
         import torch
@@ -137,7 +152,9 @@ def _data_rows(n: int, k: int) -> np.ndarray:
 
 def _run(rt: Runtime, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
     step = rt.config.batching.max_batch_size
-    return np.concatenate([rt.infer(images[i : i + step], coeffs=coeffs[i : i + step]).logits for i in range(0, len(images), step)])
+    return np.concatenate(
+        [rt.infer(images[i : i + step], coeffs=coeffs[i : i + step]).logits for i in range(0, len(images), step)]
+    )
 
 
 def run_parity(
@@ -162,7 +179,9 @@ def run_parity(
     for b in [*names, *(options or {})]:
         get_backend(b)  # unknown names fail before any work
     dev = resolve_device(device)
-    files = {n: bundle.read(n) for n in (CLASSIFIER_WEIGHTS, CLASSIFIER_JSON, CLASSIFIER_ONNX) if n in bundle.manifest.files}
+    files = {
+        n: bundle.read(n) for n in (CLASSIFIER_WEIGHTS, CLASSIFIER_JSON, CLASSIFIER_ONNX) if n in bundle.manifest.files
+    }
     stacked, mand = bundle.vector_arrays()
     ref = reference_logits(files, bundle.iospec, stacked, mand, bundle.coeff_range)
     k = len(bundle.vectors)
@@ -170,7 +189,10 @@ def run_parity(
     sets = {"synthetic": (syn_x, syn_c)}
     if images is not None:
         if images.ndim != 4 or tuple(images.shape[1:]) != tuple(bundle.iospec.shape) or images.dtype != np.float32:
-            raise InvalidInputError(f"parity images must be float32 [N, {', '.join(map(str, bundle.iospec.shape))}], got {images.dtype} {images.shape}")
+            raise InvalidInputError(
+                f"parity images must be float32 [N, {', '.join(map(str, bundle.iospec.shape))}], got {images.dtype} "
+                f"{images.shape}"
+            )
         if labels is not None and len(labels) != len(images):
             raise InvalidInputError(f"{len(labels)} labels for {len(images)} images")
         sets["data"] = (images, _data_rows(len(images), k))
@@ -220,8 +242,9 @@ def format_parity(rep: dict[str, Any]) -> str:
         for name in rep["rows"]:
             r = v[name]
             lines.append(
-                f"  {b:<12} {name:<9} {'ok' if r['ok'] else 'MISMATCH':<8} {r['numerics']:<4} max abs {r['max_abs']:.2e}  "
-                f"{r['rel_to_scale']:.2e} of scale (tol {r['tolerance']:g})  top-1 agreement {100 * r['top1_agreement']:.2f}%"
-                + (f"  accuracy {r['accuracy']:.2f}%" if "accuracy" in r else "")
+                f"  {b:<12} {name:<9} {'ok' if r['ok'] else 'MISMATCH':<8} {r['numerics']:<4} max abs "
+                f"{r['max_abs']:.2e}  "
+                f"{r['rel_to_scale']:.2e} of scale (tol {r['tolerance']:g})  top-1 agreement "
+                f"{100 * r['top1_agreement']:.2f}%" + (f"  accuracy {r['accuracy']:.2f}%" if "accuracy" in r else "")
             )
     return "\n".join(lines)

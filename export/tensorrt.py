@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from forgetrt.runtime.backends.tensorrt_backend import TensorRTRunner, import_tensorrt
 from forgetrt.runtime.bundle import MODEL_PLAN, Bundle, TensorRTBuild, add_bundle_file
 from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError
@@ -40,7 +39,8 @@ class TrtBuildConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch_size <= self.opt_batch_size <= self.max_batch_size:
             raise InvalidInputError(
-                f"batch sizes must satisfy 1 <= min <= opt <= max, got {self.min_batch_size}, {self.opt_batch_size}, {self.max_batch_size}"
+                f"batch sizes must satisfy 1 <= min <= opt <= max, got {self.min_batch_size}, {self.opt_batch_size}, "
+                f"{self.max_batch_size}"
             )
         if self.workspace_mib < 16:
             raise InvalidInputError(f"workspace must be at least 16 MiB, got {self.workspace_mib}")

@@ -21,7 +21,10 @@ from forgetrt.runtime.errors import ArtifactError, InvalidInputError, unknown
 
 __all__ = ["export_triton", "TRITON_BACKENDS"]
 
-TRITON_BACKENDS = {"onnx": ("onnxruntime_onnx", "model.onnx", "KIND_AUTO"), "trt": ("tensorrt_plan", "model.plan", "KIND_GPU")}
+TRITON_BACKENDS = {
+    "onnx": ("onnxruntime_onnx", "model.onnx", "KIND_AUTO"),
+    "trt": ("tensorrt_plan", "model.plan", "KIND_GPU"),
+}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -47,11 +50,16 @@ def export_triton(
     platform, filename, kind = TRITON_BACKENDS[backend]
     src = bundle.path / filename
     if not src.is_file():
-        raise ArtifactError(f"bundle {bundle.path} has no {filename}" + (": run `forgetrt export trt` first" if backend == "trt" else ""))
+        raise ArtifactError(
+            f"bundle {bundle.path} has no {filename}"
+            + (": run `forgetrt export trt` first" if backend == "trt" else "")
+        )
     if backend == "trt":
         engine_max = bundle.manifest.tensorrt.max_batch_size if bundle.manifest.tensorrt else 0
         if batching.max_batch_size > engine_max:
-            raise InvalidInputError(f"max batch size {batching.max_batch_size} exceeds the TensorRT engine's profile maximum {engine_max}")
+            raise InvalidInputError(
+                f"max batch size {batching.max_batch_size} exceeds the TensorRT engine's profile maximum {engine_max}"
+            )
     import onnx
 
     output = onnx.load(str(bundle.onnx_path), load_external_data=False).graph.output[0].name
@@ -118,4 +126,9 @@ parameters {{
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"model_dir": str(dest), "platform": platform, "max_batch_size": batching.max_batch_size, "vectors": list(bundle.vectors)}
+    return {
+        "model_dir": str(dest),
+        "platform": platform,
+        "max_batch_size": batching.max_batch_size,
+        "vectors": list(bundle.vectors),
+    }

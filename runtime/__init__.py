@@ -10,8 +10,6 @@ from .bank import VectorBank, VectorEntry, validate_vector_name
 from .batcher import BatchingConfig, InferResult
 from .bundle import Bundle, BundleManifest
 from .compose import BankSnapshot, Composition
-from .model_folder import ModelManifest, read_model_manifest
-from .runtime import Runtime, RuntimeConfig
 from .errors import (
     ArtifactError,
     BackendUnavailableError,
@@ -28,6 +26,8 @@ from .errors import (
 )
 from .files import weights_fingerprint
 from .iospec import IOSpec
+from .model_folder import ModelManifest, read_model_manifest
+from .runtime import Runtime, RuntimeConfig
 
 __all__ = [
     "Runtime",

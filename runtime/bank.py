@@ -76,7 +76,7 @@ class VectorEntry:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: Any, name: str = "?") -> "VectorEntry":
+    def from_dict(cls, d: Any, name: str = "?") -> VectorEntry:
         if not isinstance(d, dict):
             raise CorruptArtifactError(f"manifest entry of vector {name!r} is not an object")
         try:
@@ -219,7 +219,7 @@ class VectorBank:
         return target
 
     @classmethod
-    def create(cls, fingerprint: str, arch: str, iospec: IOSpec) -> "VectorBank":
+    def create(cls, fingerprint: str, arch: str, iospec: IOSpec) -> VectorBank:
         return cls(fingerprint=fingerprint, arch=arch, iospec=iospec)
 
     @classmethod
@@ -227,7 +227,7 @@ class VectorBank:
         return (Path(path) / MANIFEST_FILE).is_file()
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "VectorBank":
+    def load(cls, path: str | os.PathLike) -> VectorBank:
         """Load and validate a bank folder; every defect is a typed error naming the file."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -241,7 +241,8 @@ class VectorBank:
             raise CorruptArtifactError(f"{man_path} is not a ForgetRT vector bank manifest")
         if m.get("schema_version") != BANK_SCHEMA_VERSION:
             raise CorruptArtifactError(
-                f"{man_path}: schema_version {m.get('schema_version')!r} is not supported (expected {BANK_SCHEMA_VERSION})"
+                f"{man_path}: schema_version {m.get('schema_version')!r} is not supported (expected "
+                f"{BANK_SCHEMA_VERSION})"
             )
         try:
             fingerprint = str(m["model"]["fingerprint"])
@@ -277,4 +278,12 @@ class VectorBank:
                     f"{vec_path}: vector {name!r} is {arr.dtype} {arr.shape}, expected float32 {tuple(iospec.shape)}"
                 )
             vectors[name] = arr
-        return cls(fingerprint=fingerprint, arch=arch, iospec=iospec, vectors=vectors, entries=entries, path=path, onnx_sha256=onnx_sha)
+        return cls(
+            fingerprint=fingerprint,
+            arch=arch,
+            iospec=iospec,
+            vectors=vectors,
+            entries=entries,
+            path=path,
+            onnx_sha256=onnx_sha,
+        )

@@ -12,9 +12,9 @@ failing engine call fails exactly the requests of that batch.
 
 Requests from ``asyncio`` carry an ``asyncio.Future`` of their event loop instead of a
 ``concurrent.futures.Future``: the worker settles all of one batch's such futures with one
-``call_soon_threadsafe`` per loop, instead of one cross-thread wake-up per request. ``shutdown(drain=True)`` finishes every
-accepted request; ``drain=False`` fails the pending ones with :class:`RuntimeClosedError`. No future
-is ever left pending.
+``call_soon_threadsafe`` per loop, instead of one cross-thread wake-up per request.
+``shutdown(drain=True)`` finishes every accepted request; ``drain=False`` fails the pending ones with
+:class:`RuntimeClosedError`. No future is ever left pending.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from .compose import BankSnapshot
-from .errors import DeadlineExceededError, EngineError, ForgetRTError, InvalidInputError, QueueFullError, RuntimeClosedError
+from .errors import (
+    DeadlineExceededError,
+    EngineError,
+    ForgetRTError,
+    InvalidInputError,
+    QueueFullError,
+    RuntimeClosedError,
+)
 
 __all__ = ["InferResult", "Job", "DynamicBatcher", "BatchingConfig", "BatchObserver"]
 
@@ -99,8 +106,15 @@ class Job:
 
     __slots__ = ("images", "row", "bank", "deadline", "future", "loop", "n", "t_enqueue")
 
-    def __init__(self, images: np.ndarray, row: np.ndarray, bank: BankSnapshot, deadline: float | None = None,
-                 future: Future | asyncio.Future | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        row: np.ndarray,
+        bank: BankSnapshot,
+        deadline: float | None = None,
+        future: Future | asyncio.Future | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.images, self.row, self.bank, self.deadline, self.loop = images, row, bank, deadline, loop
         self.future = future if future is not None else Future()
         self.n = images.shape[0]  # read many times on the worker's hot path
@@ -148,7 +162,13 @@ RunFn = Callable[[np.ndarray, np.ndarray, BankSnapshot], np.ndarray]
 
 
 class DynamicBatcher:
-    def __init__(self, runners: Sequence[RunFn], config: BatchingConfig = BatchingConfig(), *, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        runners: Sequence[RunFn],
+        config: BatchingConfig = BatchingConfig(),
+        *,
+        observer: BatchObserver | None = None,
+    ) -> None:
         if not runners:
             raise InvalidInputError("the batcher needs at least one runner")
         self.max_batch_size = config.max_batch_size
@@ -165,7 +185,8 @@ class DynamicBatcher:
         self._closed = False
         self._abort = False
         self._threads = [
-            threading.Thread(target=self._loop, args=(run,), name=f"forgetrt-batcher-{i}", daemon=True) for i, run in enumerate(runners)
+            threading.Thread(target=self._loop, args=(run,), name=f"forgetrt-batcher-{i}", daemon=True)
+            for i, run in enumerate(runners)
         ]
         for t in self._threads:
             t.start()
@@ -173,7 +194,9 @@ class DynamicBatcher:
     # ------------------------------------------------------------------ client side
     def submit(self, job: Job) -> Future | asyncio.Future:
         if job.n > self.max_batch_size:
-            raise InvalidInputError(f"request has {job.n} images, more than the maximum batch size {self.max_batch_size}")
+            raise InvalidInputError(
+                f"request has {job.n} images, more than the maximum batch size {self.max_batch_size}"
+            )
         if job.n == 0:
             raise InvalidInputError("request has no images")
         with self._cv:
@@ -275,7 +298,9 @@ class DynamicBatcher:
                 if batch is None:
                     return
             if self._abort:
-                self._fail([*batch, *self._take_all()], RuntimeClosedError("the runtime shut down before this request ran"))
+                self._fail(
+                    [*batch, *self._take_all()], RuntimeClosedError("the runtime shut down before this request ran")
+                )
                 continue
             pending = self._run_batch(run, batch)
 
@@ -295,7 +320,13 @@ class DynamicBatcher:
                 continue
             live.append(j)
         for j in late:
-            settle([j], None, DeadlineExceededError(f"deadline passed {1e3 * (now - j.deadline):.1f} ms before the request could run"))
+            settle(
+                [j],
+                None,
+                DeadlineExceededError(
+                    f"deadline passed {1e3 * (now - j.deadline):.1f} ms before the request could run"
+                ),
+            )
         if not live:
             return None
         bank = live[0].bank
@@ -308,13 +339,19 @@ class DynamicBatcher:
             if all(j.n == 1 and j.row.ndim == 1 for j in live):
                 coeffs = np.stack([j.row for j in live])
             else:
-                coeffs = np.concatenate([j.row if j.row.ndim == 2 else np.broadcast_to(j.row, (j.n, j.row.shape[0])) for j in live])
+                coeffs = np.concatenate(
+                    [j.row if j.row.ndim == 2 else np.broadcast_to(j.row, (j.n, j.row.shape[0])) for j in live]
+                )
         t0 = time.monotonic()
         queue_s = [t0 - j.t_enqueue for j in live]
         try:
             out = run(images, coeffs, bank)
         except Exception as e:  # noqa: BLE001 - any engine failure fails this batch only
-            err = e if isinstance(e, ForgetRTError) else EngineError(f"the backend failed on a batch of {len(images)} images: {e!r}")
+            err = (
+                e
+                if isinstance(e, ForgetRTError)
+                else EngineError(f"the backend failed on a batch of {len(images)} images: {e!r}")
+            )
             settle(live, None, err)
             if self._observer:
                 self._observer(len(live), len(images), queue_s, time.monotonic() - t0, False)

@@ -19,13 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-
 from typing import Any
 
 import numpy as np
 
-from .runtime import Runtime
 from .errors import InvalidInputError, unknown
+from .runtime import Runtime
 
 __all__ = ["BenchConfig", "run_bench", "summarize", "plot_results", "MIXES", "latency_stats"]
 
@@ -60,16 +59,31 @@ class BenchConfig:
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     a = np.asarray(seconds, np.float64) * 1e3
     q = np.percentile(a, [50, 90, 95, 99])
-    return {"min_ms": float(a.min()), "mean_ms": float(a.mean()), "p50_ms": float(q[0]), "p90_ms": float(q[1]),
-            "p95_ms": float(q[2]), "p99_ms": float(q[3]), "max_ms": float(a.max())}
+    return {
+        "min_ms": float(a.min()),
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(q[0]),
+        "p90_ms": float(q[1]),
+        "p95_ms": float(q[2]),
+        "p99_ms": float(q[3]),
+        "max_ms": float(a.max()),
+    }
 
 
 def _environment(rt: Runtime) -> dict[str, Any]:
     import onnxruntime
 
-    env = {"python": sys.version.split()[0], "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
-           "machine": platform.machine(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "backend": rt.backend_name, "device": rt.device, "device_name": "cpu"}
+    env = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "backend": rt.backend_name,
+        "device": rt.device,
+        "device_name": "cpu",
+    }
     try:
         from importlib.metadata import version
 
@@ -81,20 +95,24 @@ def _environment(rt: Runtime) -> dict[str, Any]:
     return env
 
 
-def _requests(rt: Runtime, batch: int, active: int, mix: str, rng: np.random.Generator, n: int = 64) -> list[tuple[np.ndarray, Any]]:
+def _requests(
+    rt: Runtime, batch: int, active: int, mix: str, rng: np.random.Generator, n: int = 64
+) -> list[tuple[np.ndarray, Any]]:
     k = rt.snapshot.k
     if active > k:
         raise InvalidInputError(f"{active} active vectors requested, the bundle has {k}")
     names = rt.snapshot.names
     out = []
-    for i in range(n):
+    for _ in range(n):
         x = rng.random((batch, *rt.iospec.shape), dtype=np.float32)
         if active == 0:
             forget: Any = None
         elif mix == "homogeneous":
             forget = list(names[:active])
         else:
-            forget = {names[j]: float(w) for j, w in zip(rng.choice(k, active, replace=False), rng.uniform(0.25, 1.0, active))}
+            forget = {
+                names[j]: float(w) for j, w in zip(rng.choice(k, active, replace=False), rng.uniform(0.25, 1.0, active))
+            }
             if rt.snapshot.coeff_range is not None:
                 lo, hi = rt.snapshot.coeff_range
                 forget = {n_: min(max(w, lo), hi) for n_, w in forget.items()}
@@ -102,7 +120,9 @@ def _requests(rt: Runtime, batch: int, active: int, mix: str, rng: np.random.Gen
     return out
 
 
-def _closed_loop(call: Callable[[np.ndarray, Any], Any], reqs: list, concurrency: int, seconds: float) -> tuple[list[float], list[Any], float]:
+def _closed_loop(
+    call: Callable[[np.ndarray, Any], Any], reqs: list, concurrency: int, seconds: float
+) -> tuple[list[float], list[Any], float]:
     lat: list[float] = []
     res: list[Any] = []
     lock = threading.Lock()
@@ -141,7 +161,9 @@ def _bare_session(rt: Runtime):
     from onnx.utils import Extractor
 
     if rt.backend_name != "onnxruntime":
-        raise InvalidInputError(f"--compare-bare times the bare classifier on onnxruntime; this run uses {rt.backend_name}")
+        raise InvalidInputError(
+            f"--compare-bare times the bare classifier on onnxruntime; this run uses {rt.backend_name}"
+        )
     model = onnx.load(str(rt.bundle.onnx_path))
     bare = Extractor(model).extract_model(["forget_input"], [model.graph.output[0].name])
     so = ort.SessionOptions()
@@ -161,7 +183,9 @@ def run_bench(rt: Runtime, cfg: BenchConfig, *, progress: bool = True) -> list[d
     limit = rt.config.batching.max_batch_size
     over = sorted({b for b, _, _ in grid if b > limit})
     if over:
-        raise InvalidInputError(f"batch sizes {over} exceed the runtime's maximum batch {limit} (the engine's limit, or --max-batch-size)")
+        raise InvalidInputError(
+            f"batch sizes {over} exceed the runtime's maximum batch {limit} (the engine's limit, or --max-batch-size)"
+        )
     bare = _bare_session(rt) if cfg.compare_bare else None
     records = []
     for b, c, a in tqdm(grid, desc="bench", unit="point", disable=not progress):
@@ -171,17 +195,34 @@ def run_bench(rt: Runtime, cfg: BenchConfig, *, progress: bool = True) -> list[d
             _closed_loop(call, reqs, c, cfg.warmup)
         lat, res, elapsed = _closed_loop(call, reqs, c, cfg.duration)
         rec: dict[str, Any] = {
-            "point": {"batch": b, "concurrency": c, "active_vectors": a, "mix": cfg.mix, "path": "direct" if c == 1 else "batcher"},
+            "point": {
+                "batch": b,
+                "concurrency": c,
+                "active_vectors": a,
+                "mix": cfg.mix,
+                "path": "direct" if c == 1 else "batcher",
+            },
             # what ran: the bench grid, the runtime's own config (batching included) and the backend as built
-            "config": {**asdict(cfg), "runtime": rt.config.to_dict(), "backend": rt.backends[0].describe(),
-                       "bundle": str(rt.bundle.path), "bundle_id": rt.bundle.bundle_id},
+            "config": {
+                **asdict(cfg),
+                "runtime": rt.config.to_dict(),
+                "backend": rt.backends[0].describe(),
+                "bundle": str(rt.bundle.path),
+                "bundle_id": rt.bundle.bundle_id,
+            },
             "env": env,
             "requests": len(lat),
             "seconds": elapsed,
             "latency": latency_stats(lat),
             "throughput": {"images_per_s": len(lat) * b / elapsed, "requests_per_s": len(lat) / elapsed},
-            "queue_us": {"mean": float(np.mean([r.queue_us for r in res])), "p50": float(np.percentile([r.queue_us for r in res], 50))},
-            "compute_us": {"mean": float(np.mean([r.compute_us for r in res])), "p50": float(np.percentile([r.compute_us for r in res], 50))},
+            "queue_us": {
+                "mean": float(np.mean([r.queue_us for r in res])),
+                "p50": float(np.percentile([r.queue_us for r in res], 50)),
+            },
+            "compute_us": {
+                "mean": float(np.mean([r.compute_us for r in res])),
+                "p50": float(np.percentile([r.compute_us for r in res], 50)),
+            },
             "engine_batch_images_mean": float(np.mean([r.batch_images for r in res])),
         }
         if bare is not None and c == 1:  # the bare classifier is timed as one serial client, like the direct path
@@ -202,16 +243,25 @@ def summarize(records: list[dict[str, Any]]) -> str:
     if not records:
         return "no points"
     env = records[0]["env"]
-    lines = [f"=== forgetrt bench: {records[0]['config']['bundle']}  backend {env['backend']} on {env['device']} ({env['device_name']}), "
-             f"onnxruntime {env['onnxruntime']}, {env['cpu_count']} CPUs ===",
-             f"{'batch':>5} {'conc':>4} {'act':>3} {'path':>7} | {'min':>8} {'mean':>8} {'p50':>8} {'p90':>8} {'p95':>8} {'p99':>8} {'max':>8} ms | "
-             f"{'img/s':>9} {'req/s':>9} | {'queue':>8} {'compute':>8} us" + (" | bare p50 ms  overhead" if "bare" in records[0] else "")]
+    lines = [
+        f"=== forgetrt bench: {records[0]['config']['bundle']}  backend {env['backend']} on {env['device']} "
+        f"({env['device_name']}), "
+        f"onnxruntime {env['onnxruntime']}, {env['cpu_count']} CPUs ===",
+        f"{'batch':>5} {'conc':>4} {'act':>3} {'path':>7} | {'min':>8} {'mean':>8} {'p50':>8} {'p90':>8} {'p95':>8} "
+        f"{'p99':>8} {'max':>8} ms | "
+        f"{'img/s':>9} {'req/s':>9} | {'queue':>8} {'compute':>8} us"
+        + (" | bare p50 ms  overhead" if "bare" in records[0] else ""),
+    ]
     for r in records:
         p, lat = r["point"], r["latency"]
-        line = (f"{p['batch']:>5} {p['concurrency']:>4} {p['active_vectors']:>3} {p['path']:>7} | "
-                + " ".join(f"{lat[k]:>8.3f}" for k in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"))
-                + f" ms | {r['throughput']['images_per_s']:>9.1f} {r['throughput']['requests_per_s']:>9.1f} | "
-                + f"{r['queue_us']['mean']:>8.1f} {r['compute_us']['mean']:>8.1f} us")
+        line = (
+            f"{p['batch']:>5} {p['concurrency']:>4} {p['active_vectors']:>3} {p['path']:>7} | "
+            + " ".join(
+                f"{lat[k]:>8.3f}" for k in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
+            )
+            + f" ms | {r['throughput']['images_per_s']:>9.1f} {r['throughput']['requests_per_s']:>9.1f} | "
+            + f"{r['queue_us']['mean']:>8.1f} {r['compute_us']['mean']:>8.1f} us"
+        )
         if "bare" in r:
             line += f" | {r['bare']['latency']['p50_ms']:>11.3f} {r['bare']['overhead_p50_pct']:>+8.1f}%"
         elif "bare" in records[0]:
@@ -242,8 +292,16 @@ def plot_results(records: list[dict[str, Any]], path: str | os.PathLike) -> None
         rs = sorted(rs, key=lambda r: r["point"]["batch"])
         bs = [r["point"]["batch"] for r in rs]
         ax1.plot(bs, [r["latency"]["p50_ms"] for r in rs], marker="o", label=f"p50, conc {c}, {a} active")
-        ax1.plot(bs, [r["latency"]["p99_ms"] for r in rs], marker="x", linestyle="--", label=f"p99, conc {c}, {a} active")
-    ax1.set(xscale="log", yscale="log", xlabel="batch size (images per request)", ylabel="latency (ms)", title="latency vs batch")
+        ax1.plot(
+            bs, [r["latency"]["p99_ms"] for r in rs], marker="x", linestyle="--", label=f"p99, conc {c}, {a} active"
+        )
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size (images per request)",
+        ylabel="latency (ms)",
+        title="latency vs batch",
+    )
     batches = sorted({r["point"]["batch"] for r in records})
     ax1.set_xticks(batches, [str(b) for b in batches])
     ax1.minorticks_off()
@@ -254,7 +312,12 @@ def plot_results(records: list[dict[str, Any]], path: str | os.PathLike) -> None
         by_b.setdefault((p["batch"], p["active_vectors"]), []).append(r)
     for (b, a), rs in sorted(by_b.items()):
         rs = sorted(rs, key=lambda r: r["point"]["concurrency"])
-        ax2.plot([r["point"]["concurrency"] for r in rs], [r["throughput"]["images_per_s"] for r in rs], marker="o", label=f"batch {b}, {a} active")
+        ax2.plot(
+            [r["point"]["concurrency"] for r in rs],
+            [r["throughput"]["images_per_s"] for r in rs],
+            marker="o",
+            label=f"batch {b}, {a} active",
+        )
     ax2.set(xscale="log", xlabel="concurrent clients", ylabel="images / s", title="throughput vs concurrency")
     concs = sorted({r["point"]["concurrency"] for r in records})
     ax2.set_xticks(concs, [str(c) for c in concs])
@@ -265,5 +328,3 @@ def plot_results(records: list[dict[str, Any]], path: str | os.PathLike) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-

@@ -97,7 +97,7 @@ class BundleManifest:
         return {"schema_version": BUNDLE_SCHEMA_VERSION, "kind": _KIND, **d}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = BUNDLE_FILE) -> "BundleManifest":
+    def from_dict(cls, d: Any, where: str = BUNDLE_FILE) -> BundleManifest:
         if not isinstance(d, dict) or d.get("kind") != _KIND:
             raise CorruptArtifactError(f"{where} is not a ForgetRT bundle manifest")
         if d.get("schema_version") != BUNDLE_SCHEMA_VERSION:
@@ -116,7 +116,9 @@ class BundleManifest:
                 opset=int(d.get("opset", 0)),
                 mandatory={str(k): float(v) for k, v in (d.get("mandatory") or {}).items()},
                 coeff_range=(float(cr[0]), float(cr[1])) if cr else None,
-                policies={str(p): {str(n): float(w) for n, w in ws.items()} for p, ws in (d.get("policies") or {}).items()},
+                policies={
+                    str(p): {str(n): float(w) for n, w in ws.items()} for p, ws in (d.get("policies") or {}).items()
+                },
                 bank_entries={str(n): VectorEntry.from_dict(e, n) for n, e in (d.get("bank_entries") or {}).items()},
                 classifier_onnx_sha256=d.get("classifier_onnx_sha256"),
                 parity=dict(d.get("parity") or {}),
@@ -200,9 +202,14 @@ class Bundle:
         from .errors import MismatchError
         from .model_folder import classifier_from_bytes
 
-        module, m = classifier_from_bytes(self.read(CLASSIFIER_JSON), self.read(CLASSIFIER_WEIGHTS), where=f"bundle {self.path} classifier")
+        module, m = classifier_from_bytes(
+            self.read(CLASSIFIER_JSON), self.read(CLASSIFIER_WEIGHTS), where=f"bundle {self.path} classifier"
+        )
         if m.fingerprint != self.fingerprint:
-            raise MismatchError(f"bundle {self.path}: classifier fingerprint {m.fingerprint[:16]}… differs from the bundle's {self.fingerprint[:16]}…")
+            raise MismatchError(
+                f"bundle {self.path}: classifier fingerprint {m.fingerprint[:16]}… differs from the bundle's "
+                f"{self.fingerprint[:16]}…"
+            )
         return module.to(device)
 
     def vector_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -220,11 +227,13 @@ class Bundle:
         bank = np.stack([t[n].reshape(-1) for n in self.vectors]).astype(np.float32)
         mand = None
         if self.mandatory:
-            mand = sum((np.float32(w) * t[n] for n, w in self.mandatory.items()), np.zeros(self.iospec.shape, np.float32))
+            mand = sum(
+                (np.float32(w) * t[n] for n, w in self.mandatory.items()), np.zeros(self.iospec.shape, np.float32)
+            )
         return bank, mand
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Bundle":
+    def load(cls, path: str | os.PathLike) -> Bundle:
         """Read ``bundle.json`` and verify the sha256 of every file it lists."""
         path = Path(path)
         if not path.is_dir():
@@ -236,11 +245,15 @@ class Bundle:
                 raise ArtifactError(f"bundle file missing: {f}")
             got = sha256_file(f)
             if got != want:
-                raise CorruptArtifactError(f"{f} has sha256 {got[:16]}…, the bundle records {want[:16]}…: the file was modified")
+                raise CorruptArtifactError(
+                    f"{f} has sha256 {got[:16]}…, the bundle records {want[:16]}…: the file was modified"
+                )
         return cls(path, manifest)
 
 
-def write_bundle(out: str | os.PathLike, files: dict[str, bytes], manifest: BundleManifest, *, overwrite: bool = False) -> Bundle:
+def write_bundle(
+    out: str | os.PathLike, files: dict[str, bytes], manifest: BundleManifest, *, overwrite: bool = False
+) -> Bundle:
     """Write ``files`` and ``bundle.json`` (with their hashes) into a temporary folder, then rename it to ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:

@@ -73,7 +73,13 @@ class BankSnapshot:
         many requests asking for the same composition costs a dict lookup.
         """
         t = type(forget)
-        key = forget if t is str else tuple(forget) if t is list and forget and all(type(n) is str for n in forget) else None
+        key = (
+            forget
+            if t is str
+            else tuple(forget)
+            if t is list and forget and all(type(n) is str for n in forget)
+            else None
+        )
         if key is not None:
             cached = self._cache.get(key)  # type: ignore[attr-defined]
             if cached is not None:
@@ -91,22 +97,32 @@ class BankSnapshot:
         if isinstance(forget, str):
             if forget not in self.policies:
                 if forget in self._index:  # type: ignore[attr-defined]
-                    raise InvalidInputError(f"{forget!r} is a vector, not a policy: pass [{forget!r}] or {{{forget!r}: 1.0}}")
+                    raise InvalidInputError(
+                        f"{forget!r} is a vector, not a policy: pass [{forget!r}] or {{{forget!r}: 1.0}}"
+                    )
                 raise unknown("policy", forget, self.policies)
             forget = self.policies[forget]
         if isinstance(forget, Mapping):
             items = list(forget.items())
-        elif isinstance(forget, np.ndarray) or (isinstance(forget, Sequence) and forget and not isinstance(forget[0], str)):
+        elif isinstance(forget, np.ndarray) or (
+            isinstance(forget, Sequence) and forget and not isinstance(forget[0], str)
+        ):
             arr = np.asarray(forget, dtype=np.float64)
             if arr.ndim != 1 or arr.shape[0] != self.k:
-                raise InvalidInputError(f"a raw coefficient row must have K={self.k} entries (vectors {list(self.names)}), got shape {arr.shape}")
+                raise InvalidInputError(
+                    f"a raw coefficient row must have K={self.k} entries (vectors {list(self.names)}), got shape "
+                    f"{arr.shape}"
+                )
             items = list(zip(self.names, arr.tolist()))
         elif isinstance(forget, Sequence):
             if len(set(forget)) != len(forget):
                 raise InvalidInputError(f"vector names repeat in {list(forget)}")
             items = [(n, 1.0) for n in forget]
         else:
-            raise InvalidInputError(f"forget must be a list of names, a name->weight mapping, a policy name or a coefficient row; got {type(forget).__name__}")
+            raise InvalidInputError(
+                "forget must be a list of names, a name->weight mapping, a policy name or a coefficient row; got "
+                f"{type(forget).__name__}"
+            )
         for name, w in items:
             if not isinstance(name, str) or name not in self._index:  # type: ignore[attr-defined]
                 raise unknown("vector", name, self.names)
@@ -117,10 +133,18 @@ class BankSnapshot:
             if not math.isfinite(w):
                 raise InvalidInputError(f"weight for {name!r} must be finite, got {w}")
             if self.coeff_range is not None and not (self.coeff_range[0] <= w <= self.coeff_range[1]):
-                raise InvalidInputError(f"weight {w} for {name!r} is outside the bundle's coefficient range {list(self.coeff_range)}")
+                raise InvalidInputError(
+                    f"weight {w} for {name!r} is outside the bundle's coefficient range {list(self.coeff_range)}"
+                )
             row[self._index[name]] = w  # type: ignore[attr-defined]
         return row
 
     def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "vectors": list(self.names), "policies": {k: dict(v) for k, v in self.policies.items()},
-                "mandatory": dict(self.mandatory), "coeff_range": list(self.coeff_range) if self.coeff_range else None, "label": self.label}
+        return {
+            "version": self.version,
+            "vectors": list(self.names),
+            "policies": {k: dict(v) for k, v in self.policies.items()},
+            "mandatory": dict(self.mandatory),
+            "coeff_range": list(self.coeff_range) if self.coeff_range else None,
+            "label": self.label,
+        }

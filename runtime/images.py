@@ -31,7 +31,10 @@ def _npy(path: str, spec: IOSpec) -> np.ndarray:
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or tuple(a.shape[1:]) != tuple(spec.shape):
-        raise InvalidInputError(f"{path} holds an array of shape {list(a.shape)}; expected [C, H, W] or [N, C, H, W] with C, H, W = {list(spec.shape)}")
+        raise InvalidInputError(
+            f"{path} holds an array of shape {list(a.shape)}; expected [C, H, W] or [N, C, H, W] with C, H, W = "
+            f"{list(spec.shape)}"
+        )
     if not np.issubdtype(a.dtype, np.floating):
         raise InvalidInputError(f"{path} holds {a.dtype}; expected floating-point pixels in the model's input space")
     return a.astype(np.float32)

@@ -7,7 +7,7 @@ spells tensor names, shapes or normalization constants twice.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import CorruptArtifactError, InvalidInputError
@@ -37,7 +37,6 @@ class IOSpec:
     output_name: str = "logits"
     dtype: str = "float32"
     input_range: tuple[float, float] = (0.0, 1.0)
-    layout: str = field(default="NCHW")
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(d) <= 0 for d in self.shape):
@@ -78,7 +77,7 @@ class IOSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IOSpec":
+    def from_dict(cls, d: dict[str, Any]) -> IOSpec:
         try:
             return cls(
                 shape=tuple(int(x) for x in d["shape"]),  # type: ignore[arg-type]
@@ -90,7 +89,6 @@ class IOSpec:
                 output_name=str(d.get("output_name", "logits")),
                 dtype=str(d.get("dtype", "float32")),
                 input_range=tuple(float(x) for x in d.get("input_range", (0.0, 1.0))),  # type: ignore[arg-type]
-                layout=str(d.get("layout", "NCHW")),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, InvalidInputError):

@@ -67,11 +67,14 @@ class ModelManifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = MODEL_MANIFEST) -> "ModelManifest":
+    def from_dict(cls, d: Any, where: str = MODEL_MANIFEST) -> ModelManifest:
         if not isinstance(d, dict) or d.get("kind") != _KIND:
             raise CorruptArtifactError(f"{where} is not a ForgetRT model manifest")
         if d.get("schema_version") != MODEL_SCHEMA_VERSION:
-            raise CorruptArtifactError(f"{where}: schema_version {d.get('schema_version')!r} is not supported (expected {MODEL_SCHEMA_VERSION})")
+            raise CorruptArtifactError(
+                f"{where}: schema_version {d.get('schema_version')!r} is not supported (expected "
+                f"{MODEL_SCHEMA_VERSION})"
+            )
         try:
             return cls(
                 arch=str(d["arch"]),
@@ -97,18 +100,18 @@ def read_model_manifest(path: str | os.PathLike) -> ModelManifest:
     return replace(m, path=path)
 
 
-def _state_numpy(module: "nn.Module") -> dict[str, Any]:
+def _state_numpy(module: nn.Module) -> dict[str, Any]:
     return {k: v.detach().cpu().contiguous().numpy() for k, v in module.state_dict().items()}
 
 
-def model_fingerprint(module: "nn.Module") -> str:
+def model_fingerprint(module: nn.Module) -> str:
     """sha256 of a classifier's weights (see :func:`forgetrt.runtime.files.weights_fingerprint`)."""
     return weights_fingerprint(_state_numpy(module))
 
 
 def save_model(
     path: str | os.PathLike,
-    module: "nn.Module",
+    module: nn.Module,
     *,
     arch: str,
     iospec: IOSpec,
@@ -126,13 +129,19 @@ def save_model(
         raise ArtifactError(f"model path {path} exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    manifest = ModelManifest(arch, iospec, model_fingerprint(module), data, dict(metrics or {}), dict(training or {}), unlearning, path)
-    atomic_write(path / MODEL_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": _KIND, "arch": manifest.arch}))
+    manifest = ModelManifest(
+        arch, iospec, model_fingerprint(module), data, dict(metrics or {}), dict(training or {}), unlearning, path
+    )
+    atomic_write(
+        path / MODEL_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": _KIND, "arch": manifest.arch})
+    )
     atomic_write_json(path / MODEL_MANIFEST, manifest.to_dict())
     return manifest
 
 
-def classifier_from_bytes(manifest_json: bytes, weights: bytes, *, where: str = "classifier") -> tuple["nn.Module", ModelManifest]:
+def classifier_from_bytes(
+    manifest_json: bytes, weights: bytes, *, where: str = "classifier"
+) -> tuple[nn.Module, ModelManifest]:
     """Build the classifier (eval mode, CPU) from a manifest and safetensors bytes, checked against the
     manifest's fingerprint. The one loader for model folders and bundles alike."""
     from safetensors import SafetensorError
@@ -153,19 +162,25 @@ def classifier_from_bytes(manifest_json: bytes, weights: bytes, *, where: str = 
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CorruptArtifactError(f"the {where} weights do not fit arch {manifest.arch!r}: {str(e).splitlines()[0]}") from e
+        raise CorruptArtifactError(
+            f"the {where} weights do not fit arch {manifest.arch!r}: {str(e).splitlines()[0]}"
+        ) from e
     fp = model_fingerprint(module)
     if fp != manifest.fingerprint:
-        raise CorruptArtifactError(f"the {where} weights have fingerprint {fp[:16]}…, the manifest records {manifest.fingerprint[:16]}…")
+        raise CorruptArtifactError(
+            f"the {where} weights have fingerprint {fp[:16]}…, the manifest records {manifest.fingerprint[:16]}…"
+        )
     return module.eval(), manifest
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple["nn.Module", ModelManifest]:
+def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[nn.Module, ModelManifest]:
     """Load a model folder in eval mode on ``device``, verifying its weights against the fingerprint."""
     path = Path(path)
     read_model_manifest(path)  # a missing folder or a bad manifest fails before the weights are read
     wfile = path / MODEL_WEIGHTS
     if not wfile.is_file():
         raise ArtifactError(f"model weights not found: {wfile}")
-    module, manifest = classifier_from_bytes((path / MODEL_MANIFEST).read_bytes(), wfile.read_bytes(), where=f"model {path}")
+    module, manifest = classifier_from_bytes(
+        (path / MODEL_MANIFEST).read_bytes(), wfile.read_bytes(), where=f"model {path}"
+    )
     return module.to(device), replace(manifest, path=path)

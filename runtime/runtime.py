@@ -67,7 +67,13 @@ class RuntimeConfig:
 
 
 class Runtime:
-    def __init__(self, bundle: Bundle, backends: list[Backend], config: RuntimeConfig = RuntimeConfig(), observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        backends: list[Backend],
+        config: RuntimeConfig = RuntimeConfig(),
+        observer: BatchObserver | None = None,
+    ) -> None:
         if not backends:
             raise InvalidInputError("a runtime needs at least one backend instance")
         self.bundle = bundle
@@ -79,14 +85,18 @@ class Runtime:
         self._swap_lock = threading.Lock()
         engine_max = min((b.max_batch_size for b in backends if b.max_batch_size is not None), default=None)
         if engine_max is not None and config.batching.max_batch_size > engine_max:
-            raise InvalidInputError(f"max_batch_size {config.batching.max_batch_size} exceeds the engine's maximum batch {engine_max}")
+            raise InvalidInputError(
+                f"max_batch_size {config.batching.max_batch_size} exceeds the engine's maximum batch {engine_max}"
+            )
         self._batcher = DynamicBatcher([b.run for b in backends], config.batching, observer=observer)
         self._direct = backends[0].run
         self._shape = tuple(bundle.iospec.shape)
         self._lo, self._hi = (float(v) for v in bundle.iospec.input_range)
         # [0, hi] ranges: one reduction checks range, sign, NaN and Inf at once. Non-negative float32
         # order like their bit patterns as uint32; negatives (sign bit), NaN and Inf all exceed hi's bits.
-        self._hi_bits = int(np.array(self._hi, np.float32).view(np.uint32)) if self._lo == 0.0 and self._hi > 0 else None
+        self._hi_bits = (
+            int(np.array(self._hi, np.float32).view(np.uint32)) if self._lo == 0.0 and self._hi > 0 else None
+        )
         self._closed = False
 
     @classmethod
@@ -97,7 +107,7 @@ class Runtime:
         backend_options: Any = None,
         *,
         observer: BatchObserver | None = None,
-    ) -> "Runtime":
+    ) -> Runtime:
         """Load a bundle (hashes verified) and start ``config.batching.instances`` backend instances, one
         batcher worker each. ``backend_options``: the backend's options dataclass or a mapping of its fields."""
         if not isinstance(config, RuntimeConfig):
@@ -105,8 +115,16 @@ class Runtime:
         b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         first = create_backend(config.backend, b, config.device, backend_options)
         # "auto" resolves once: every instance is the backend the first one chose
-        rest = [create_backend(first.name, b, first.device, backend_options) for _ in range(config.batching.instances - 1)]
-        log.info("runtime: bundle %s, backend %s on %s, %d instance(s)", b.bundle_id, first.name, first.device, config.batching.instances)
+        rest = [
+            create_backend(first.name, b, first.device, backend_options) for _ in range(config.batching.instances - 1)
+        ]
+        log.info(
+            "runtime: bundle %s, backend %s on %s, %d instance(s)",
+            b.bundle_id,
+            first.name,
+            first.device,
+            config.batching.instances,
+        )
         return cls(b, [first, *rest], config, observer)
 
     # ------------------------------------------------------------------ properties
@@ -147,7 +165,9 @@ class Runtime:
         if images.ndim == 3:
             images = images[None]
         if images.shape[1:] != self._shape or images.ndim != 4:
-            raise InvalidInputError(f"images must have shape [N, {', '.join(map(str, self._shape))}], got {list(images.shape)}")
+            raise InvalidInputError(
+                f"images must have shape [N, {', '.join(map(str, self._shape))}], got {list(images.shape)}"
+            )
         if images.shape[0] == 0:
             raise InvalidInputError("images: the batch is empty")
         if self._hi_bits is not None:
@@ -161,13 +181,16 @@ class Runtime:
             if images.min() < lo or images.max() > hi:
                 if self.config.pixel_policy == "reject":
                     raise InvalidInputError(
-                        f"pixels must lie in [{lo}, {hi}] (the model's input space), found [{images.min():.4g}, {images.max():.4g}]; "
+                        f"pixels must lie in [{lo}, {hi}] (the model's input space), found [{images.min():.4g}, "
+                        f"{images.max():.4g}]; "
                         "load the runtime with pixel_policy='clamp' to clip instead"
                     )
                 images = np.clip(images, lo, hi)
         return images if images.flags.c_contiguous else np.ascontiguousarray(images)
 
-    def _prepare(self, images: Any, forget: Composition | None, coeffs: Any) -> tuple[np.ndarray, np.ndarray, BankSnapshot]:
+    def _prepare(
+        self, images: Any, forget: Composition | None, coeffs: Any
+    ) -> tuple[np.ndarray, np.ndarray, BankSnapshot]:
         """Validated images, the request's coefficient row ([K] or [N, K]) and the bank snapshot it resolved against."""
         imgs = self.validate_images(images)
         bank = self._state  # one snapshot for the whole request
@@ -177,14 +200,24 @@ class Runtime:
             raise InvalidInputError("give either forget or coeffs, not both")
         row = np.asarray(coeffs, dtype=np.float32) if isinstance(coeffs, (np.ndarray, list, tuple)) else None
         if row is None or row.shape not in ((bank.k,), (imgs.shape[0], bank.k)):
-            raise InvalidInputError(f"coeffs must have shape [{bank.k}] or [{imgs.shape[0]}, {bank.k}], got {None if row is None else list(row.shape)}")
+            raise InvalidInputError(
+                f"coeffs must have shape [{bank.k}] or [{imgs.shape[0]}, {bank.k}], got "
+                f"{None if row is None else list(row.shape)}"
+            )
         if not np.all(np.isfinite(row)):
             raise InvalidInputError("coeffs contain NaN or Inf")
         if bank.coeff_range is not None and (row.min() < bank.coeff_range[0] or row.max() > bank.coeff_range[1]):
             raise InvalidInputError(f"coeffs outside the bundle's coefficient range {list(bank.coeff_range)}")
         return imgs, row, bank
 
-    def _job(self, images: Any, forget: Composition | None, coeffs: Any, deadline_ms: float | None, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+    def _job(
+        self,
+        images: Any,
+        forget: Composition | None,
+        coeffs: Any,
+        deadline_ms: float | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job:
         imgs, row, bank = self._prepare(images, forget, coeffs)
         ms = deadline_ms if deadline_ms is not None else self.config.default_deadline_ms
         deadline = None
@@ -207,17 +240,23 @@ class Runtime:
         out = self._direct(imgs, coeff_mat, bank)
         return InferResult(out, bank.version, 0.0, (time.perf_counter() - t0) * 1e6, n)
 
-    def submit(self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> Future:
+    def submit(
+        self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
+    ) -> Future:
         """Queue one request for the dynamic batcher; the future resolves to an :class:`InferResult`."""
         return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
 
-    async def infer_async(self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None) -> InferResult:
+    async def infer_async(
+        self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
+    ) -> InferResult:
         """``submit`` for asyncio code: the batcher resolves an asyncio future of the running loop directly
         (one wake-up of the loop per batch, not per request)."""
         return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, asyncio.get_running_loop()))
 
     # ------------------------------------------------------------------ hot swap
-    def _install(self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str) -> BankSnapshot:
+    def _install(
+        self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str
+    ) -> BankSnapshot:
         """Publish a new snapshot, once every backend has said it can serve it (else MismatchError,
         and the old snapshot keeps serving)."""
         with self._swap_lock:
@@ -235,7 +274,9 @@ class Runtime:
     def _vector(self, vector: Any) -> np.ndarray:
         v = np.asarray(vector, dtype=np.float32)
         if v.shape != tuple(self.iospec.shape) or not np.all(np.isfinite(v)):
-            raise InvalidInputError(f"a vector must be finite float32 of shape {tuple(self.iospec.shape)}, got {v.shape}")
+            raise InvalidInputError(
+                f"a vector must be finite float32 of shape {tuple(self.iospec.shape)}, got {v.shape}"
+            )
         return v.reshape(-1)
 
     def reload_bank(self, path: str | os.PathLike, *, vectors: list[str] | None = None) -> BankSnapshot:
@@ -276,13 +317,17 @@ class Runtime:
     def set_policy(self, name: str, weights: Mapping[str, float]) -> BankSnapshot:
         s = self._state
         s.coeff_row(dict(weights))  # validates names, weights and range before anything changes
-        return self._install(s.names, s.matrix, {**s.policies, name: {k: float(v) for k, v in weights.items()}}, f"policy {name}")
+        return self._install(
+            s.names, s.matrix, {**s.policies, name: {k: float(v) for k, v in weights.items()}}, f"policy {name}"
+        )
 
     def remove_policy(self, name: str) -> BankSnapshot:
         s = self._state
         if name not in s.policies:
             raise unknown("policy", name, s.policies)
-        return self._install(s.names, s.matrix, {k: v for k, v in s.policies.items() if k != name}, f"remove policy {name}")
+        return self._install(
+            s.names, s.matrix, {k: v for k, v in s.policies.items() if k != name}, f"remove policy {name}"
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def pending(self) -> int:
@@ -296,7 +341,7 @@ class Runtime:
         for b in self.backends:
             b.close()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .runtime import Runtime, RuntimeConfig
 from .errors import (
     ArtifactError,
     DeadlineExceededError,
@@ -39,6 +38,7 @@ from .errors import (
     RuntimeClosedError,
     UnknownNameError,
 )
+from .runtime import Runtime, RuntimeConfig
 
 __all__ = ["create_app", "serve", "ServerMetrics"]
 
@@ -61,16 +61,39 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("forgetrt_requests_total", "Inference requests by outcome", ["status"], registry=self.registry)
-        self.failures = Counter("forgetrt_request_failures_total", "Failed inference requests by error type", ["error"], registry=self.registry)
-        self.queue = Histogram("forgetrt_queue_seconds", "Time requests wait in the dynamic batcher", registry=self.registry,
-                               buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0))
-        self.compute = Histogram("forgetrt_compute_seconds", "Engine time per batch", registry=self.registry,
-                                 buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.5, 1.0))
-        self.batch = Histogram("forgetrt_batch_images", "Images per engine call", registry=self.registry,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.batch_requests = Histogram("forgetrt_batch_requests", "Requests per engine call", registry=self.registry,
-                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.requests = Counter(
+            "forgetrt_requests_total", "Inference requests by outcome", ["status"], registry=self.registry
+        )
+        self.failures = Counter(
+            "forgetrt_request_failures_total",
+            "Failed inference requests by error type",
+            ["error"],
+            registry=self.registry,
+        )
+        self.queue = Histogram(
+            "forgetrt_queue_seconds",
+            "Time requests wait in the dynamic batcher",
+            registry=self.registry,
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0),
+        )
+        self.compute = Histogram(
+            "forgetrt_compute_seconds",
+            "Engine time per batch",
+            registry=self.registry,
+            buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.5, 1.0),
+        )
+        self.batch = Histogram(
+            "forgetrt_batch_images",
+            "Images per engine call",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.batch_requests = Histogram(
+            "forgetrt_batch_requests",
+            "Requests per engine call",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.bank_version = Gauge("forgetrt_bank_version", "Bank version being served", registry=self.registry)
 
     def observe_batch(self, n_requests: int, n_images: int, queue_s: Any, compute_s: float, ok: bool) -> None:
@@ -103,7 +126,14 @@ def _status_for(e: ForgetRTError) -> int:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
-_DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+_DTYPES = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "UINT8": np.uint8,
+}
 
 
 def _parse_request(body: bytes, header_len: str | None) -> tuple[dict, bytes]:
@@ -140,7 +170,9 @@ def _tensors(req: dict, binary: bytes) -> dict[str, np.ndarray]:
             raise InvalidInputError("input without a name")
         if name in out:
             raise InvalidInputError(f"input {name!r} given twice")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise InvalidInputError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
         if dtype not in _DTYPES:
             raise InvalidInputError(f"input {name!r}: unsupported datatype {dtype!r}; valid: {', '.join(_DTYPES)}")
@@ -154,7 +186,10 @@ def _tensors(req: dict, binary: bytes) -> dict[str, np.ndarray]:
             if not isinstance(size, int) or size < 0:
                 raise InvalidInputError(f"input {name!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise InvalidInputError(f"input {name!r}: binary payload truncated (needs {size} bytes at offset {offset}, body has {len(binary) - offset})")
+                raise InvalidInputError(
+                    f"input {name!r}: binary payload truncated (needs {size} bytes at offset {offset}, body has "
+                    f"{len(binary) - offset})"
+                )
             if size != count * np.dtype(np_dtype).itemsize:
                 raise InvalidInputError(f"input {name!r}: {size} bytes do not hold {shape} {dtype}")
             arr = np.frombuffer(binary[offset : offset + size], dtype=np_dtype).reshape(shape)
@@ -228,24 +263,33 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
         return JSONResponse({"ready": True})
 
     async def server_meta(request: Request) -> Response:
-        return JSONResponse({"name": "forgetrt", "version": _version(), "extensions": ["binary_tensor_data", "model_repository"]})
+        return JSONResponse(
+            {"name": "forgetrt", "version": _version(), "extensions": ["binary_tensor_data", "model_repository"]}
+        )
 
     async def model_meta(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
         bank = runtime.snapshot
-        return JSONResponse({
-            "name": model_name,
-            "versions": ["1"],
-            "platform": f"forgetrt_{runtime.backend_name}",
-            "inputs": [
-                {"name": spec.image_name, "datatype": "FP32", "shape": [-1, *spec.shape]},
-                {"name": spec.coeffs_name, "datatype": "FP32", "shape": [-1, bank.k]},
-            ],
-            "outputs": [{"name": spec.output_name, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
-            "parameters": {"bank_version": bank.version, "vectors": ",".join(bank.names), "policies": ",".join(bank.policies),
-                           "mandatory": ",".join(bank.mandatory), "bundle_id": runtime.bundle.bundle_id},
-        })
+        return JSONResponse(
+            {
+                "name": model_name,
+                "versions": ["1"],
+                "platform": f"forgetrt_{runtime.backend_name}",
+                "inputs": [
+                    {"name": spec.image_name, "datatype": "FP32", "shape": [-1, *spec.shape]},
+                    {"name": spec.coeffs_name, "datatype": "FP32", "shape": [-1, bank.k]},
+                ],
+                "outputs": [{"name": spec.output_name, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
+                "parameters": {
+                    "bank_version": bank.version,
+                    "vectors": ",".join(bank.names),
+                    "policies": ",".join(bank.policies),
+                    "mandatory": ",".join(bank.mandatory),
+                    "bundle_id": runtime.bundle.bundle_id,
+                },
+            }
+        )
 
     async def model_ready(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
@@ -264,19 +308,26 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
             tensors = _tensors(req, binary)
             unknown_inputs = sorted(set(tensors) - {spec.image_name, spec.coeffs_name})
             if unknown_inputs:
-                raise InvalidInputError(f"unknown inputs {unknown_inputs}; valid: {spec.image_name}, {spec.coeffs_name}")
+                raise InvalidInputError(
+                    f"unknown inputs {unknown_inputs}; valid: {spec.image_name}, {spec.coeffs_name}"
+                )
             if spec.image_name not in tensors:
                 raise InvalidInputError(f"input {spec.image_name!r} is required")
             forget = _forget_param(req.get("parameters"))
             coeffs = tensors.get(spec.coeffs_name)
             if coeffs is not None:
                 if forget is not None:
-                    raise InvalidInputError("give the composition either as the coeffs input or in parameters, not both")
+                    raise InvalidInputError(
+                        "give the composition either as the coeffs input or in parameters, not both"
+                    )
                 if coeffs.dtype != np.float32 or coeffs.ndim != 2:
                     raise InvalidInputError(f"input {spec.coeffs_name!r} must be FP32 [N, K]")
             images = tensors[spec.image_name]
             if images.ndim != 4:
-                raise InvalidInputError(f"input {spec.image_name!r} must have shape [N, {', '.join(map(str, spec.shape))}], got {list(images.shape)}")
+                raise InvalidInputError(
+                    f"input {spec.image_name!r} must have shape [N, {', '.join(map(str, spec.shape))}], got "
+                    f"{list(images.shape)}"
+                )
             if coeffs is not None and coeffs.shape[0] != images.shape[0]:
                 raise InvalidInputError(f"coeffs has {coeffs.shape[0]} rows for {images.shape[0]} images")
             result = await runtime.infer_async(images, forget, coeffs=coeffs)
@@ -286,15 +337,19 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
             metrics.failures.labels(error=type(e).__name__).inc()
             return _error(status, str(e))
         outputs_req = req.get("outputs") or []
-        binary_out = any(isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") for o in outputs_req) or bool(
-            (req.get("parameters") or {}).get("binary_data_output")
-        )
+        binary_out = any(
+            isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") for o in outputs_req
+        ) or bool((req.get("parameters") or {}).get("binary_data_output"))
         logits = np.ascontiguousarray(result.logits, np.float32)
         out = {"name": spec.output_name, "datatype": "FP32", "shape": list(logits.shape)}
         resp: dict[str, Any] = {
             "model_name": model_name,
             "model_version": "1",
-            "parameters": {"bank_version": result.bank_version, "queue_us": round(result.queue_us, 1), "compute_us": round(result.compute_us, 1)},
+            "parameters": {
+                "bank_version": result.bank_version,
+                "queue_us": round(result.queue_us, 1),
+                "compute_us": round(result.compute_us, 1),
+            },
             "outputs": [out],
         }
         if "id" in req:

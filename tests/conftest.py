@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_TAR = Path(os.environ.get("FORGETRT_CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpeg.tar.gz"))
+CIFAR_TAR = Path(
+    os.environ.get("FORGETRT_CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpeg.tar.gz")
+)
 
 
 def _cuda() -> bool:
@@ -26,7 +28,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reasons = {
         "gpu": None if _cuda() else "needs a CUDA device; none here",
         "trt": None if importlib.util.find_spec("tensorrt") else "TensorRT is not installed (only from NVIDIA's index)",
-        "needs_data": None if CIFAR_TAR.is_file() else f"CIFAR-10 archive not found at {CIFAR_TAR} (set FORGETRT_CIFAR10)",
+        "needs_data": None
+        if CIFAR_TAR.is_file()
+        else f"CIFAR-10 archive not found at {CIFAR_TAR} (set FORGETRT_CIFAR10)",
     }
     for item in items:
         for marker, reason in reasons.items():

@@ -10,13 +10,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_unlearning_report_small(tmp_path):
     out = tmp_path / "rep"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unlearning_report.py"), "--classes", "0", "--epochs", "3", "--vector-epochs", "2", "--out", str(out)],
-                       capture_output=True, text=True, env={"TQDM_DISABLE": "1", **__import__("os").environ})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "unlearning_report.py"),
+            "--classes",
+            "0",
+            "--epochs",
+            "3",
+            "--vector-epochs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={"TQDM_DISABLE": "1", **__import__("os").environ},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["random"]) == {"retrain", "ft", "ga", "rl", "forget vector"}
     assert rep["random"]["retrain"]["avg_gap"] == 0.0
-    for m, row in rep["class_wise"]["mean_std"].items():
+    for _m, row in rep["class_wise"]["mean_std"].items():
         for k in ("UA", "RA", "TA", "MIA_efficacy", "avg_gap", "seconds"):
             mean, std = row[k]
             assert std >= 0
@@ -28,9 +43,25 @@ def test_unlearning_report_small(tmp_path):
 
 def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
     out = tmp_path / "rep"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unlearning_report.py"), "--classes", "0,3", "--epochs", "2", "--basis", "tasks",
-                        "--time-budget", "0.001", "--out", str(out)],
-                       capture_output=True, text=True, env={"TQDM_DISABLE": "1", **__import__("os").environ})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "unlearning_report.py"),
+            "--classes",
+            "0,3",
+            "--epochs",
+            "2",
+            "--basis",
+            "tasks",
+            "--time-budget",
+            "0.001",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={"TQDM_DISABLE": "1", **__import__("os").environ},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
     skipped = ["class 0", "class 3", "random", "arithmetic (basis of 0 class vectors; needs 2)"]
@@ -45,10 +76,28 @@ def test_vector_sweep_small(tmp_path):
     train_model("digits-cnn", "digits", tmp_path / "m", epochs=3, device="cpu")
     script = str(REPO / "benchmarks" / "vector_sweep.py")
     env = {"TQDM_DISABLE": "1", **__import__("os").environ}
-    args = [sys.executable, script, "--model", str(tmp_path / "m"), "--data", "digits", "--classes", "3", "--device", "cpu",
-            "--bank", str(tmp_path / "bank"), "--json", str(tmp_path / "s.json")]
-    r = subprocess.run([*args, "--recipe", "a=paper:epochs=1,lr=0.05", "--recipe", "b=digits:epochs=1,alpha=16,augment=shift"],
-                       capture_output=True, text=True, env=env)
+    args = [
+        sys.executable,
+        script,
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        "digits",
+        "--classes",
+        "3",
+        "--device",
+        "cpu",
+        "--bank",
+        str(tmp_path / "bank"),
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    r = subprocess.run(
+        [*args, "--recipe", "a=paper:epochs=1,lr=0.05", "--recipe", "b=digits:epochs=1,alpha=16,augment=shift"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "s.json").read_text())
     assert out["task"]["classes"] == [3] and list(out["results"]) == ["a", "b"]
@@ -61,28 +110,66 @@ def test_vector_sweep_small(tmp_path):
 
 
 def _run_script(name, *args):
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *map(str, args)], capture_output=True, text=True,
-                       env={"TQDM_DISABLE": "1", **__import__("os").environ}, timeout=240)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={"TQDM_DISABLE": "1", **__import__("os").environ},
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
 
 def test_runtime_overhead_small(tmp_path):
-    _run_script("runtime_overhead.py", "--arch", "digits-cnn", "--runs", "30", "--warmup", "3", "--seconds", "0.3", "--rounds", "2",
-                "--threads", "8", "--json", tmp_path / "ro.json")
+    _run_script(
+        "runtime_overhead.py",
+        "--arch",
+        "digits-cnn",
+        "--runs",
+        "30",
+        "--warmup",
+        "3",
+        "--seconds",
+        "0.3",
+        "--rounds",
+        "2",
+        "--threads",
+        "8",
+        "--json",
+        tmp_path / "ro.json",
+    )
     res = json.loads((tmp_path / "ro.json").read_text())["results"][0]
     assert res["a_infer_vs_bare_batch1"]["runtime"]["p50_ms"] > 0 and res["b_hetero_vs_homo_batch64"]["ratio"] > 0
     c = res["c_concurrent_vs_serial"]
-    assert c["rounds"] == 2 and len(c["per_round"]["serial"]) == 2 and c["batcher"] == {"max_batch_size": 32, "max_queue_delay_us": 0}
+    assert (
+        c["rounds"] == 2
+        and len(c["per_round"]["serial"]) == 2
+        and c["batcher"] == {"max_batch_size": 32, "max_queue_delay_us": 0}
+    )
     assert c["async_submitters_req_per_s"] > 0 and 1 <= c["async_mean_batch_images"] <= 8
 
 
 def test_gpu_latency_cpu_smoke(tmp_path):
     """Without CUDA the latency script runs the eager path and the server end to end (a smoke run)."""
-    _run_script("gpu_latency.py", "--synthetic", "digits-cnn", "--runs", "20", "--warmup", "2", "--batches", "1,4", "--json", tmp_path / "g.json")
+    _run_script(
+        "gpu_latency.py",
+        "--synthetic",
+        "digits-cnn",
+        "--runs",
+        "20",
+        "--warmup",
+        "2",
+        "--batches",
+        "1,4",
+        "--json",
+        tmp_path / "g.json",
+    )
     res = json.loads((tmp_path / "g.json").read_text())
     modes = ["torch eager (as trained)", "torch eager"]
     assert [(p["mode"], p["batch"]) for p in res["points"]] == [(m, b) for b in (1, 4) for m in modes]
-    assert res["backends"]["torch eager"]["fuse"] == "bn" and res["backends"]["torch eager (as trained)"]["fuse"] == "none"
+    assert (
+        res["backends"]["torch eager"]["fuse"] == "bn" and res["backends"]["torch eager (as trained)"]["fuse"] == "none"
+    )
     assert all(p["rel_diff_vs_eager"] < 1e-5 for p in res["points"])  # the folded module computes the same logits
     assert res["server_end_to_end_b1"]["p50_ms"] > 0 and res["server_end_to_end_b1"]["client"] == "tritonclient.http"

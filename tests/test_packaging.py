@@ -39,7 +39,11 @@ def test_wheel_is_namespaced_and_complete(wheel):
 
 def test_non_editable_install_imports(wheel, tmp_path):
     target = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     code = (
         "import forgetrt.runtime, forgetrt.train.workflows, forgetrt.tools.cli, sys;"

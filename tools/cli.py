@@ -18,12 +18,12 @@ from typing import Any
 import click
 
 from forgetrt import __version__
+from forgetrt.export.triton import TRITON_BACKENDS
 from forgetrt.runtime.backends import DEVICES, backend_names, list_backends
 from forgetrt.runtime.batcher import BatchingConfig
-from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
 from forgetrt.runtime.bench import MIXES
+from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
 from forgetrt.runtime.runtime import PIXEL_POLICIES
-from forgetrt.export.triton import TRITON_BACKENDS
 from forgetrt.train.data import DATA_KINDS, ForgetSpec
 from forgetrt.train.recipes import BASELINES, PRESETS, VectorRecipe
 
@@ -130,7 +130,9 @@ def _dataclass_options(cls: type, *, skip: tuple[str, ...] = ()) -> list[tuple[d
         if hints[f.name] is bool:
             opt = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=f.metadata["help"])
         else:
-            opt = click.option(f"--{flag}", f.name, type=_click_type(hints[f.name], f), default=None, help=f.metadata["help"])
+            opt = click.option(
+                f"--{flag}", f.name, type=_click_type(hints[f.name], f), default=None, help=f.metadata["help"]
+            )
         out.append((f, opt))
     return out
 
@@ -162,11 +164,18 @@ def _pop_backend_options(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _forget_options(prefix: str = "forget") -> Callable:
-    """--{prefix}-classes / --{prefix}-fraction / --{prefix}-indices (exactly one, checked by ForgetSpec.from_options)."""
+    """--{prefix}-classes / --{prefix}-fraction / --{prefix}-indices (exactly one, checked by "
+    "ForgetSpec.from_options)."""
 
     def deco(f: Callable) -> Callable:
-        f = click.option(f"--{prefix}-indices", type=click.Path(dir_okay=False), help="File of training indices to forget (text or JSON list).")(f)
-        f = click.option(f"--{prefix}-fraction", type=float, help="Forget this random fraction of the training set (with --seed).")(f)
+        f = click.option(
+            f"--{prefix}-indices",
+            type=click.Path(dir_okay=False),
+            help="File of training indices to forget (text or JSON list).",
+        )(f)
+        f = click.option(
+            f"--{prefix}-fraction", type=float, help="Forget this random fraction of the training set (with --seed)."
+        )(f)
         f = click.option(f"--{prefix}-classes", type=CSV, help="Forget whole classes, e.g. 0,3 (indices or labels).")(f)
         return f
 
@@ -179,7 +188,13 @@ _RECIPE_OPTIONS = _dataclass_options(VectorRecipe, skip=("seed",))
 def _recipe_options(f: Callable) -> Callable:
     """--preset and one option per VectorRecipe field (the preset's value unless given)."""
     f = _apply(f, _RECIPE_OPTIONS)
-    return click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True, help="Base recipe; the options below override it.")(f)
+    return click.option(
+        "--preset",
+        type=click.Choice(list(PRESETS)),
+        default="paper",
+        show_default=True,
+        help="Base recipe; the options below override it.",
+    )(f)
 
 
 def _recipe(kw: dict[str, Any], seed: int) -> VectorRecipe:
@@ -216,20 +231,26 @@ def models_cmd() -> None:
 
 @cli.command("train-model")
 @click.option("--arch", required=True, help="Architecture (see `forgetrt models`).")
-@click.option("--data", "data", type=DATA, default="digits", show_default=True, help=f"Data spec: {' | '.join(DATA_KINDS)}:PATH.")
+@click.option(
+    "--data", "data", type=DATA, default="digits", show_default=True, help=f"Data spec: {' | '.join(DATA_KINDS)}:PATH."
+)
 @click.option("--epochs", type=int, help="Epochs (default per arch).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output model folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, help="Batch size (default per arch).")
 @click.option("--lr", type=float, help="Peak learning rate (default per arch).")
 @_device_option()
-def train_model_cmd(arch: str, data: str, epochs: int | None, out: str, seed: int, batch_size: int | None, lr: float | None, device: str) -> None:
+def train_model_cmd(
+    arch: str, data: str, epochs: int | None, out: str, seed: int, batch_size: int | None, lr: float | None, device: str
+) -> None:
     """Train a classifier; writes OUT/model.safetensors and OUT/model.json."""
     from forgetrt.train.workflows import train_model
 
     rec = train_model(arch, data, out, epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr)
     m = rec["metrics"]
-    click.echo(f"{arch}: train {m['train_acc']:.2f}%  test {m['test_acc']:.2f}%  ({rec['training']['seconds']:.1f}s) -> {out}")
+    click.echo(
+        f"{arch}: train {m['train_acc']:.2f}%  test {m['test_acc']:.2f}%  ({rec['training']['seconds']:.1f}s) -> {out}"
+    )
 
 
 @cli.command("train-vector")
@@ -238,14 +259,35 @@ def train_model_cmd(arch: str, data: str, epochs: int | None, out: str, seed: in
 @_forget_options()
 @click.option("--each-class", is_flag=True, help="Train one vector per class (named forget-<class>), batched.")
 @click.option("--classes", "each_classes", type=CSV, help="With --each-class: only these classes.")
-@click.option("--bank", "bank_dir", type=click.Path(file_okay=False), required=True, help="Vector bank folder (created if absent).")
+@click.option(
+    "--bank",
+    "bank_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Vector bank folder (created if absent).",
+)
 @click.option("--name", help="Vector name (not with --each-class).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --forget-fraction and training.")
 @_recipe_options
 @click.option("--overwrite", is_flag=True, help="Replace vectors of the same name.")
 @click.option("--no-eval", is_flag=True, help="Skip evaluation (metrics are not stored in the manifest).")
 @_device_option()
-def train_vector_cmd(model_dir: str, data: str, forget_classes, forget_fraction, forget_indices, each_class: bool, each_classes, bank_dir: str, name: str | None, seed: int, overwrite: bool, no_eval: bool, device: str, **kw: Any) -> None:
+def train_vector_cmd(
+    model_dir: str,
+    data: str,
+    forget_classes,
+    forget_fraction,
+    forget_indices,
+    each_class: bool,
+    each_classes,
+    bank_dir: str,
+    name: str | None,
+    seed: int,
+    overwrite: bool,
+    no_eval: bool,
+    device: str,
+    **kw: Any,
+) -> None:
     """Train forget vector(s) against a frozen model and add them to a bank."""
     from forgetrt.train import workflows as wf
     from forgetrt.train.metrics import format_table
@@ -253,13 +295,33 @@ def train_vector_cmd(model_dir: str, data: str, forget_classes, forget_fraction,
     recipe = _recipe(kw, seed)
     if each_class:
         if name or any(x is not None for x in (forget_classes, forget_fraction, forget_indices)):
-            raise InvalidInputError("--each-class names its vectors forget-<class>: do not combine it with --name or --forget-*")
-        res = wf.train_class_vectors(model_dir, data, bank_dir, classes=each_classes, recipe=recipe, device=device, evaluate_after=not no_eval, overwrite=overwrite)
+            raise InvalidInputError(
+                "--each-class names its vectors forget-<class>: do not combine it with --name or --forget-*"
+            )
+        res = wf.train_class_vectors(
+            model_dir,
+            data,
+            bank_dir,
+            classes=each_classes,
+            recipe=recipe,
+            device=device,
+            evaluate_after=not no_eval,
+            overwrite=overwrite,
+        )
     else:
         if not name:
             raise InvalidInputError("--name is required (or use --each-class)")
         spec = ForgetSpec.from_options(forget_classes, forget_fraction, forget_indices, seed=seed)
-        res = wf.train_vector(model_dir, data, bank_dir, {name: spec}, recipe, device=device, evaluate_after=not no_eval, overwrite=overwrite)
+        res = wf.train_vector(
+            model_dir,
+            data,
+            bank_dir,
+            {name: spec},
+            recipe,
+            device=device,
+            evaluate_after=not no_eval,
+            overwrite=overwrite,
+        )
     if no_eval:
         for r in res:
             click.echo(f"{r['name']}: trained in {r['seconds']:.1f}s")
@@ -281,7 +343,22 @@ def train_vector_cmd(model_dir: str, data: str, forget_classes, forget_fraction,
 @_recipe_options
 @click.option("--overwrite", is_flag=True)
 @_device_option()
-def compose_cmd(bank_dir: str, name: str, weights, learn: bool, model_dir, data: str, target_classes, target_fraction, target_indices, basis, seed: int, overwrite: bool, device: str, **kw: Any) -> None:
+def compose_cmd(
+    bank_dir: str,
+    name: str,
+    weights,
+    learn: bool,
+    model_dir,
+    data: str,
+    target_classes,
+    target_fraction,
+    target_indices,
+    basis,
+    seed: int,
+    overwrite: bool,
+    device: str,
+    **kw: Any,
+) -> None:
     """Forget-vector arithmetic: a fixed or learned linear combination saved as a new vector."""
     from forgetrt.train import workflows as wf
 
@@ -294,7 +371,9 @@ def compose_cmd(bank_dir: str, name: str, weights, learn: bool, model_dir, data:
     if not model_dir:
         raise InvalidInputError("--learn needs --model")
     spec = ForgetSpec.from_options(target_classes, target_fraction, target_indices, seed=seed, prefix="target")
-    res = wf.compose_learned(bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite)
+    res = wf.compose_learned(
+        bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite
+    )
     _echo_json(res)
 
 
@@ -309,14 +388,37 @@ def compose_cmd(bank_dir: str, name: str, weights, learn: bool, model_dir, data:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
 @click.option("--reference", type=click.Path(dir_okay=False), help="Reference result JSON (e.g. Retrain) for Avg.Gap.")
 @_device_option()
-def eval_cmd(model_dir: str, data: str, bank_dir, vector, weights, forget_classes, forget_fraction, forget_indices, seed: int, json_out, reference, device: str) -> None:
+def eval_cmd(
+    model_dir: str,
+    data: str,
+    bank_dir,
+    vector,
+    weights,
+    forget_classes,
+    forget_fraction,
+    forget_indices,
+    seed: int,
+    json_out,
+    reference,
+    device: str,
+) -> None:
     """UA, RA, TA, MIA-Efficacy (and Avg.Gap vs --reference) with a vector applied, in percent."""
     from forgetrt.runtime.files import atomic_write_json
     from forgetrt.train.metrics import format_table
     from forgetrt.train.workflows import evaluate_result
 
     spec = ForgetSpec.from_options(forget_classes, forget_fraction, forget_indices, seed=seed, required=False)
-    res = evaluate_result(model_dir, data, bank_dir=bank_dir, vector=vector, weights=weights, forget=spec, indices_file=forget_indices, reference=reference, device=device)
+    res = evaluate_result(
+        model_dir,
+        data,
+        bank_dir=bank_dir,
+        vector=vector,
+        weights=weights,
+        forget=spec,
+        indices_file=forget_indices,
+        reference=reference,
+        device=device,
+    )
     click.echo(format_table({res["evaluated"]: res}))
     if json_out:
         atomic_write_json(json_out, res)
@@ -333,7 +435,19 @@ def eval_cmd(model_dir: str, data: str, bank_dir, vector, weights, forget_classe
 @click.option("--epochs", type=int, help="Override the method's epochs.")
 @click.option("--lr", type=float, help="Override the method's learning rate.")
 @_device_option()
-def baseline_cmd(method: str, model_dir: str, data: str, forget_classes, forget_fraction, forget_indices, seed: int, out: str, epochs, lr, device: str) -> None:
+def baseline_cmd(
+    method: str,
+    model_dir: str,
+    data: str,
+    forget_classes,
+    forget_fraction,
+    forget_indices,
+    seed: int,
+    out: str,
+    epochs,
+    lr,
+    device: str,
+) -> None:
     """Model-based unlearning (Retrain, FT, GA, RL) for comparison; evaluate OUT with `forgetrt eval`."""
     from forgetrt.train.workflows import unlearn_baseline
 
@@ -349,7 +463,9 @@ def bank_cmd(bank_dir: str) -> None:
     from forgetrt.runtime.bank import VectorBank
 
     bank = VectorBank.load(bank_dir)
-    click.echo(f"bank {bank_dir}: {len(bank)} vectors, shape {bank.iospec.shape}, model {bank.arch} {bank.fingerprint[:12]}")
+    click.echo(
+        f"bank {bank_dir}: {len(bank)} vectors, shape {bank.iospec.shape}, model {bank.arch} {bank.fingerprint[:12]}"
+    )
     for n in bank.names:
         e = bank.entry(n)
         m, f = e.metrics or {}, e.forgets
@@ -385,36 +501,78 @@ def _read_policies(path: str | None) -> dict | None:
 
 
 @export_group.command("onnx")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="ForgetRT model folder (or use --from-onnx).")
+@click.option(
+    "--model", "model_dir", type=click.Path(file_okay=False), help="ForgetRT model folder (or use --from-onnx)."
+)
 @click.option("--from-onnx", type=click.Path(dir_okay=False), help="Graft onto this existing classifier .onnx instead.")
-@click.option("--allow-unverified-model", is_flag=True, help="With --from-onnx: graft even if the bank never verified this file.")
+@click.option(
+    "--allow-unverified-model", is_flag=True, help="With --from-onnx: graft even if the bank never verified this file."
+)
 @click.option("--bank", "bank_dir", type=click.Path(file_okay=False), required=True, help="Vector bank folder.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Bundle folder to write.")
 @click.option("--vectors", type=CSV, help="Selectable vectors in coefficient order (default: all but the mandatory).")
 @click.option("--mandatory", type=WEIGHTS, help="Vectors baked in for every request, NAME[=w],...")
 @click.option("--coeff-range", help="Clip coefficients to LO,HI inside the graph.")
-@click.option("--policies", type=click.Path(dir_okay=False), help='JSON file of named compositions, {"eu": {"forget-3": 1}}.')
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset for --model (a grafted model keeps its own).")
+@click.option(
+    "--policies", type=click.Path(dir_okay=False), help='JSON file of named compositions, {"eu": {"forget-3": 1}}.'
+)
+@click.option(
+    "--opset", type=int, default=17, show_default=True, help="ONNX opset for --model (a grafted model keeps its own)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
-def export_onnx_cmd(model_dir, from_onnx, allow_unverified_model: bool, bank_dir: str, out: str, vectors, mandatory, coeff_range, policies, opset: int, overwrite: bool) -> None:
+def export_onnx_cmd(
+    model_dir,
+    from_onnx,
+    allow_unverified_model: bool,
+    bank_dir: str,
+    out: str,
+    vectors,
+    mandatory,
+    coeff_range,
+    policies,
+    opset: int,
+    overwrite: bool,
+) -> None:
     """Write a bundle: OUT/model.onnx (image, coeffs -> logits; the bank fused as MatMul -> Reshape -> Add in
     front of the classifier) and OUT/bundle.json. onnxruntime must match the reference within 1e-4 of the
     logits' scale, or nothing is written."""
     from forgetrt.export.onnx_export import export_onnx
 
-    res = export_onnx(bank_dir, out, model_dir=model_dir, from_onnx=from_onnx, allow_unverified_model=allow_unverified_model,
-                      vectors=[str(v) for v in vectors] if vectors else None, mandatory=mandatory, coeff_range=_parse_range(coeff_range),
-                      policies=_read_policies(policies), opset=opset, overwrite=overwrite)
+    res = export_onnx(
+        bank_dir,
+        out,
+        model_dir=model_dir,
+        from_onnx=from_onnx,
+        allow_unverified_model=allow_unverified_model,
+        vectors=[str(v) for v in vectors] if vectors else None,
+        mandatory=mandatory,
+        coeff_range=_parse_range(coeff_range),
+        policies=_read_policies(policies),
+        opset=opset,
+        overwrite=overwrite,
+    )
     p = res["parity"]
     verified = "" if res["model_verified"] else "  (UNVERIFIED classifier)"
-    click.echo(f"bundle {res['bundle']} (id {res['bundle_id']}, from {res['source']}){verified}: K={len(res['vectors'])} selectable, mandatory {res['mandatory'] or 'none'}")
-    click.echo(f"parity onnxruntime vs reference: max abs {p['max_abs']:.2e}, mean abs {p['mean_abs']:.2e}, {p['rel_to_scale']:.2e} of logit scale")
+    click.echo(
+        f"bundle {res['bundle']} (id {res['bundle_id']}, from {res['source']}){verified}: K={len(res['vectors'])} "
+        f"selectable, mandatory {res['mandatory'] or 'none'}"
+    )
+    click.echo(
+        f"parity onnxruntime vs reference: max abs {p['max_abs']:.2e}, mean abs {p['mean_abs']:.2e}, "
+        f"{p['rel_to_scale']:.2e} of logit scale"
+    )
 
 
 @export_group.command("classifier")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Classifier .onnx to write.")
-@click.option("--bank", "banks", type=click.Path(file_okay=False), multiple=True, help="Record the file's sha256 in this bank (repeatable).")
+@click.option(
+    "--bank",
+    "banks",
+    type=click.Path(file_okay=False),
+    multiple=True,
+    help="Record the file's sha256 in this bank (repeatable).",
+)
 @click.option("--opset", type=int, default=17, show_default=True)
 def export_classifier_cmd(model_dir: str, out: str, banks: tuple[str, ...], opset: int) -> None:
     """Export the bare classifier as ONNX and record it in banks, so `export onnx --from-onnx` can verify it."""
@@ -426,10 +584,36 @@ def export_classifier_cmd(model_dir: str, out: str, banks: tuple[str, ...], opse
 
 def _batching_options(f: Callable, *, max_batch_size: int = BatchingConfig.max_batch_size) -> Callable:
     """The BatchingConfig fields, shared by `serve` and `export triton` (one config, one set of defaults)."""
-    f = click.option("--instances", type=int, default=BatchingConfig.instances, show_default=True, help="Engine instances, one batcher worker each.")(f)
-    f = click.option("--max-queue", type=int, default=BatchingConfig.max_queue, show_default=True, help="Pending requests before they are refused (429).")(f)
-    f = click.option("--max-queue-delay-us", type=int, default=BatchingConfig.max_queue_delay_us, show_default=True, help="How long a batch waits for more requests.")(f)
-    f = click.option("--max-batch-size", "--max-batch", "max_batch_size", type=int, default=max_batch_size, show_default=True, help="Images per engine call.")(f)
+    f = click.option(
+        "--instances",
+        type=int,
+        default=BatchingConfig.instances,
+        show_default=True,
+        help="Engine instances, one batcher worker each.",
+    )(f)
+    f = click.option(
+        "--max-queue",
+        type=int,
+        default=BatchingConfig.max_queue,
+        show_default=True,
+        help="Pending requests before they are refused (429).",
+    )(f)
+    f = click.option(
+        "--max-queue-delay-us",
+        type=int,
+        default=BatchingConfig.max_queue_delay_us,
+        show_default=True,
+        help="How long a batch waits for more requests.",
+    )(f)
+    f = click.option(
+        "--max-batch-size",
+        "--max-batch",
+        "max_batch_size",
+        type=int,
+        default=max_batch_size,
+        show_default=True,
+        help="Images per engine call.",
+    )(f)
     return f
 
 
@@ -440,10 +624,36 @@ def _batching(kw: dict[str, Any]) -> BatchingConfig:
 @export_group.command("trt")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--fp16", is_flag=True, help="Allow fp16 kernels (parity tolerance of fp16 instead of fp32).")
-@click.option("--min-batch-size", "--min-batch", "min_batch_size", type=int, default=1, show_default=True, help="Optimization profile: smallest batch.")
-@click.option("--opt-batch-size", "--opt-batch", "opt_batch_size", type=int, default=32, show_default=True, help="Optimization profile: batch tuned for.")
-@click.option("--max-batch-size", "--max-batch", "max_batch_size", type=int, default=256, show_default=True, help="Optimization profile: largest batch.")
-@click.option("--refittable", is_flag=True, help="Build a refittable engine (the bank can be swapped without a rebuild).")
+@click.option(
+    "--min-batch-size",
+    "--min-batch",
+    "min_batch_size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Optimization profile: smallest batch.",
+)
+@click.option(
+    "--opt-batch-size",
+    "--opt-batch",
+    "opt_batch_size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Optimization profile: batch tuned for.",
+)
+@click.option(
+    "--max-batch-size",
+    "--max-batch",
+    "max_batch_size",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Optimization profile: largest batch.",
+)
+@click.option(
+    "--refittable", is_flag=True, help="Build a refittable engine (the bank can be swapped without a rebuild)."
+)
 @click.option("--workspace-mib", type=int, default=1024, show_default=True)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file to read and update.")
 def export_trt_cmd(bundle_dir: str, **kw: Any) -> None:
@@ -451,7 +661,10 @@ def export_trt_cmd(bundle_dir: str, **kw: Any) -> None:
     from forgetrt.export.tensorrt import TrtBuildConfig, build_engine
 
     res = build_engine(bundle_dir, TrtBuildConfig(**kw))
-    click.echo(f"engine {res['plan']} (TensorRT {res['tensorrt_version']}, fp16={res['fp16']}, batch {res['min_batch_size']}..{res['max_batch_size']})")
+    click.echo(
+        f"engine {res['plan']} (TensorRT {res['tensorrt_version']}, fp16={res['fp16']}, batch "
+        f"{res['min_batch_size']}..{res['max_batch_size']})"
+    )
 
 
 @export_group.command("triton")
@@ -476,7 +689,10 @@ def _parity_options(names: list[str], set_options: dict[str, Any]) -> dict[str, 
     for opt, value in set_options.items():
         owners = [b for b in _BACKEND_OPTION_OWNERS[opt] if b in names]
         if not owners:
-            raise InvalidInputError(f"--{opt.replace('_', '-')} is an option of {', '.join(_BACKEND_OPTION_OWNERS[opt])}, which this parity run does not check")
+            raise InvalidInputError(
+                f"--{opt.replace('_', '-')} is an option of {', '.join(_BACKEND_OPTION_OWNERS[opt])}, which this "
+                "parity run does not check"
+            )
         for b in owners:
             out.setdefault(b, {})[opt] = value
     return out
@@ -487,7 +703,9 @@ def _parity_options(names: list[str], set_options: dict[str, Any]) -> dict[str, 
 @click.option("--backends", type=CSV, help=f"{','.join(backend_names())} (default: every available one).")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="Device the backends serve on.")
 @_backend_options
-@click.option("--data", "data", type=DATA, help="Also compare on this data set's test images (top-1 agreement and accuracy).")
+@click.option(
+    "--data", "data", type=DATA, help="Also compare on this data set's test images (top-1 agreement and accuracy)."
+)
 @click.option("--limit", type=int, default=512, show_default=True, help="Test images to use with --data.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
@@ -508,18 +726,33 @@ def parity_cmd(bundle_dir: str, backends, device: str, data, limit: int, seed: i
         from forgetrt.train.data import load_data
 
         images, labels = load_data(data).test_images(limit)
-    rep = run_parity(bundle_dir, [str(b) for b in backends] if backends else None, device=device, options=options, images=images, labels=labels, seed=seed)
+    rep = run_parity(
+        bundle_dir,
+        [str(b) for b in backends] if backends else None,
+        device=device,
+        options=options,
+        images=images,
+        labels=labels,
+        seed=seed,
+    )
     click.echo(format_parity(rep))
     if json_out:
         atomic_write_json(json_out, rep)
     if not rep["ok"]:
-        raise MismatchError("parity failed for: " + ", ".join(b for b, v in rep["backends"].items() if v["status"] == "mismatch"))
+        raise MismatchError(
+            "parity failed for: " + ", ".join(b for b, v in rep["backends"].items() if v["status"] == "mismatch")
+        )
 
 
-def _runtime_config(kw: dict[str, Any], *, batching: BatchingConfig | None = None, pixel_policy: str = "reject") -> "Any":
+def _runtime_config(kw: dict[str, Any], *, batching: BatchingConfig | None = None, pixel_policy: str = "reject") -> Any:
     from forgetrt.runtime import RuntimeConfig
 
-    return RuntimeConfig(backend=kw.pop("backend"), device=kw.pop("device"), batching=batching or BatchingConfig(), pixel_policy=pixel_policy)
+    return RuntimeConfig(
+        backend=kw.pop("backend"),
+        device=kw.pop("device"),
+        batching=batching or BatchingConfig(),
+        pixel_policy=pixel_policy,
+    )
 
 
 @cli.command("serve")
@@ -546,7 +779,14 @@ def serve_cmd(bundle_dir: str, host: str, port: int, model_name, pixel_policy: s
 
 @cli.command("infer")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False, exists=True), help="PNG/JPEG (resized to the model's input) or .npy float32 [C,H,W] / [N,C,H,W]; repeatable.")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="PNG/JPEG (resized to the model's input) or .npy float32 [C,H,W] / [N,C,H,W]; repeatable.",
+)
 @click.option("--forget", type=WEIGHTS, help="Vectors to apply: forget-3 or forget-3=1,forget-7=0.5.")
 @click.option("--policy", help="A named composition stored in the bundle.")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
@@ -564,7 +804,10 @@ def infer_cmd(bundle_dir: str, images: tuple[str, ...], forget, policy, top: int
     with Runtime.load(bundle_dir, _runtime_config(kw, pixel_policy="clamp"), options) as rt:
         x = load_images(images, rt.iospec)
         res = rt.infer(x, policy if policy else forget)
-        click.echo(f"backend {rt.backend_name} on {rt.device}, bank version {res.bank_version}, forget {policy or forget or 'none (mandatory only)'}")
+        click.echo(
+            f"backend {rt.backend_name} on {rt.device}, bank version {res.bank_version}, forget "
+            f"{policy or forget or 'none (mandatory only)'}"
+        )
         names = list(images) if len(x) == len(images) else [f"image {i}" for i in range(len(x))]
         for name, best in zip(names, res.top_k(top, rt.iospec.labels)):
             click.echo(f"  {name}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in best))
@@ -598,25 +841,73 @@ def _check_writable(path: str | None, what: str) -> None:
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--batch", "batches", type=CSV, default="1,8,32", show_default=True, help="Images per request.")
-@click.option("--concurrency", type=CSV, default="1", show_default=True, help="Closed-loop clients; >1 goes through the dynamic batcher.")
-@click.option("--mix", type=click.Choice(list(MIXES)), default="heterogeneous", show_default=True, help="Same composition for every request, or a different one each.")
-@click.option("--active-vectors", type=CSV, default="1", show_default=True, help="Non-zero coefficients per request (0: mandatory only).")
+@click.option(
+    "--concurrency",
+    type=CSV,
+    default="1",
+    show_default=True,
+    help="Closed-loop clients; >1 goes through the dynamic batcher.",
+)
+@click.option(
+    "--mix",
+    type=click.Choice(list(MIXES)),
+    default="heterogeneous",
+    show_default=True,
+    help="Same composition for every request, or a different one each.",
+)
+@click.option(
+    "--active-vectors",
+    type=CSV,
+    default="1",
+    show_default=True,
+    help="Non-zero coefficients per request (0: mandatory only).",
+)
 @click.option("--duration", type=float, default=10.0, show_default=True, help="Timed seconds per point.")
 @click.option("--warmup", type=float, default=2.0, show_default=True, help="Warm-up seconds per point.")
-@click.option("--max-queue-delay-us", type=int, default=BatchingConfig.max_queue_delay_us, show_default=True, help="The batcher's wait for more requests.")
+@click.option(
+    "--max-queue-delay-us",
+    type=int,
+    default=BatchingConfig.max_queue_delay_us,
+    show_default=True,
+    help="The batcher's wait for more requests.",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write one JSON line per point.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG: latency vs batch, throughput vs concurrency.")
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG: latency vs batch, throughput vs concurrency.",
+)
 @click.option("--compare-bare", is_flag=True, help="Also time the classifier without the forget prefix (onnxruntime).")
 @_backend_options
-def bench_cmd(bundle_dir: str, batches, concurrency, mix: str, active_vectors, duration: float, warmup: float, max_queue_delay_us: int, json_out, plot_out,
-              compare_bare: bool, **kw: Any) -> None:
+def bench_cmd(
+    bundle_dir: str,
+    batches,
+    concurrency,
+    mix: str,
+    active_vectors,
+    duration: float,
+    warmup: float,
+    max_queue_delay_us: int,
+    json_out,
+    plot_out,
+    compare_bare: bool,
+    **kw: Any,
+) -> None:
     """Latency and throughput of BUNDLE through the runtime: min/mean/p50/p90/p95/p99/max, images/s,
     requests/s, queue vs compute time; one JSON line per point with the runtime config, versions and device."""
     from forgetrt.runtime import Runtime
     from forgetrt.runtime.bench import BenchConfig, plot_results, run_bench, summarize, write_jsonl
 
-    cfg = BenchConfig(_int_list(batches, "--batch"), _int_list(concurrency, "--concurrency"), _int_list(active_vectors, "--active-vectors"),
-                      mix, duration, warmup, compare_bare)
+    cfg = BenchConfig(
+        _int_list(batches, "--batch"),
+        _int_list(concurrency, "--concurrency"),
+        _int_list(active_vectors, "--active-vectors"),
+        mix,
+        duration,
+        warmup,
+        compare_bare,
+    )
     _check_writable(json_out, "--json file")
     _check_writable(plot_out, "--plot file")
     options = _pop_backend_options(kw)

@@ -36,8 +36,16 @@ def _serve_mixed_batch(bundle_dir: Path, ds) -> dict[str, Any]:
         results = [f.result(30) for f in futures]
         backend = rt.backend_name
     calls = len({(r.compute_us, r.batch_images) for r in results})
-    rows = [{"forget": f if f is not None else "none", "true": ds.classes[3], "predicted": ds.classes[int(r.predictions[0])]} for f, r in zip(forgets, results)]
+    rows = [
+        {
+            "forget": f if f is not None else "none",
+            "true": ds.classes[3],
+            "predicted": ds.classes[int(r.predictions[0])],
+        }
+        for f, r in zip(forgets, results)
+    ]
     return {"backend": backend, "requests": len(forgets), "engine_calls": calls, "rows": rows}
+
 
 DEMO_PAIR = (0, 3)
 
@@ -59,12 +67,21 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     log(f"[3/5] forget-vector arithmetic for classes {a} and {b}: fixed sum and learned coefficients")
     wf.compose_fixed(bank_dir, f"sum-{a}-{b}", {f"forget-{a}": 1.0, f"forget-{b}": 1.0}, overwrite=True)
     learned = wf.compose_learned(
-        bank_dir, f"learned-{a}-{b}", model_dir, ds, ForgetSpec(classes=DEMO_PAIR), recipe, device=device, overwrite=True
+        bank_dir,
+        f"learned-{a}-{b}",
+        model_dir,
+        ds,
+        ForgetSpec(classes=DEMO_PAIR),
+        recipe,
+        device=device,
+        overwrite=True,
     )
 
     log("[4/5] evaluating (UA, RA, TA on remaining classes, MIA-Efficacy; percent)")
     rows: dict[str, dict[str, Any]] = {
-        f"no vector (classes {a},{b})": wf.evaluate_result(model_dir, ds, forget=ForgetSpec(classes=DEMO_PAIR), device=device)
+        f"no vector (classes {a},{b})": wf.evaluate_result(
+            model_dir, ds, forget=ForgetSpec(classes=DEMO_PAIR), device=device
+        )
     }
     for v in vecs:
         rows[v["name"]] = v["metrics"]
@@ -96,8 +113,10 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     log("learned composition UA per class: " + ", ".join(f"{k}: {v:.1f}%" for k, v in ua.items()))
     log(format_parity(parity))
     log("")
-    log(f"served through the runtime ({served['backend']}): {served['requests']} requests with different compositions "
-        f"shared {served['engine_calls']} engine call(s)")
+    log(
+        f"served through the runtime ({served['backend']}): {served['requests']} requests with different compositions "
+        f"shared {served['engine_calls']} engine call(s)"
+    )
     for r in served["rows"]:
         log(f"  true {r['true']}  forget {r['forget']!s:<28} -> predicted {r['predicted']}")
     log(f"report: {out / 'report.json'}  ({report['seconds']:.1f}s)")

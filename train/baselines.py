@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-
 from .data import Dataset, ForgetSplit
 from .loops import DeviceData, fit, train_classifier
 from .recipes import BaselineConfig
 
 __all__ = ["run_baseline"]
+
 
 def run_baseline(
     cfg: BaselineConfig, arch: str, original: nn.Module, ds: Dataset, split: ForgetSplit, device: torch.device
@@ -34,7 +34,12 @@ def run_baseline(
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg.method == "ft":
-        fit(model, DeviceData(ds.x_train[split.retain], ds.y_train[split.retain], ds.scale, device), cfg.train, desc="FT")
+        fit(
+            model,
+            DeviceData(ds.x_train[split.retain], ds.y_train[split.retain], ds.scale, device),
+            cfg.train,
+            desc="FT",
+        )
     elif cfg.method == "ga":
         data = DeviceData(ds.x_train[split.forget], ds.y_train[split.forget], ds.scale, device)
         fit(model, data, cfg.train, desc="GA", ascent_idx=torch.arange(len(data)))

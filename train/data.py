@@ -93,7 +93,7 @@ class Dataset:
         x, y = self.x_test[:limit], self.y_test[:limit]
         return (x.astype(np.float32) / np.float32(self.scale)).astype(np.float32), y
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "Dataset":
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Dataset:
         """A stratified-by-chance random subset (for quick experiments); same classes and scale."""
         rng = np.random.default_rng(seed)
 
@@ -423,7 +423,7 @@ class ForgetSpec:
         seed: int = 0,
         required: bool = True,
         prefix: str = "forget",
-    ) -> "ForgetSpec | None":
+    ) -> ForgetSpec | None:
         """The spec from the three ways a user names it (the CLI's ``--{prefix}-classes``,
         ``--{prefix}-fraction``, ``--{prefix}-indices``): exactly one, or none when not ``required``."""
         given = [x is not None for x in (classes, fraction, indices_file)]
@@ -441,7 +441,7 @@ class ForgetSpec:
         return cls(classes=tuple(classes or ()))
 
     @classmethod
-    def from_indices_file(cls, path: str | os.PathLike) -> "ForgetSpec":
+    def from_indices_file(cls, path: str | os.PathLike) -> ForgetSpec:
         """Indices as JSON (a list) or text (integers separated by whitespace or commas)."""
         p = Path(path)
         if not p.is_file():
@@ -460,7 +460,7 @@ class ForgetSpec:
         return cls(indices=tuple(values), indices_source=str(p))
 
     @classmethod
-    def from_description(cls, d: dict[str, Any], indices_file: str | os.PathLike | None = None) -> "ForgetSpec":
+    def from_description(cls, d: dict[str, Any], indices_file: str | os.PathLike | None = None) -> ForgetSpec:
         """Rebuild a spec from :meth:`describe`'s record (an index spec needs its file, checked by hash)."""
         kind = d.get("kind")
         if kind == "class":
@@ -528,4 +528,3 @@ class ForgetSpec:
         if len(test) == 0:
             raise DataError(f"forget spec {self.describe()} leaves no test sample to measure TA on")
         return ForgetSplit(forget, retain, test, test_forgotten, classes)
-

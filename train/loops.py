@@ -40,7 +40,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InvalidInputError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+            raise InvalidInputError(
+                f"device {device!r} requested but CUDA is not available (torch {torch.__version__})"
+            )
         return torch.device(device)
     raise unknown("device", device, ["auto", "cpu", "cuda"])
 
@@ -163,14 +165,18 @@ def fit(
         sign = torch.ones(len(data), device=device)
         sign[ascent_idx.to(device)] = -1.0
     steps_per_epoch = max(1, len(data) // cfg.batch_size) if len(data) >= cfg.batch_size else 1
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25, anneal_strategy="linear"
     )
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     model.train()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     t0 = time.perf_counter()
     loss_val = float("nan")
     with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False) as bar:

@@ -114,7 +114,9 @@ def avg_gap(result: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
 def format_table(rows: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] | None = None) -> str:
     """A fixed-width text table: one row per result, one column per metric (percent, 2 decimals)."""
     keys = keys or tuple(
-        k for k in ("UA", "RA", "TA", "TA_forgotten", "MIA_efficacy", "avg_gap", "seconds") if any(k in r for r in rows.values())
+        k
+        for k in ("UA", "RA", "TA", "TA_forgotten", "MIA_efficacy", "avg_gap", "seconds")
+        if any(k in r for r in rows.values())
     )
     name_w = max([len("name")] + [len(n) for n in rows])
     head = f"{'name':<{name_w}}  " + "  ".join(f"{k:>12}" for k in keys)
@@ -123,6 +125,8 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] | 
         cells = []
         for k in keys:
             v = r.get(k)
-            cells.append(f"{'-':>12}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):>12.2f}")
+            cells.append(
+                f"{'-':>12}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):>12.2f}"
+            )
         lines.append(f"{name:<{name_w}}  " + "  ".join(cells))
     return "\n".join(lines)

@@ -72,20 +72,22 @@ def default_train_config(arch: str, epochs: int | None = None, **kw: Any) -> Tra
 class VectorRecipe:
     """Every constant of forget-vector training (defaults: the paper's recipe)."""
 
-    epochs: int = field(default=10, metadata={"help": 'Epochs (paper: 10).'})
-    lr: float = field(default=0.2, metadata={"help": 'SGD learning rate (paper: 0.2).'})
-    momentum: float = field(default=0.9, metadata={"help": 'SGD momentum (paper: 0.9).'})
-    gamma: float = field(default=0.9, metadata={"help": 'ExponentialLR factor per epoch (paper: 0.9).'})
-    batch_size: int = field(default=256, metadata={"help": 'Mini-batch size per vector (paper: 256).'})
-    alpha: float = field(default=1.0, metadata={"help": 'Retain cross-entropy weight α (paper: 1).'})
-    beta: float = field(default=5.0, metadata={"help": 'Forget margin weight β (paper: 3-10; default 5).'})
-    lam: float = field(default=1.0, metadata={"help": 'L2 norm penalty weight λ (paper: 1).'})
-    tau: float = field(default=1.0, metadata={"help": 'Margin floor τ (paper: 1).'})
+    epochs: int = field(default=10, metadata={"help": "Epochs (paper: 10)."})
+    lr: float = field(default=0.2, metadata={"help": "SGD learning rate (paper: 0.2)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
+    gamma: float = field(default=0.9, metadata={"help": "ExponentialLR factor per epoch (paper: 0.9)."})
+    batch_size: int = field(default=256, metadata={"help": "Mini-batch size per vector (paper: 256)."})
+    alpha: float = field(default=1.0, metadata={"help": "Retain cross-entropy weight α (paper: 1)."})
+    beta: float = field(default=5.0, metadata={"help": "Forget margin weight β (paper: 3-10; default 5)."})
+    lam: float = field(default=1.0, metadata={"help": "L2 norm penalty weight λ (paper: 1)."})
+    tau: float = field(default=1.0, metadata={"help": "Margin floor τ (paper: 1)."})
     seed: int = 0
-    forget_share: float | None = field(default=None, metadata={"help": 'Share of forget samples per batch (default: natural mix).'})
-    augment: str = field(default="none", metadata={"help": 'Augment clean images before δ.', "choices": AUGMENTATIONS})
-    max_parallel: int = field(default=16, metadata={"help": 'Vectors trained in one forward pass (default 16).'})
-    grad_clip: float | None = field(default=None, metadata={"help": 'Per-vector gradient L2 clip (default: none).'})
+    forget_share: float | None = field(
+        default=None, metadata={"help": "Share of forget samples per batch (default: natural mix)."}
+    )
+    augment: str = field(default="none", metadata={"help": "Augment clean images before δ.", "choices": AUGMENTATIONS})
+    max_parallel: int = field(default=16, metadata={"help": "Vectors trained in one forward pass (default 16)."})
+    grad_clip: float | None = field(default=None, metadata={"help": "Per-vector gradient L2 clip (default: none)."})
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -118,9 +120,7 @@ class VectorRecipe:
 #: gradient clipping, because plain SGD at lr 0.2 overshot on some classes.
 PRESETS: dict[str, VectorRecipe] = {
     "paper": VectorRecipe(),
-    "digits": VectorRecipe(
-        epochs=20, batch_size=128, forget_share=0.5, alpha=8.0, beta=10.0, tau=0.75, grad_clip=0.5
-    ),
+    "digits": VectorRecipe(epochs=20, batch_size=128, forget_share=0.5, alpha=8.0, beta=10.0, tau=0.75, grad_clip=0.5),
     #: best of a 13-recipe sweep on CIFAR-10 class 0 with resnet18-cifar (H200, 2026-11-26; see
     #: benchmarks/RESULTS.md): UA 97.5%, MIA-Efficacy 98.5%, TA 83.0% (vs "paper" at 5 epochs: UA 86.6%,
     #: TA 77.5%). Still short of the paper's TA: a starting point, not a tuned result.
@@ -143,18 +143,39 @@ class BaselineConfig:
             raise unknown("baseline method", self.method, BASELINES)
 
 
-def default_baseline_config(method: str, original: TrainConfig, epochs: int | None = None, lr: float | None = None) -> BaselineConfig:
+def default_baseline_config(
+    method: str, original: TrainConfig, epochs: int | None = None, lr: float | None = None
+) -> BaselineConfig:
     """Recipes from the unlearning literature (Unlearn-Sparse / SalUn), scaled to the original's."""
     if method not in BASELINES:
         raise unknown("baseline method", method, BASELINES)
     if method == "retrain":
         cfg = original
     elif method == "ft":
-        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
+        cfg = TrainConfig(
+            epochs=max(1, original.epochs // 3),
+            batch_size=original.batch_size,
+            lr=0.01,
+            augment=original.augment,
+            seed=original.seed,
+        )
     elif method == "rl":
-        cfg = TrainConfig(epochs=max(1, original.epochs // 3), batch_size=original.batch_size, lr=0.01, augment=original.augment, seed=original.seed)
+        cfg = TrainConfig(
+            epochs=max(1, original.epochs // 3),
+            batch_size=original.batch_size,
+            lr=0.01,
+            augment=original.augment,
+            seed=original.seed,
+        )
     else:  # ga: a few small steps uphill on the forget set only
-        cfg = TrainConfig(epochs=5, batch_size=min(original.batch_size, 64), lr=1e-3, weight_decay=0.0, augment="none", seed=original.seed)
+        cfg = TrainConfig(
+            epochs=5,
+            batch_size=min(original.batch_size, 64),
+            lr=1e-3,
+            weight_decay=0.0,
+            augment="none",
+            seed=original.seed,
+        )
     changes = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
     if changes:
         cfg = TrainConfig(**{**cfg.to_dict(), **changes})

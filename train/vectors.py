@@ -95,7 +95,11 @@ class _Sampler:
         for m in self.masks:
             f, rt = np.flatnonzero(m), np.flatnonzero(~m)
             fi = torch.from_numpy(f)[torch.randint(len(f), (self.steps * nf,), generator=self.gen)]
-            ri = torch.from_numpy(rt)[torch.randperm(len(rt), generator=self.gen).repeat(math.ceil(self.steps * nr / len(rt)) + 1)[: self.steps * nr]]
+            ri = torch.from_numpy(rt)[
+                torch.randperm(len(rt), generator=self.gen).repeat(math.ceil(self.steps * nr / len(rt)) + 1)[
+                    : self.steps * nr
+                ]
+            ]
             groups.append((fi.view(self.steps, nf), ri.view(self.steps, nr)))
         for s in range(self.steps):
             out.append(torch.stack([torch.cat([fi[s], ri[s]]) for fi, ri in groups]))
@@ -120,7 +124,9 @@ def _optimize(
     sampler = _Sampler(masks, r, gen)
     fmask_dev = torch.from_numpy(masks).to(device)
     p = masks.shape[0]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     with tqdm(total=r.epochs * sampler.steps, desc=desc, unit="step", leave=False) as bar:
         for _ in range(r.epochs):
             # running counts stay on the device; reading them every step would stall the GPU pipeline
@@ -145,7 +151,14 @@ def _optimize(
                 opt.step()
                 with torch.no_grad():
                     correct = logits.argmax(-1) == y
-                    counts += torch.stack([(~correct & is_forget).sum(), is_forget.sum(), (correct & ~is_forget).sum(), (~is_forget).sum()])
+                    counts += torch.stack(
+                        [
+                            (~correct & is_forget).sum(),
+                            is_forget.sum(),
+                            (correct & ~is_forget).sum(),
+                            (~is_forget).sum(),
+                        ]
+                    )
                 bar.update(1)
                 if step % 25 == 0 or step == sampler.steps - 1:
                     ua_hits, ua_n, ra_hits, ra_n = counts.tolist()
@@ -196,7 +209,9 @@ def train_vectors(
         t0 = time.perf_counter()
         init = torch.zeros(len(group), *ds.shape)
         label = group[0] if len(group) == 1 else f"{len(group)} vectors"
-        deltas = _optimize(model, data, masks[g : g + len(group)], init, lambda prm: prm, recipe, f"forget vectors ({label})")
+        deltas = _optimize(
+            model, data, masks[g : g + len(group)], init, lambda prm: prm, recipe, f"forget vectors ({label})"
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         per = (time.perf_counter() - t0) / len(group)
@@ -225,14 +240,18 @@ def learn_composition(
     masks = _masks(ds, [spec])
     data = DeviceData(ds.x_train, ds.y_train, ds.scale, device)
     t0 = time.perf_counter()
-    coeffs = _optimize(
-        model,
-        data,
-        masks,
-        torch.zeros(1, len(keys)),
-        lambda c: torch.einsum("pk,kchw->pchw", c, bank),
-        recipe,
-        f"compose {name}",
-    )[0].cpu().numpy()
+    coeffs = (
+        _optimize(
+            model,
+            data,
+            masks,
+            torch.zeros(1, len(keys)),
+            lambda c: torch.einsum("pk,kchw->pchw", c, bank),
+            recipe,
+            f"compose {name}",
+        )[0]
+        .cpu()
+        .numpy()
+    )
     vector = np.einsum("k,kchw->chw", coeffs, bank.cpu().numpy()).astype(np.float32)
     return TrainedVector(name, vector, spec, time.perf_counter() - t0, {k: float(c) for k, c in zip(keys, coeffs)})

@@ -174,7 +174,9 @@ def train_class_vectors(
     ds = as_dataset(data)
     idx = range(ds.num_classes) if classes is None else [ds.class_index(c) for c in classes]
     specs = {f"forget-{i}": ForgetSpec(classes=(i,)) for i in idx}
-    return train_vector(model_dir, ds, bank_dir, specs, recipe, device=device, evaluate_after=evaluate_after, overwrite=overwrite)
+    return train_vector(
+        model_dir, ds, bank_dir, specs, recipe, device=device, evaluate_after=evaluate_after, overwrite=overwrite
+    )
 
 
 def compose_fixed(
@@ -242,13 +244,25 @@ def compose_learned(
         name,
         tv.vector,
         forgets=target.describe(ds),
-        recipe={"method": "learned", **recipe.to_dict(), "data": _data_spec(data), "seconds": tv.seconds, "parameters": len(names)},
+        recipe={
+            "method": "learned",
+            **recipe.to_dict(),
+            "data": _data_spec(data),
+            "seconds": tv.seconds,
+            "parameters": len(names),
+        },
         metrics=metrics,
         composition=tv.coefficients,
         overwrite=overwrite,
     )
     bank.save()
-    return {"name": name, "coefficients": tv.coefficients, "forgets": target.describe(ds), "seconds": tv.seconds, "metrics": metrics}
+    return {
+        "name": name,
+        "coefficients": tv.coefficients,
+        "forgets": target.describe(ds),
+        "seconds": tv.seconds,
+        "metrics": metrics,
+    }
 
 
 def _per_class_ua(model, ds: Dataset, spec: ForgetSpec, vector: np.ndarray | None) -> dict[str, Any]:
@@ -362,4 +376,3 @@ def unlearn_baseline(
             "seconds": seconds,
         },
     ).to_dict()
-

@@ -109,13 +109,16 @@ def make_options(name: str, options: Any = None) -> Any:
     if isinstance(options, entry.options):
         return options
     if options is not None and not isinstance(options, Mapping):
-        raise InvalidInputError(f"backend {name!r} options must be a {entry.options.__name__} or a mapping, got {type(options).__name__}")
+        raise InvalidInputError(
+            f"backend {name!r} options must be a {entry.options.__name__} or a mapping, got {type(options).__name__}"
+        )
     opts = dict(options or {})
     valid = [f.name for f in dataclasses.fields(entry.options)]
     bad = sorted(set(opts) - set(valid))
     if bad:
         raise InvalidInputError(
-            f"backend {name!r} takes no option {', '.join(map(repr, bad))} (its options: {', '.join(valid) or 'none'}); "
+            f"backend {name!r} takes no option {', '.join(map(repr, bad))} (its options: "
+            f"{', '.join(valid) or 'none'}); "
             "options are backend-specific, so name the backend"
         )
     return entry.options(**opts)

@@ -64,11 +64,18 @@ class Backend(ABC):
     def run(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
         n = images.shape[0]
         if images.shape[1:] != self._shape or images.dtype != np.float32:
-            raise InvalidInputError(f"{self.name}: images must be float32 [N, {', '.join(map(str, self.spec.shape))}], got {images.dtype} {images.shape}")
+            raise InvalidInputError(
+                f"{self.name}: images must be float32 [N, {', '.join(map(str, self.spec.shape))}], got {images.dtype} "
+                f"{images.shape}"
+            )
         if coeffs.shape != (n, bank.k) or coeffs.dtype != np.float32:
-            raise InvalidInputError(f"{self.name}: coeffs must be float32 [{n}, {bank.k}], got {coeffs.dtype} {coeffs.shape}")
+            raise InvalidInputError(
+                f"{self.name}: coeffs must be float32 [{n}, {bank.k}], got {coeffs.dtype} {coeffs.shape}"
+            )
         if self.max_batch_size is not None and n > self.max_batch_size:
-            raise InvalidInputError(f"batch of {n} images exceeds the {self.name} engine's maximum {self.max_batch_size}")
+            raise InvalidInputError(
+                f"batch of {n} images exceeds the {self.name} engine's maximum {self.max_batch_size}"
+            )
         if not images.flags.c_contiguous:
             images = np.ascontiguousarray(images)
         if not coeffs.flags.c_contiguous:
@@ -84,14 +91,18 @@ class Backend(ABC):
         except Exception as e:  # noqa: BLE001 - the engine's own exceptions have no common base
             raise EngineError(f"the {self.name} backend failed on a batch of {n} images: {e!r}") from e
         if out.shape != (n, self.spec.num_classes):
-            raise EngineError(f"the {self.name} backend returned logits {out.shape}, expected ({n}, {self.spec.num_classes})")
+            raise EngineError(
+                f"the {self.name} backend returned logits {out.shape}, expected ({n}, {self.spec.num_classes})"
+            )
         return out
 
     def check_bank(self, bank: BankSnapshot) -> None:
         """Raise :class:`MismatchError` if this engine cannot serve ``bank``. The runtime calls it on every
         backend before it publishes a hot swap, so a refused bank never reaches a request."""
         if bank.matrix.shape[1] != self._numel:
-            raise MismatchError(f"{self.name}: bank rows have {bank.matrix.shape[1]} values, the model's input has {self._numel}")
+            raise MismatchError(
+                f"{self.name}: bank rows have {bank.matrix.shape[1]} values, the model's input has {self._numel}"
+            )
 
     @abstractmethod
     def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
@@ -102,7 +113,12 @@ class Backend(ABC):
         """Release engine resources."""
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device, "max_batch_size": self.max_batch_size, "numerics": self.numerics}
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "max_batch_size": self.max_batch_size,
+            "numerics": self.numerics,
+        }
 
 
 @dataclass(frozen=True)

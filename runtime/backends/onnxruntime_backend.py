@@ -19,7 +19,9 @@ __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "ort_cuda_available"]
 
 @dataclass(frozen=True)
 class OnnxRuntimeOptions:
-    threads: int | None = field(default=None, metadata={"help": "onnxruntime: intra-op threads [default: onnxruntime's choice]."})
+    threads: int | None = field(
+        default=None, metadata={"help": "onnxruntime: intra-op threads [default: onnxruntime's choice]."}
+    )
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -72,7 +74,10 @@ class OnnxRuntimeBackend(Backend):
         always complete. Probed with one warm-up call; the public ``run`` where the binding differs."""
         self.fast_call = False
         zeros = np.zeros((1, *self.spec.shape), np.float32)
-        feeds = {self.spec.image_name: zeros, self.spec.coeffs_name: np.zeros((1, len(self.bundle.vectors)), np.float32)}
+        feeds = {
+            self.spec.image_name: zeros,
+            self.spec.coeffs_name: np.zeros((1, len(self.bundle.vectors)), np.float32),
+        }
         out = [self._out]
         public = self.session.run
         inner = getattr(self.session, "_sess", None)

@@ -62,7 +62,9 @@ class TensorRTRunner:
         try:
             import torch
         except ImportError as e:
-            raise BackendUnavailableError("the TensorRT runner allocates device memory through torch, which is not installed") from e
+            raise BackendUnavailableError(
+                "the TensorRT runner allocates device memory through torch, which is not installed"
+            ) from e
         if not torch.cuda.is_available():
             raise BackendUnavailableError("TensorRT needs a CUDA device; none is available")
         self._torch = torch
@@ -72,7 +74,9 @@ class TensorRTRunner:
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self.engine is None:
-            raise CorruptArtifactError(f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
+            raise CorruptArtifactError(
+                f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)"
+            )
         self.context = self.engine.create_execution_context()
         self.max_batch_size = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
         self.stream = torch.cuda.Stream()

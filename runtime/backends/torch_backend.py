@@ -42,10 +42,24 @@ FUSE_MODES = ("auto", "none", "bn", "cudnn")
 
 @dataclass(frozen=True)
 class TorchOptions:
-    precision: str = field(default="fp32", metadata={"choices": PRECISIONS, "help": "torch backend: compute precision [default: fp32; fp16 on CUDA only]."})
-    fuse: str = field(default="auto", metadata={
-        "choices": FUSE_MODES, "help": "torch backend: inference rewrite of the classifier [default: auto, cuDNN fusion on CUDA, BN folding on CPU]."})
-    cuda_graphs: bool = field(default=True, metadata={"help": "torch backend on CUDA: replay captured CUDA graphs [default: on]."})
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "choices": PRECISIONS,
+            "help": "torch backend: compute precision [default: fp32; fp16 on CUDA only].",
+        },
+    )
+    fuse: str = field(
+        default="auto",
+        metadata={
+            "choices": FUSE_MODES,
+            "help": "torch backend: inference rewrite of the classifier [default: auto, cuDNN fusion on CUDA, BN "
+            "folding on CPU].",
+        },
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "torch backend on CUDA: replay captured CUDA graphs [default: on]."}
+    )
     #: the largest captured CUDA-graph bucket: the engine's batch limit on CUDA
     max_batch_size: int = 256
 
@@ -110,7 +124,9 @@ class TorchBackend(Backend):
         self.thread_safe = not self.use_graphs
         if self.use_graphs:
             self.max_batch_size = options.max_batch_size
-            self.buckets = [1 << i for i in range(options.max_batch_size.bit_length()) if (1 << i) <= options.max_batch_size]
+            self.buckets = [
+                1 << i for i in range(options.max_batch_size.bit_length()) if (1 << i) <= options.max_batch_size
+            ]
             if self.buckets[-1] != options.max_batch_size:
                 self.buckets.append(options.max_batch_size)
         self._graphs: dict[int, _Graph] = {}
@@ -120,7 +136,9 @@ class TorchBackend(Backend):
     def numerics(self) -> str:
         if self.precision != "fp32":
             return self.precision
-        if self.device == "cuda" and (self.torch.backends.cudnn.allow_tf32 or self.torch.backends.cuda.matmul.allow_tf32):
+        if self.device == "cuda" and (
+            self.torch.backends.cudnn.allow_tf32 or self.torch.backends.cuda.matmul.allow_tf32
+        ):
             return "tf32"
         return "fp32"
 
@@ -130,7 +148,9 @@ class TorchBackend(Backend):
         from .torch_optimize import optimize_classifier
 
         torch = self.torch
-        modes = {"auto": ["cudnn", "bn"] if self.device == "cuda" else ["bn"]}.get(self.fuse_requested, [self.fuse_requested])
+        modes = {"auto": ["cudnn", "bn"] if self.device == "cuda" else ["bn"]}.get(
+            self.fuse_requested, [self.fuse_requested]
+        )
         for i, mode in enumerate(modes):
             opt = optimize_classifier(model, mode, impl="cudnn" if mode == "cudnn" else "reference")
             module = opt.module.to(memory_format=self._channels_last) if self.device == "cuda" else opt.module
@@ -146,7 +166,11 @@ class TorchBackend(Backend):
             if i == len(modes) - 1:
                 raise BackendUnavailableError(f"fuse 'cudnn' failed its self-check on this GPU: {problem}")
             self.fuse_fallback = f"cudnn: {problem}"
-            log.warning("torch backend: cuDNN fused kernels failed their self-check (%s); using fuse='%s'", problem, modes[i + 1])
+            log.warning(
+                "torch backend: cuDNN fused kernels failed their self-check (%s); using fuse='%s'",
+                problem,
+                modes[i + 1],
+            )
         # the constant row: mandatory vectors plus the normalization offset, added by the prefix GEMM
         _, mand = bundle.vector_arrays()
         const = None if mand is None else torch.from_numpy(mand)

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..errors import unknown
 from ..architectures import Normalize
+from ..errors import unknown
 
 __all__ = ["OptimizedClassifier", "optimize_classifier"]
 
@@ -53,11 +53,7 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
 
 
 def _fusable(conv: nn.Module) -> bool:
-    return (
-        type(conv) is nn.Conv2d
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 class ConvReLU(nn.Module):
@@ -71,7 +67,9 @@ class ConvReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "cudnn":
-            return torch.cudnn_convolution_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return torch.cudnn_convolution_relu(
+                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
         return torch.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
 
 
@@ -87,8 +85,12 @@ class ConvAddReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.impl == "cudnn":
-            return torch.cudnn_convolution_add_relu(x, self.weight, z, 1.0, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return torch.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups) + z)
+            return torch.cudnn_convolution_add_relu(
+                x, self.weight, z, 1.0, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
+        return torch.relu(
+            F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups) + z
+        )
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
@@ -100,7 +102,12 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
 
 
 def _conv_node(node, modules: dict) -> nn.Conv2d | None:
-    if isinstance(node, fx.Node) and node.op == "call_module" and _fusable(modules.get(node.target)) and len(node.users) == 1:
+    if (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and _fusable(modules.get(node.target))
+        and len(node.users) == 1
+    ):
         return modules[node.target]
     return None
 
@@ -138,7 +145,9 @@ def _fuse_relu(gm: fx.GraphModule, impl: str) -> dict:
             continue
         bias = main_conv.bias.detach() if main_conv.bias is not None else None
         z_conv = _conv_node(z, modules)
-        if z_conv is not None and z_conv.bias is not None:  # the join adds the shortcut's bias: do it once, in the fused op
+        if (
+            z_conv is not None and z_conv.bias is not None
+        ):  # the join adds the shortcut's bias: do it once, in the fused op
             zb = z_conv.bias.detach()
             bias = zb.clone() if bias is None else bias + zb
             z_conv.bias = None
@@ -158,7 +167,12 @@ def _fuse_relu(gm: fx.GraphModule, impl: str) -> dict:
     return counts
 
 
-_BN_AFTER = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
+_BN_AFTER = (
+    (nn.Conv1d, nn.BatchNorm1d),
+    (nn.Conv2d, nn.BatchNorm2d),
+    (nn.Conv3d, nn.BatchNorm3d),
+    (nn.Linear, nn.BatchNorm1d),
+)
 
 
 def _fold_bn(body: nn.Module) -> tuple[fx.GraphModule, int]:

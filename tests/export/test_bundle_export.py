@@ -27,8 +27,14 @@ def cli_run(*args):
 @pytest.fixture(scope="module")
 def bundle(digits_model_dir, digits_bank, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "digits"
-    res = export_onnx(digits_bank[0], out, model_dir=digits_model_dir, mandatory={"forget-9": 1.0}, coeff_range=(-2.0, 2.0),
-                      policies={"eu": {"forget-3": 1.0}, "both": {"forget-0": 1.0, "forget-3": 1.0}})
+    res = export_onnx(
+        digits_bank[0],
+        out,
+        model_dir=digits_model_dir,
+        mandatory={"forget-9": 1.0},
+        coeff_range=(-2.0, 2.0),
+        policies={"eu": {"forget-3": 1.0}, "both": {"forget-0": 1.0, "forget-3": 1.0}},
+    )
     return out, res
 
 
@@ -38,7 +44,13 @@ def test_bundle_contents_and_parity(bundle):
     assert b.vectors == tuple(f"forget-{c}" for c in range(9)) and b.mandatory == {"forget-9": 1.0}
     assert b.coeff_range == (-2.0, 2.0) and res["parity"]["rel_to_scale"] <= 1e-4 and b.has_torch_classifier
     assert b.manifest.policies["eu"] == {"forget-3": 1.0}
-    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "classifier.json", "classifier.safetensors", "model.onnx", "vectors.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bundle.json",
+        "classifier.json",
+        "classifier.safetensors",
+        "model.onnx",
+        "vectors.safetensors",
+    ]
     sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["forgetrt.vectors"] == ",".join(b.vectors) and meta["forgetrt.bundle_id"] == b.bundle_id
@@ -59,11 +71,19 @@ def test_parity_report(bundle):
     rep = run_parity(bundle[0], device="cpu")
     assert rep["ok"] and rep["reference"] == "torch-cpu-fp32" and rep["device"] == "cpu"
     ort_res = rep["backends"]["onnxruntime"]
-    assert ort_res["status"] == "ok" and ort_res["synthetic"]["rel_to_scale"] <= 1e-4 and ort_res["synthetic"]["numerics"] == "fp32"
+    assert (
+        ort_res["status"] == "ok"
+        and ort_res["synthetic"]["rel_to_scale"] <= 1e-4
+        and ort_res["synthetic"]["numerics"] == "fp32"
+    )
     assert ort_res["synthetic"]["top1_agreement"] == 1.0
     torch_res = rep["backends"]["torch"]
     # the serving path: the torch backend as `serve` builds it (BN and Normalize folded on CPU)
-    assert torch_res["status"] == "ok" and torch_res["described"]["fuse"] == "bn" and torch_res["described"]["fused"]["bn_folded"] > 0
+    assert (
+        torch_res["status"] == "ok"
+        and torch_res["described"]["fuse"] == "bn"
+        and torch_res["described"]["fused"]["bn_folded"] > 0
+    )
     assert rep["backends"]["tensorrt"]["status"] == "skipped" and rep["backends"]["tensorrt"]["reason"]
     r = cli_run("parity", bundle[0], "--backends", "onnxruntime", "--device", "cpu")
     assert r.exit_code == 0 and "onnxruntime  synthetic ok" in r.output, r.output
@@ -73,14 +93,35 @@ def test_parity_report(bundle):
 
 def test_parity_uses_the_serving_options_and_real_images(bundle, digits):
     images, labels = digits.test_images(200)
-    rep = run_parity(bundle[0], ["torch", "onnxruntime"], device="cpu", options={"torch": {"precision": "bf16", "fuse": "none"}},
-                     images=images, labels=labels)
+    rep = run_parity(
+        bundle[0],
+        ["torch", "onnxruntime"],
+        device="cpu",
+        options={"torch": {"precision": "bf16", "fuse": "none"}},
+        images=images,
+        labels=labels,
+    )
     t = rep["backends"]["torch"]
     assert t["options"]["precision"] == "bf16" and t["described"]["fuse"] == "none"
-    assert t["synthetic"]["numerics"] == "bf16" and t["synthetic"]["tolerance"] > 1e-3  # judged by the bf16 row of the one table
+    assert (
+        t["synthetic"]["numerics"] == "bf16" and t["synthetic"]["tolerance"] > 1e-3
+    )  # judged by the bf16 row of the one table
     assert rep["rows"]["data"] == 200 and t["data"]["top1_agreement"] > 0.95 and rep["ok"]
     assert abs(rep["backends"]["onnxruntime"]["data"]["accuracy"] - rep["reference_accuracy"]) < 1e-9
-    r = cli_run("parity", bundle[0], "--backends", "torch", "--device", "cpu", "--fuse", "bn", "--data", "digits", "--limit", "50")
+    r = cli_run(
+        "parity",
+        bundle[0],
+        "--backends",
+        "torch",
+        "--device",
+        "cpu",
+        "--fuse",
+        "bn",
+        "--data",
+        "digits",
+        "--limit",
+        "50",
+    )
     assert r.exit_code == 0 and "torch        data" in r.output and "top-1 agreement" in r.output, r.output
     r = cli_run("parity", bundle[0], "--backends", "onnxruntime", "--device", "cpu", "--precision", "bf16")
     assert r.exit_code == 2 and "--precision is an option of torch" in r.output
@@ -163,7 +204,9 @@ def test_export_errors(digits_model_dir, digits_bank, tmp_path):
     with pytest.raises(InvalidInputError, match="opset 11 is too old"):
         export_onnx(bank, tmp_path / "x", model_dir=digits_model_dir, opset=11)
     with pytest.raises(UnknownNameError, match="policy 'p'"):
-        export_onnx(bank, tmp_path / "x", model_dir=digits_model_dir, vectors=["forget-0"], policies={"p": {"forget-1": 1.0}})
+        export_onnx(
+            bank, tmp_path / "x", model_dir=digits_model_dir, vectors=["forget-0"], policies={"p": {"forget-1": 1.0}}
+        )
     with pytest.raises(InvalidInputError, match="exactly one of --model"):
         export_onnx(bank, tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -177,7 +220,9 @@ def test_graft_onto_onnx_classifier(digits_model_dir, digits_bank, tmp_path):
     export_classifier(digits_model_dir, clf)
     with pytest.raises(MismatchError, match="allow-unverified-model"):
         export_onnx(bank, tmp_path / "g", from_onnx=clf)
-    res = export_onnx(bank, tmp_path / "g", from_onnx=clf, allow_unverified_model=True, vectors=["forget-0", "forget-3"])
+    res = export_onnx(
+        bank, tmp_path / "g", from_onnx=clf, allow_unverified_model=True, vectors=["forget-0", "forget-3"]
+    )
     assert res["model_verified"] is False and res["source"] == "onnx"
     r = cli_run("export", "classifier", "--model", digits_model_dir, "--out", clf, "--bank", bank)
     assert r.exit_code == 0, r.output
@@ -199,15 +244,51 @@ def test_graft_onto_onnx_classifier(digits_model_dir, digits_bank, tmp_path):
 
 
 def test_export_cli_and_other_model(digits_model_dir, digits_bank, tmp_path):
-    r = cli_run("export", "onnx", "--model", digits_model_dir, "--bank", digits_bank[0], "--out", tmp_path / "b", "--vectors", "forget-0,forget-3", "--coeff-range", "-1,1")
+    r = cli_run(
+        "export",
+        "onnx",
+        "--model",
+        digits_model_dir,
+        "--bank",
+        digits_bank[0],
+        "--out",
+        tmp_path / "b",
+        "--vectors",
+        "forget-0,forget-3",
+        "--coeff-range",
+        "-1,1",
+    )
     assert r.exit_code == 0, r.output
     assert "parity onnxruntime vs reference" in r.output
     assert json.loads((tmp_path / "b" / "bundle.json").read_text())["vectors"] == ["forget-0", "forget-3"]
     r = cli_run("export", "onnx", "--model", digits_model_dir, "--bank", digits_bank[0], "--out", tmp_path / "b")
     assert r.exit_code == 3 and "already exists" in r.output
-    r = cli_run("export", "onnx", "--model", digits_model_dir, "--bank", digits_bank[0], "--out", tmp_path / "c", "--coeff-range", "1")
+    r = cli_run(
+        "export",
+        "onnx",
+        "--model",
+        digits_model_dir,
+        "--bank",
+        digits_bank[0],
+        "--out",
+        tmp_path / "c",
+        "--coeff-range",
+        "1",
+    )
     assert r.exit_code == 2 and "LO,HI" in r.output
-    r = cli_run("train-model", "--arch", "digits-cnn", "--epochs", "1", "--seed", "5", "--out", tmp_path / "m2", "--device", "cpu")
+    r = cli_run(
+        "train-model",
+        "--arch",
+        "digits-cnn",
+        "--epochs",
+        "1",
+        "--seed",
+        "5",
+        "--out",
+        tmp_path / "m2",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0
     r = cli_run("export", "onnx", "--model", tmp_path / "m2", "--bank", digits_bank[0], "--out", tmp_path / "c")
     assert r.exit_code == 3 and "fingerprint" in r.output and not (tmp_path / "c").exists()
@@ -217,14 +298,33 @@ def test_triton_repository(bundle, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    r = cli_run("export", "triton", "--bundle", bundle[0], "--repo", tmp_path / "repo", "--name", "digits", "--max-batch", "32", "--max-queue-delay-us", "250", "--instances", "2")
+    r = cli_run(
+        "export",
+        "triton",
+        "--bundle",
+        bundle[0],
+        "--repo",
+        tmp_path / "repo",
+        "--name",
+        "digits",
+        "--max-batch",
+        "32",
+        "--max-queue-delay-us",
+        "250",
+        "--instances",
+        "2",
+    )
     assert r.exit_code == 0, r.output
     d = tmp_path / "repo" / "digits"
     cfg = text_format.Parse((d / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert cfg.name == "digits" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 32
     assert [(i.name, list(i.dims)) for i in cfg.input] == [("image", [1, 8, 8]), ("coeffs", [9])]
     assert cfg.input[0].data_type == model_config_pb2.TYPE_FP32
-    assert cfg.output[0].name == "logits" and list(cfg.output[0].dims) == [10] and cfg.output[0].label_filename == "labels.txt"
+    assert (
+        cfg.output[0].name == "logits"
+        and list(cfg.output[0].dims) == [10]
+        and cfg.output[0].label_filename == "labels.txt"
+    )
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
     assert cfg.instance_group[0].count == 2
     assert cfg.parameters["forgetrt_vectors"].string_value.split(",")[0] == "forget-0"

@@ -10,8 +10,8 @@ from onnx import helper, parser
 from forgetrt.export.onnx_graph import forget_prefix, fuse_classifier
 from forgetrt.export.torch_onnx import classifier_to_onnx
 from forgetrt.runtime import IOSpec
-from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError, MismatchError
 from forgetrt.runtime.architectures import create_model
+from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError, MismatchError
 
 SPEC = IOSpec(shape=(1, 8, 8), mean=(0.3,), std=(0.4,), labels=tuple("0123456789"))
 
@@ -30,10 +30,19 @@ def test_fused_digits_graph_matches_torch(torch_model):
     rng = np.random.default_rng(0)
     bank = rng.normal(0, 0.1, (3, 64)).astype(np.float32)
     mandatory = rng.normal(0, 0.05, (1, 8, 8)).astype(np.float32)
-    fused = fuse_classifier(classifier_to_onnx(torch_model, SPEC), SPEC, bank, vector_names=["a", "b", "c"], mandatory=mandatory, metadata={"forgetrt.bundle_id": "t"})
+    fused = fuse_classifier(
+        classifier_to_onnx(torch_model, SPEC),
+        SPEC,
+        bank,
+        vector_names=["a", "b", "c"],
+        mandatory=mandatory,
+        metadata={"forgetrt.bundle_id": "t"},
+    )
     ops = [n.op_type for n in fused.graph.node]
     assert ops[:4] == ["MatMul", "Reshape", "Add", "Add"]
-    assert [i.name for i in fused.graph.input] == ["image", "coeffs", "forget_bank"] and fused.graph.output[0].name == "logits"
+    assert [i.name for i in fused.graph.input] == ["image", "coeffs", "forget_bank"] and fused.graph.output[
+        0
+    ].name == "logits"
     meta = {p.key: p.value for p in fused.metadata_props}
     assert meta["forgetrt.vectors"] == "a,b,c" and meta["forgetrt.bundle_id"] == "t"
     x = rng.random((5, 1, 8, 8), dtype=np.float32)
@@ -83,6 +92,13 @@ def test_fuse_errors(torch_model):
     other = IOSpec(shape=(1, 4, 4), mean=(0.0,), std=(1.0,), labels=tuple("0123456789"))
     with pytest.raises(MismatchError, match="shape"):
         fuse_classifier(clf, other, np.zeros((2, 16), np.float32), vector_names=["a", "b"])
-    two_out = helper.make_model(helper.make_graph([], "g", [helper.make_tensor_value_info("x", 1, [1])], [helper.make_tensor_value_info("x", 1, [1]), helper.make_tensor_value_info("y", 1, [1])]))
+    two_out = helper.make_model(
+        helper.make_graph(
+            [],
+            "g",
+            [helper.make_tensor_value_info("x", 1, [1])],
+            [helper.make_tensor_value_info("x", 1, [1]), helper.make_tensor_value_info("y", 1, [1])],
+        )
+    )
     with pytest.raises(CorruptArtifactError, match="one input and one output"):
         fuse_classifier(two_out, SPEC, bank, vector_names=["a", "b"])

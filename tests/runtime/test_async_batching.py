@@ -8,10 +8,17 @@ import threading
 import numpy as np
 import pytest
 
-from forgetrt.runtime import DeadlineExceededError, EngineError, InvalidInputError, Runtime, RuntimeClosedError
+from forgetrt.runtime import (
+    BatchingConfig,
+    DeadlineExceededError,
+    EngineError,
+    InvalidInputError,
+    Runtime,
+    RuntimeClosedError,
+    RuntimeConfig,
+)
 from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from forgetrt.runtime.bundle import Bundle
-from forgetrt.runtime import BatchingConfig, RuntimeConfig
 
 
 def _images(rng, n):
@@ -19,14 +26,27 @@ def _images(rng, n):
 
 
 def test_many_async_requests_match_the_reference(digits_bundle, torch_reference):
-    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=32, max_queue_delay_us=200))) as rt:
+    with Runtime.load(
+        digits_bundle,
+        RuntimeConfig(
+            backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=32, max_queue_delay_us=200)
+        ),
+    ) as rt:
         k = rt.snapshot.k
         rng = np.random.default_rng(7)
         reqs = []
         for i in range(600):
             n = int(rng.integers(1, 4))
             kind = i % 4
-            forget = None if kind == 0 else "pair" if kind == 1 else [f"forget-{int(rng.integers(0, 9))}"] if kind == 2 else None
+            forget = (
+                None
+                if kind == 0
+                else "pair"
+                if kind == 1
+                else [f"forget-{int(rng.integers(0, 9))}"]
+                if kind == 2
+                else None
+            )
             coeffs = rng.uniform(-1, 1, (n, k)).astype(np.float32) if kind == 3 else None
             reqs.append((_images(rng, n), forget, coeffs))
 
@@ -81,7 +101,9 @@ def test_async_engine_failure_deadline_and_abort(digits_bundle):
             await cancelled
         assert (await rt.infer_async(good)).logits.shape == (1, 10)  # still serving
 
-    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0))) as rt:
+    with Runtime(
+        b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0))
+    ) as rt:
         asyncio.run(main(rt))
 
     gate.clear()
@@ -114,7 +136,9 @@ def test_results_for_a_closed_loop_are_dropped_quietly(digits_bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Bundle.load(digits_bundle)
-    with Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=4, max_queue_delay_us=0))) as rt:
+    with Runtime(
+        b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=4, max_queue_delay_us=0))
+    ) as rt:
         loop = asyncio.new_event_loop()
         task = loop.create_task(rt.infer_async(np.zeros((1, 1, 8, 8), np.float32)))
         loop.run_until_complete(asyncio.sleep(0.05))
@@ -127,8 +151,18 @@ def test_results_for_a_closed_loop_are_dropped_quietly(digits_bundle):
 
 @pytest.mark.parametrize(
     "value, ok",
-    [(0.0, True), (-0.0, True), (1.0, True), (0.5, True), (np.nextafter(np.float32(1), np.float32(2)), False), (-1e-30, False),
-     (np.inf, False), (-np.inf, False), (np.nan, False), (2.0, False)],
+    [
+        (0.0, True),
+        (-0.0, True),
+        (1.0, True),
+        (0.5, True),
+        (np.nextafter(np.float32(1), np.float32(2)), False),
+        (-1e-30, False),
+        (np.inf, False),
+        (-np.inf, False),
+        (np.nan, False),
+        (2.0, False),
+    ],
 )
 def test_pixel_check_edges(rt_plain, value, ok):
     x = np.full((2, 1, 8, 8), 0.5, np.float32)

@@ -27,7 +27,13 @@ def _images(rng, n):
 
 @pytest.fixture(scope="module")
 def graphs(digits_bundle):
-    r = Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=500)), {"cuda_graphs": True})
+    r = Runtime.load(
+        digits_bundle,
+        RuntimeConfig(
+            backend="torch", device="cuda", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=500)
+        ),
+        {"cuda_graphs": True},
+    )
     yield r
     r.close()
 
@@ -115,7 +121,9 @@ def test_onnxruntime_cuda_or_clear_error(digits_bundle, torch_reference):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_graphs(digits_bundle, torch_reference, precision):
     rng = np.random.default_rng(4)
-    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True, "precision": precision}) as rt:
+    with Runtime.load(
+        digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True, "precision": precision}
+    ) as rt:
         assert rt.describe()["backend"]["precision"] == precision
         for n in (1, 5):
             x = _images(rng, n)
@@ -152,7 +160,9 @@ def test_default_fuse_on_cuda_is_cudnn(graphs):
 
 def test_graphs_of_the_module_as_trained(digits_bundle, torch_reference):
     rng = np.random.default_rng(5)
-    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True, "fuse": "none"}) as rt:
+    with Runtime.load(
+        digits_bundle, RuntimeConfig(backend="torch", device="cuda"), {"cuda_graphs": True, "fuse": "none"}
+    ) as rt:
         assert rt.describe()["backend"]["fuse"] == "none"
         x = _images(rng, 3)
         c = rng.uniform(-1, 1, (3, rt.snapshot.k)).astype(np.float32)

@@ -20,7 +20,12 @@ def _bank(tmp_path, n=2):
     bank = VectorBank.create("f" * 64, "toy", SPEC)
     rng = np.random.default_rng(0)
     for i in range(n):
-        bank.add(f"v{i}", rng.normal(size=(1, 4, 4)).astype(np.float32), forgets={"kind": "class", "classes": [i]}, recipe={"lr": 0.2})
+        bank.add(
+            f"v{i}",
+            rng.normal(size=(1, 4, 4)).astype(np.float32),
+            forgets={"kind": "class", "classes": [i]},
+            recipe={"lr": 0.2},
+        )
     bank.save(tmp_path / "bank")
     return bank
 

@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_import_runtime_pulls_in_neither_torch_nor_tensorrt():
-    code = "import sys, forgetrt.runtime, forgetrt.runtime.backends, forgetrt.runtime.server; bad = [m for m in ('torch', 'tensorrt') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, forgetrt.runtime, forgetrt.runtime.backends, forgetrt.runtime.server;"
+        "bad = [m for m in ('torch', 'tensorrt') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -38,8 +41,15 @@ def test_runtime_imports_nothing_of_ours_outside_itself():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("folder, forbidden", [("export", "forgetrt.train"), ("train", "forgetrt.export"), ("export", "forgetrt.tools"),
-                                               ("train", "forgetrt.tools")])
+@pytest.mark.parametrize(
+    "folder, forbidden",
+    [
+        ("export", "forgetrt.train"),
+        ("train", "forgetrt.export"),
+        ("export", "forgetrt.tools"),
+        ("train", "forgetrt.tools"),
+    ],
+)
 def test_export_and_train_do_not_depend_on_each_other(folder, forbidden):
     offenders = [(f, m) for f, m in _our_imports(folder) if m.startswith(forbidden)]
     assert not offenders, offenders
@@ -47,6 +57,10 @@ def test_export_and_train_do_not_depend_on_each_other(folder, forbidden):
 
 def test_cli_imports_no_heavy_library():
     """`forgetrt --help` and `forgetrt serve` must not pay for torch (or onnx) at import."""
-    code = "import sys, forgetrt.tools.cli; bad = [m for m in ('torch', 'tensorrt', 'onnx', 'onnxruntime') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, forgetrt.tools.cli;"
+        "bad = [m for m in ('torch', 'tensorrt', 'onnx', 'onnxruntime') if m in sys.modules];"
+        "print(bad); sys.exit(bool(bad))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from forgetrt.runtime import IOSpec
-from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, UnknownNameError
 from forgetrt.runtime.architectures import create_model, list_models, model_input_shape
+from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, UnknownNameError
 from forgetrt.runtime.model_folder import ModelManifest, load_model, read_model_manifest, save_model
 
 
@@ -71,13 +71,17 @@ def test_model_errors(tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(CorruptArtifactError, match="not a ForgetRT model"):
         load_model(tmp_path / "m")
-    (tmp_path / "m" / "model.json").write_text(json.dumps({"kind": "forgetrt.model", "schema_version": 1, "iospec": {}}))
+    (tmp_path / "m" / "model.json").write_text(
+        json.dumps({"kind": "forgetrt.model", "schema_version": 1, "iospec": {}})
+    )
     with pytest.raises(CorruptArtifactError, match="lacks or mangles field"):
         read_model_manifest(tmp_path / "m")
 
 
 def test_manifest_roundtrip_without_torch_objects():
-    m = ModelManifest("digits-cnn", _spec("digits-cnn"), "ab" * 32, data="digits", training={"epochs": 3}, unlearning={"method": "rl"})
+    m = ModelManifest(
+        "digits-cnn", _spec("digits-cnn"), "ab" * 32, data="digits", training={"epochs": 3}, unlearning={"method": "rl"}
+    )
     assert ModelManifest.from_dict(m.to_dict()) == m
     assert "path" not in m.to_dict()
 
@@ -99,6 +103,8 @@ def test_bundle_and_model_folder_share_one_loader(digits_bundle, tmp_path):
 
     from forgetrt.runtime.bundle import CLASSIFIER_WEIGHTS, add_bundle_file
 
-    tampered = add_bundle_file(Bundle.load(copy), CLASSIFIER_WEIGHTS, save_bytes({k: v.contiguous() for k, v in other.state_dict().items()}))
+    tampered = add_bundle_file(
+        Bundle.load(copy), CLASSIFIER_WEIGHTS, save_bytes({k: v.contiguous() for k, v in other.state_dict().items()})
+    )
     with pytest.raises(CorruptArtifactError, match="fingerprint"):
         tampered.load_classifier("cpu")

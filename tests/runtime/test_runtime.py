@@ -31,7 +31,12 @@ def _images(rng, n):
 
 @pytest.fixture(scope="module")
 def rt(digits_bundle):
-    r = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=1000)))
+    r = Runtime.load(
+        digits_bundle,
+        RuntimeConfig(
+            backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, max_queue_delay_us=1000)
+        ),
+    )
     yield r
     r.close()
 
@@ -64,8 +69,18 @@ def test_onnxruntime_fast_call_matches_the_public_run(rt):
     rng = np.random.default_rng(7)
     x = _images(rng, 3)
     c = rng.uniform(-1, 1, (3, rt.snapshot.k)).astype(np.float32)
-    for bank in (rt._state, rt._state.__class__(5, rt._state.names, rt._state.matrix * 0.5, rt._state.policies, rt._state.coeff_range,
-                                                rt._state.mandatory, "test")):
+    for bank in (
+        rt._state,
+        rt._state.__class__(
+            5,
+            rt._state.names,
+            rt._state.matrix * 0.5,
+            rt._state.policies,
+            rt._state.coeff_range,
+            rt._state.mandatory,
+            "test",
+        ),
+    ):
         feeds = be._feeds(x, c, bank)
         assert ("forget_bank" in feeds) == (bank.version != 0)
         np.testing.assert_array_equal(be._run(feeds)[0], be.session.run(None, feeds)[0])
@@ -74,7 +89,9 @@ def test_onnxruntime_fast_call_matches_the_public_run(rt):
 def test_torch_backend_agrees(digits_bundle, torch_reference):
     with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu")) as trt:
         x = _images(np.random.default_rng(1), 5)
-        np.testing.assert_allclose(trt.infer(x, "eu").logits, torch_reference(x, np.tile(np.eye(9)[3], (5, 1))), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(
+            trt.infer(x, "eu").logits, torch_reference(x, np.tile(np.eye(9)[3], (5, 1))), atol=ATOL, rtol=0
+        )
 
 
 def test_torch_bf16_precision_and_precision_errors(digits_bundle, torch_reference):
@@ -171,7 +188,9 @@ def test_bad_requests_get_typed_errors(rt, images, forget, err, msg):
 def test_clamp_policy_and_coeffs_errors(digits_bundle, torch_reference):
     with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", pixel_policy="clamp")) as r:
         x = np.full((1, 1, 8, 8), 1.7, np.float32)
-        np.testing.assert_allclose(r.infer(x).logits, torch_reference(np.ones_like(x), np.zeros((1, 9), np.float32)), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(
+            r.infer(x).logits, torch_reference(np.ones_like(x), np.zeros((1, 9), np.float32)), atol=ATOL, rtol=0
+        )
         with pytest.raises(InvalidInputError, match="coeffs must have shape"):
             r.infer(x, coeffs=np.zeros(3))
         with pytest.raises(InvalidInputError, match="either forget or coeffs"):
@@ -189,9 +208,9 @@ def test_unavailable_backend_is_an_error_not_a_fallback(digits_bundle):
 
 
 def test_queue_full_deadline_and_shutdown(digits_bundle):
+    from forgetrt.runtime import BatchingConfig, RuntimeConfig
     from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from forgetrt.runtime.bundle import Bundle
-    from forgetrt.runtime import BatchingConfig, RuntimeConfig
 
     gate = threading.Event()
 
@@ -201,7 +220,11 @@ def test_queue_full_deadline_and_shutdown(digits_bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Bundle.load(digits_bundle)
-    rt = Runtime(b, [Gated(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue=4, max_queue_delay_us=0)))
+    rt = Runtime(
+        b,
+        [Gated(b, "cpu")],
+        RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue=4, max_queue_delay_us=0)),
+    )
     x = np.zeros((1, 1, 8, 8), np.float32)
     first = rt.submit(x)  # taken by the worker, blocked at the gate
     time.sleep(0.2)
@@ -231,9 +254,9 @@ def test_queue_full_deadline_and_shutdown(digits_bundle):
 
 
 def test_engine_failure_fails_only_its_batch(digits_bundle):
+    from forgetrt.runtime import BatchingConfig, RuntimeConfig
     from forgetrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from forgetrt.runtime.bundle import Bundle
-    from forgetrt.runtime import BatchingConfig, RuntimeConfig
 
     class Flaky(OnnxRuntimeBackend):  # the real backend, failing on batches holding a marked image
         def _infer(self, images, coeffs, bank):
@@ -242,7 +265,9 @@ def test_engine_failure_fails_only_its_batch(digits_bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Bundle.load(digits_bundle)
-    with Runtime(b, [Flaky(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0))) as rt:
+    with Runtime(
+        b, [Flaky(b, "cpu")], RuntimeConfig(batching=BatchingConfig(max_batch_size=1, max_queue_delay_us=0))
+    ) as rt:
         good = np.zeros((1, 1, 8, 8), np.float32)
         bad = good.copy()
         bad[0, 0, 0, 0] = 0.25
@@ -269,7 +294,10 @@ def test_hot_swap_under_load(digits_bundle, digits_bank, torch_reference):
     """8 threads keep sending while vectors are replaced, added, removed and a whole bank reloaded:
     zero failures, and every response matches the bank version it reports."""
 
-    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_queue_delay_us=500)))
+    rt = Runtime.load(
+        digits_bundle,
+        RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_queue_delay_us=500)),
+    )
     versions = {0: (rt.snapshot.names, np.array(rt.snapshot.matrix))}
     stop = threading.Event()
     out, errors = [], []
@@ -319,9 +347,9 @@ def test_hot_swap_under_load(digits_bundle, digits_bank, torch_reference):
 
 
 def test_hot_swap_errors(digits_bundle, digits_model_dir, tmp_path):
-    from forgetrt.train.workflows import train_model, train_vector
     from forgetrt.train.data import ForgetSpec
     from forgetrt.train.recipes import VectorRecipe
+    from forgetrt.train.workflows import train_model, train_vector
 
     with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu")) as rt:
         with pytest.raises(InvalidInputError, match="shape"):
@@ -338,7 +366,15 @@ def test_hot_swap_errors(digits_bundle, digits_model_dir, tmp_path):
         rt.remove_policy("pair")
         assert rt.remove_vector("forget-3").version == 3
         train_model("digits-cnn", "digits", tmp_path / "other", epochs=1, seed=3, device="cpu")
-        train_vector(tmp_path / "other", "digits", tmp_path / "ob", {"v": ForgetSpec(classes=(1,))}, VectorRecipe(epochs=1), device="cpu", evaluate_after=False)
+        train_vector(
+            tmp_path / "other",
+            "digits",
+            tmp_path / "ob",
+            {"v": ForgetSpec(classes=(1,))},
+            VectorRecipe(epochs=1),
+            device="cpu",
+            evaluate_after=False,
+        )
         with pytest.raises(MismatchError, match="fingerprint"):
             rt.reload_bank(tmp_path / "ob")
         assert rt.snapshot.version == 3  # nothing changed by the refused reloads

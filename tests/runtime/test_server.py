@@ -22,7 +22,13 @@ def server(digits_bundle):
     import uvicorn
 
     metrics = ServerMetrics()
-    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=16, max_queue_delay_us=500)), observer=metrics.observe_batch)
+    rt = Runtime.load(
+        digits_bundle,
+        RuntimeConfig(
+            backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=16, max_queue_delay_us=500)
+        ),
+        observer=metrics.observe_batch,
+    )
     app = create_app(rt, "digits", metrics=metrics)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
@@ -86,10 +92,31 @@ def _malformed_requests():
     good = {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
     reqs = []
     # bad JSON and wrong envelopes
-    for body in [b"", b"{", b"[]", b"null", b'"x"', b"{\"inputs\": 5}", b"{\"inputs\": []}", b"\xff\xfe", b"{\"inputs\": [5]}"]:
+    for body in [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"x"',
+        b'{"inputs": 5}',
+        b'{"inputs": []}',
+        b"\xff\xfe",
+        b'{"inputs": [5]}',
+    ]:
         reqs.append((body, {}))
     # wrong shapes / counts
-    for shape in [[1, 1, 8], [1, 3, 8, 8], [2, 1, 4, 8], [1, 1, 8, 9], [], [-1, 1, 8, 8], ["a"], [1.5, 1, 8, 8], [0, 1, 8, 8], [17, 1, 8, 8]]:
+    for shape in [
+        [1, 1, 8],
+        [1, 3, 8, 8],
+        [2, 1, 4, 8],
+        [1, 1, 8, 9],
+        [],
+        [-1, 1, 8, 8],
+        ["a"],
+        [1.5, 1, 8, 8],
+        [0, 1, 8, 8],
+        [17, 1, 8, 8],
+    ]:
         n = int(np.prod([d for d in shape if isinstance(d, int) and d > 0])) if shape else 1
         reqs.append((json.dumps({"inputs": [{**good, "shape": shape, "data": [0.5] * n}]}).encode(), {}))
     # wrong datatypes and values
@@ -100,24 +127,85 @@ def _malformed_requests():
     for v in [float("nan"), float("inf"), float("-inf"), 1.5, -0.1, 1e30]:  # json.dumps writes NaN/Infinity tokens
         reqs.append((json.dumps({"inputs": [{**good, "data": [v] * 64}]}).encode(), {}))
     # unknown names, bad parameters, both composition forms
-    for params in [{"forget": ["nope"]}, {"forget": {"forget-3": 5.0}}, {"forget": {"forget-3": "x"}}, {"policy": "mars"}, {"policy": 3},
-                   {"forget": 7}, {"forget": [1, 2]}, {"forget": "{bad json"}, {"forget": ["forget-9"]}, {"policy": "eu", "forget": ["forget-1"]}, "str"]:
+    for params in [
+        {"forget": ["nope"]},
+        {"forget": {"forget-3": 5.0}},
+        {"forget": {"forget-3": "x"}},
+        {"policy": "mars"},
+        {"policy": 3},
+        {"forget": 7},
+        {"forget": [1, 2]},
+        {"forget": "{bad json"},
+        {"forget": ["forget-9"]},
+        {"policy": "eu", "forget": ["forget-1"]},
+        "str",
+    ]:
         reqs.append((json.dumps({"inputs": [good], "parameters": params}).encode(), {}))
-    reqs.append((json.dumps({"inputs": [good, {"name": "coeffs", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}]}).encode(), {}))
-    reqs.append((json.dumps({"inputs": [good, {"name": "coeffs", "shape": [1, 9], "datatype": "FP32", "data": [9.0] * 9}]}).encode(), {}))
-    reqs.append((json.dumps({"inputs": [good, {"name": "coeffs", "shape": [2, 9], "datatype": "FP32", "data": [0.0] * 18}]}).encode(), {}))
-    reqs.append((json.dumps({"inputs": [good, {"name": "extra", "shape": [1], "datatype": "FP32", "data": [0.0]}]}).encode(), {}))
+    reqs.append(
+        (
+            json.dumps(
+                {"inputs": [good, {"name": "coeffs", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}]}
+            ).encode(),
+            {},
+        )
+    )
+    reqs.append(
+        (
+            json.dumps(
+                {"inputs": [good, {"name": "coeffs", "shape": [1, 9], "datatype": "FP32", "data": [9.0] * 9}]}
+            ).encode(),
+            {},
+        )
+    )
+    reqs.append(
+        (
+            json.dumps(
+                {"inputs": [good, {"name": "coeffs", "shape": [2, 9], "datatype": "FP32", "data": [0.0] * 18}]}
+            ).encode(),
+            {},
+        )
+    )
+    reqs.append(
+        (
+            json.dumps({"inputs": [good, {"name": "extra", "shape": [1], "datatype": "FP32", "data": [0.0]}]}).encode(),
+            {},
+        )
+    )
     reqs.append((json.dumps({"inputs": [good, good]}).encode(), {}))
-    reqs.append((json.dumps({"inputs": [{"name": "coeffs", "shape": [1, 9], "datatype": "FP32", "data": [0.0] * 9}]}).encode(), {}))
+    reqs.append(
+        (
+            json.dumps(
+                {"inputs": [{"name": "coeffs", "shape": [1, 9], "datatype": "FP32", "data": [0.0] * 9}]}
+            ).encode(),
+            {},
+        )
+    )
     # binary extension: truncated payloads, wrong sizes, bad header lengths
     raw = np.full((1, 1, 8, 8), 0.5, np.float32).tobytes()
-    head = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
     for cut in range(1, len(raw), 16):  # 16 truncations
         reqs.append((head + raw[:-cut], {"Inference-Header-Content-Length": str(len(head))}))
     for hl in ["abc", "0", str(len(head) + 10_000), "-5", str(len(head) - 3)]:
         reqs.append((head + raw, {"Inference-Header-Content-Length": hl}))
     reqs.append((head + raw + b"\x00" * 8, {"Inference-Header-Content-Length": str(len(head))}))
-    wrong = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 12}}]}).encode()
+    wrong = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 12}}
+            ]
+        }
+    ).encode()
     reqs.append((wrong + raw[:12], {"Inference-Header-Content-Length": str(len(wrong))}))
     nan = np.full((1, 1, 8, 8), np.nan, np.float32).tobytes()
     reqs.append((head + nan, {"Inference-Header-Content-Length": str(len(head))}))
@@ -133,7 +221,11 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server, torch_refer
         statuses.append((_post(url, body, headers).status_code, body[:80]))
     for path in ["/v2/models/nope/infer", "/v2/models/digits/versions/7/infer", "/v2/models/nope"]:
         for _ in range(10):
-            r = httpx.post(f"http://{url}{path}", content=b"{}", timeout=10) if path.endswith("infer") else httpx.get(f"http://{url}{path}", timeout=10)
+            r = (
+                httpx.post(f"http://{url}{path}", content=b"{}", timeout=10)
+                if path.endswith("infer")
+                else httpx.get(f"http://{url}{path}", timeout=10)
+            )
             statuses.append((r.status_code, path.encode()))
     assert len(statuses) >= 200
     bad = [(s, b) for s, b in statuses if not 400 <= s < 500]
@@ -145,7 +237,9 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server, torch_refer
     x = np.random.default_rng(5).random((2, 1, 8, 8), dtype=np.float32)
     res = c.infer("digits", [_input(x)], parameters={"policy": "pair"})
     eye = np.eye(9, dtype=np.float32)
-    np.testing.assert_allclose(res.as_numpy("logits"), torch_reference(x, np.tile(eye[0] + eye[3], (2, 1))), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        res.as_numpy("logits"), torch_reference(x, np.tile(eye[0] + eye[3], (2, 1))), atol=ATOL, rtol=0
+    )
     with pytest.raises(InferenceServerException, match="unknown vector"):
         c.infer("digits", [_input(x)], parameters={"forget": ["zzz"]})
 
@@ -172,7 +266,13 @@ def test_concurrent_clients_are_batched_and_metrics_exported(server, torch_refer
         t.join()
     assert not errors
     text = httpx.get(f"http://{url}/metrics").text
-    for name in ("forgetrt_requests_total", "forgetrt_request_failures_total", "forgetrt_queue_seconds_bucket", "forgetrt_compute_seconds_bucket", "forgetrt_batch_images_bucket"):
+    for name in (
+        "forgetrt_requests_total",
+        "forgetrt_request_failures_total",
+        "forgetrt_queue_seconds_bucket",
+        "forgetrt_compute_seconds_bucket",
+        "forgetrt_batch_images_bucket",
+    ):
         assert name in text
     assert 'forgetrt_requests_total{status="200"}' in text
 
@@ -188,20 +288,24 @@ def test_bank_hot_swap_through_repository_endpoint(digits_bundle, digits_bank, t
         time.sleep(0.02)
     url = f"127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
     try:
-        r = httpx.post(f"http://{url}/v2/repository/models/digits/load", json={"parameters": {"bank": str(tmp_path / "missing")}})
+        r = httpx.post(
+            f"http://{url}/v2/repository/models/digits/load", json={"parameters": {"bank": str(tmp_path / "missing")}}
+        )
         assert r.status_code == 400 and "not found" in r.json()["error"]
-        r = httpx.post(f"http://{url}/v2/repository/models/digits/load", json={"parameters": {"bank": str(digits_bank[0])}})
+        r = httpx.post(
+            f"http://{url}/v2/repository/models/digits/load", json={"parameters": {"bank": str(digits_bank[0])}}
+        )
         assert r.status_code == 200 and r.json()["bank_version"] == 1, r.text
         assert "forget-9" not in r.json()["vectors"]  # mandatory stays baked, not selectable
         c = httpclient.InferenceServerClient(url)
         x = np.random.default_rng(2).random((1, 1, 8, 8), dtype=np.float32)
         res = c.infer("digits", [_input(x)], parameters={"forget": ["forget-4"]})
         assert res.get_response()["parameters"]["bank_version"] == 1
-        np.testing.assert_allclose(res.as_numpy("logits"), torch_reference(x, np.eye(9, dtype=np.float32)[4][None]), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(
+            res.as_numpy("logits"), torch_reference(x, np.eye(9, dtype=np.float32)[4][None]), atol=ATOL, rtol=0
+        )
         assert httpx.post(f"http://{url}/v2/repository/index").json()[0]["state"] == "READY"
     finally:
         srv.should_exit = True
         th.join(10)
         rt.close()
-
-

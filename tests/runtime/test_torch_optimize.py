@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from forgetrt.runtime import BackendUnavailableError, InvalidInputError, Runtime, RuntimeConfig, UnknownNameError
+from forgetrt.runtime.architectures import Normalize, create_model
 from forgetrt.runtime.backends.torch_optimize import ConvAddReLU, ConvReLU, optimize_classifier
 from forgetrt.runtime.iospec import IOSpec
-from forgetrt.runtime.architectures import Normalize, create_model
 
 ARCHS = {"resnet18-cifar": (3, 32, 32), "digits-cnn": (1, 8, 8), "cifar-small": (3, 32, 32)}
 
@@ -19,7 +19,9 @@ def _model(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     shape = ARCHS[arch]
     c = shape[0]
-    spec = IOSpec(shape=shape, mean=(0.45,) * c, std=tuple(0.2 + 0.05 * i for i in range(c)), labels=tuple("abcdefghij"))
+    spec = IOSpec(
+        shape=shape, mean=(0.45,) * c, std=tuple(0.2 + 0.05 * i for i in range(c)), labels=tuple("abcdefghij")
+    )
     m = create_model(arch, spec).eval()
     for mod in m.modules():  # non-trivial statistics, so a wrong fold shows
         if isinstance(mod, nn.BatchNorm2d):
@@ -66,8 +68,12 @@ def test_rewrite_matches_the_module_as_trained(arch, mode):
 
 
 def test_normalize_stays_when_the_first_layer_is_not_a_convolution():
-    m = nn.Sequential(Normalize((0.5,), (0.25,)), nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4),
-                                                               nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))).eval()
+    m = nn.Sequential(
+        Normalize((0.5,), (0.25,)),
+        nn.Sequential(
+            nn.MaxPool2d(2), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+        ),
+    ).eval()
     m[1][2].running_mean.uniform_(-1, 1)
     opt = optimize_classifier(m, "cudnn")
     assert opt.offset is None and "normalize_folded" not in opt.fused
@@ -102,7 +108,9 @@ def test_backend_fuse_modes_agree(digits_bundle, torch_reference):
         Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"fuse": "cudnn"})
     with pytest.raises(UnknownNameError, match="unknown fuse mode 'all'"):
         Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"fuse": "all"})
-    with pytest.raises(InvalidInputError, match="backend 'onnxruntime' takes no option 'fuse' \\(its options: threads\\)"):
+    with pytest.raises(
+        InvalidInputError, match="backend 'onnxruntime' takes no option 'fuse' \\(its options: threads\\)"
+    ):
         Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"), {"fuse": "bn"})
 
 
@@ -110,7 +118,9 @@ def test_folded_module_in_bf16(digits_bundle, torch_reference):
     rng = np.random.default_rng(1)
     x = rng.random((4, 1, 8, 8), dtype=np.float32)
     want = torch_reference(x, np.zeros((4, 9), np.float32))
-    with Runtime.load(digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"precision": "bf16", "fuse": "bn"}) as r:
+    with Runtime.load(
+        digits_bundle, RuntimeConfig(backend="torch", device="cpu"), {"precision": "bf16", "fuse": "bn"}
+    ) as r:
         assert next(r.backends[0].module.parameters()).dtype == torch.bfloat16  # cast as a whole, no autocast
         got = r.infer(x).logits
     assert got.dtype == np.float32

@@ -21,15 +21,58 @@ def run(*args, ok=True):
 def quick(tmp_path_factory):
     """A 3-epoch digits model and a bank with two 2-epoch class vectors."""
     d = tmp_path_factory.mktemp("cli")
-    run("train-model", "--arch", "digits-cnn", "--data", "digits", "--epochs", "3", "--out", d / "model", "--device", "cpu")
-    run("train-vector", "--model", d / "model", "--each-class", "--classes", "0,3", "--bank", d / "bank", "--preset", "digits", "--epochs", "2")
+    run(
+        "train-model",
+        "--arch",
+        "digits-cnn",
+        "--data",
+        "digits",
+        "--epochs",
+        "3",
+        "--out",
+        d / "model",
+        "--device",
+        "cpu",
+    )
+    run(
+        "train-vector",
+        "--model",
+        d / "model",
+        "--each-class",
+        "--classes",
+        "0,3",
+        "--bank",
+        d / "bank",
+        "--preset",
+        "digits",
+        "--epochs",
+        "2",
+    )
     return d
 
 
 def test_train_vector_and_bank_listing(quick):
     out = run("bank", quick / "bank").output
     assert "forget-0" in out and "forget-3" in out and "2 vectors" in out
-    r = run("train-vector", "--model", quick / "model", "--forget-fraction", "0.1", "--seed", "1", "--bank", quick / "bank", "--name", "rand10", "--epochs", "1", "--lr", "0.1", "--beta", "4")
+    r = run(
+        "train-vector",
+        "--model",
+        quick / "model",
+        "--forget-fraction",
+        "0.1",
+        "--seed",
+        "1",
+        "--bank",
+        quick / "bank",
+        "--name",
+        "rand10",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.1",
+        "--beta",
+        "4",
+    )
     assert "rand10" in r.output and "UA" in r.output
     man = json.loads((quick / "bank" / "manifest.json").read_text())
     e = man["vectors"]["rand10"]
@@ -43,7 +86,22 @@ def test_compose_fixed_and_learned(quick, tmp_path):
     shutil.copytree(quick / "bank", bank)
     r = run("compose", "--bank", bank, "--name", "both", "--weights", "forget-0=1,forget-3=0.5")
     assert json.loads(r.stdout)["forgets"]["classes"] == [0, 3]
-    r = run("compose", "--bank", bank, "--name", "learned", "--learn", "--model", quick / "model", "--target-classes", "0,3", "--epochs", "1", "--basis", "forget-0,forget-3")
+    r = run(
+        "compose",
+        "--bank",
+        bank,
+        "--name",
+        "learned",
+        "--learn",
+        "--model",
+        quick / "model",
+        "--target-classes",
+        "0,3",
+        "--epochs",
+        "1",
+        "--basis",
+        "forget-0,forget-3",
+    )
     res = json.loads(r.stdout)
     assert set(res["coefficients"]) == {"forget-0", "forget-3"}
     man = json.loads((bank / "manifest.json").read_text())
@@ -53,28 +111,89 @@ def test_compose_fixed_and_learned(quick, tmp_path):
 
 def test_eval_json_reference_and_baselines(quick, tmp_path):
     ref = tmp_path / "retrain.json"
-    run("unlearn-baseline", "--method", "retrain", "--model", quick / "model", "--forget-classes", "3", "--out", tmp_path / "retrain", "--epochs", "2")
+    run(
+        "unlearn-baseline",
+        "--method",
+        "retrain",
+        "--model",
+        quick / "model",
+        "--forget-classes",
+        "3",
+        "--out",
+        tmp_path / "retrain",
+        "--epochs",
+        "2",
+    )
     run("eval", "--model", tmp_path / "retrain", "--json", ref)
     r = json.loads(ref.read_text())
     assert r["forgets"]["classes"] == [3] and r["UA"] > 50  # never saw class 3
     out = tmp_path / "v.json"
-    run("eval", "--model", quick / "model", "--bank", quick / "bank", "--vector", "forget-3", "--json", out, "--reference", ref)
+    run(
+        "eval",
+        "--model",
+        quick / "model",
+        "--bank",
+        quick / "bank",
+        "--vector",
+        "forget-3",
+        "--json",
+        out,
+        "--reference",
+        ref,
+    )
     v = json.loads(out.read_text())
     for k in ("UA", "RA", "TA", "TA_forgotten", "MIA_efficacy", "avg_gap"):
         assert 0.0 <= v[k] <= 100.0, k
     run("eval", "--model", quick / "model", "--bank", quick / "bank", "--weights", "forget-0=1,forget-3=1")
     for method in ("ft", "ga", "rl"):
-        r = run("unlearn-baseline", "--method", method, "--model", quick / "model", "--forget-classes", "3", "--out", tmp_path / method, "--epochs", "1")
+        r = run(
+            "unlearn-baseline",
+            "--method",
+            method,
+            "--model",
+            quick / "model",
+            "--forget-classes",
+            "3",
+            "--out",
+            tmp_path / method,
+            "--epochs",
+            "1",
+        )
         assert method in r.output
         rec = json.loads((tmp_path / method / "model.json").read_text())
         assert rec["unlearning"]["method"] == method and rec["unlearning"]["forgets"]["classes"] == [3]
 
 
 def test_other_model_bank_is_refused(quick, tmp_path):
-    run("train-model", "--arch", "digits-cnn", "--epochs", "1", "--seed", "7", "--out", tmp_path / "other", "--device", "cpu")
+    run(
+        "train-model",
+        "--arch",
+        "digits-cnn",
+        "--epochs",
+        "1",
+        "--seed",
+        "7",
+        "--out",
+        tmp_path / "other",
+        "--device",
+        "cpu",
+    )
     r = run("eval", "--model", tmp_path / "other", "--bank", quick / "bank", "--vector", "forget-0", ok=False)
     assert r.exit_code == 3 and "fingerprint" in r.output and "Traceback" not in r.output
-    r = run("train-vector", "--model", tmp_path / "other", "--forget-classes", "1", "--bank", quick / "bank", "--name", "x", "--epochs", "1", ok=False)
+    r = run(
+        "train-vector",
+        "--model",
+        tmp_path / "other",
+        "--forget-classes",
+        "1",
+        "--bank",
+        quick / "bank",
+        "--name",
+        "x",
+        "--epochs",
+        "1",
+        ok=False,
+    )
     assert r.exit_code == 3 and "trained for the model" in r.output
 
 
@@ -83,21 +202,83 @@ def test_other_model_bank_is_refused(quick, tmp_path):
     [
         (["train-model", "--arch", "vgg", "--out", "{t}/m"], 2, "unknown arch 'vgg'"),
         (["train-model", "--arch", "digits-cnn", "--data", "mnist", "--out", "{t}/m"], 2, "unknown data spec kind"),
-        (["train-model", "--arch", "cifar-small", "--data", "cifar10:{t}/none.tar.gz", "--out", "{t}/m"], 2, "not found"),
-        (["train-vector", "--model", "{q}/model", "--forget-classes", "11", "--bank", "{t}/b", "--name", "x"], 2, "unknown class 11"),
-        (["train-vector", "--model", "{q}/model", "--forget-fraction", "1.5", "--bank", "{t}/b", "--name", "x"], 2, "fraction must be in (0, 1)"),
+        (
+            ["train-model", "--arch", "cifar-small", "--data", "cifar10:{t}/none.tar.gz", "--out", "{t}/m"],
+            2,
+            "not found",
+        ),
+        (
+            ["train-vector", "--model", "{q}/model", "--forget-classes", "11", "--bank", "{t}/b", "--name", "x"],
+            2,
+            "unknown class 11",
+        ),
+        (
+            ["train-vector", "--model", "{q}/model", "--forget-fraction", "1.5", "--bank", "{t}/b", "--name", "x"],
+            2,
+            "fraction must be in (0, 1)",
+        ),
         (["train-vector", "--model", "{q}/model", "--forget-classes", "1", "--bank", "{t}/b"], 2, "--name is required"),
-        (["train-vector", "--model", "{q}/model", "--forget-indices", "{t}/empty.txt", "--bank", "{t}/b", "--name", "x"], 2, "empty"),
-        (["train-vector", "--model", "{q}/model", "--forget-classes", "0,1,2,3,4,5,6,7,8,9", "--bank", "{t}/b", "--name", "x"], 2, "no training sample to retain"),
-        (["train-vector", "--model", "{q}/model", "--forget-classes", "1", "--bank", "{q}/bank", "--name", "forget-0"], 2, "already exist"),
-        (["train-vector", "--model", "{t}/nomodel", "--forget-classes", "1", "--bank", "{t}/b", "--name", "x"], 3, "model folder not found"),
+        (
+            [
+                "train-vector",
+                "--model",
+                "{q}/model",
+                "--forget-indices",
+                "{t}/empty.txt",
+                "--bank",
+                "{t}/b",
+                "--name",
+                "x",
+            ],
+            2,
+            "empty",
+        ),
+        (
+            [
+                "train-vector",
+                "--model",
+                "{q}/model",
+                "--forget-classes",
+                "0,1,2,3,4,5,6,7,8,9",
+                "--bank",
+                "{t}/b",
+                "--name",
+                "x",
+            ],
+            2,
+            "no training sample to retain",
+        ),
+        (
+            [
+                "train-vector",
+                "--model",
+                "{q}/model",
+                "--forget-classes",
+                "1",
+                "--bank",
+                "{q}/bank",
+                "--name",
+                "forget-0",
+            ],
+            2,
+            "already exist",
+        ),
+        (
+            ["train-vector", "--model", "{t}/nomodel", "--forget-classes", "1", "--bank", "{t}/b", "--name", "x"],
+            3,
+            "model folder not found",
+        ),
         (["eval", "--model", "{q}/model", "--bank", "{q}/bank", "--vector", "nope"], 2, "unknown vector 'nope'"),
         (["eval", "--model", "{q}/model"], 2, "cannot tell what was forgotten"),
         (["eval", "--model", "{q}/model", "--bank", "{t}/nobank", "--vector", "x"], 3, "not found"),
         (["compose", "--bank", "{q}/bank", "--name", "c", "--weights", "forget-0=abc"], 2, "must be a number"),
         (["compose", "--bank", "{q}/bank", "--name", "c", "--weights", "forget-0=1,zzz=1"], 2, "unknown vector 'zzz'"),
         (["compose", "--bank", "{q}/bank", "--name", "c"], 2, "exactly one of --weights or --learn"),
-        (["unlearn-baseline", "--method", "xx", "--model", "{q}/model", "--forget-classes", "1", "--out", "{t}/o"], 2, "Invalid value"),
+        (
+            ["unlearn-baseline", "--method", "xx", "--model", "{q}/model", "--forget-classes", "1", "--out", "{t}/o"],
+            2,
+            "Invalid value",
+        ),
     ],
 )
 def test_bad_input_gets_a_clean_typed_error(quick, tmp_path, args, code, msg):

@@ -16,7 +16,9 @@ def test_cifar_subset_model_vector_eval(tmp_path):
     ds = load_data(f"cifar10:{CIFAR_TAR}").subset(1500, 500, seed=0)
     rec = wf.train_model("cifar-small", ds, tmp_path / "m", epochs=1, device="cpu")
     assert list(rec["iospec"]["shape"]) == [3, 32, 32] and rec["iospec"]["labels"][3] == "cat"
-    res = wf.train_class_vectors(tmp_path / "m", ds, tmp_path / "b", classes=["cat"], recipe=VectorRecipe(epochs=1), device="cpu")
+    res = wf.train_class_vectors(
+        tmp_path / "m", ds, tmp_path / "b", classes=["cat"], recipe=VectorRecipe(epochs=1), device="cpu"
+    )
     assert res[0]["name"] == "forget-3"
     m = wf.evaluate_result(tmp_path / "m", ds, bank_dir=tmp_path / "b", vector="forget-3", device="cpu")
     for k in ("UA", "RA", "TA", "TA_forgotten", "MIA_efficacy"):

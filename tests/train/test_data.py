@@ -99,7 +99,10 @@ def _write_batches(root, n_per_batch=4):
     rng = np.random.default_rng(0)
     root.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n_per_batch))}
+        d = {
+            b"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8),
+            b"labels": list(rng.integers(0, 10, n_per_batch)),
+        }
         (root / name).write_bytes(pickle.dumps(d))
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]}))
 

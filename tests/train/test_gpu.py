@@ -8,8 +8,8 @@ pytestmark = pytest.mark.gpu
 
 def test_cuda_inference_matches_cpu(digits, digits_model_dir, digits_bank):
     from forgetrt.runtime.bank import VectorBank
-    from forgetrt.train.loops import predict_logits
     from forgetrt.runtime.model_folder import load_model
+    from forgetrt.train.loops import predict_logits
 
     delta = VectorBank.load(digits_bank[0]).get("forget-3")
     cpu, _ = load_model(digits_model_dir, "cpu")
@@ -26,5 +26,7 @@ def test_cuda_training_and_vectors(digits, tmp_path):
 
     rec = wf.train_model("digits-cnn", digits, tmp_path / "m", device="cuda")
     assert rec["metrics"]["test_acc"] >= 95 and rec["training"]["device"].startswith("cuda")
-    res = wf.train_class_vectors(tmp_path / "m", digits, tmp_path / "b", classes=[0, 3], recipe=PRESETS["digits"], device="cuda")
+    res = wf.train_class_vectors(
+        tmp_path / "m", digits, tmp_path / "b", classes=[0, 3], recipe=PRESETS["digits"], device="cuda"
+    )
     assert all(r["metrics"]["UA"] >= 90 for r in res)

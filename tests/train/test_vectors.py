@@ -6,9 +6,9 @@ import torch
 
 from forgetrt.runtime.bank import VectorBank
 from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.runtime.model_folder import load_model
 from forgetrt.train.data import ForgetSpec
 from forgetrt.train.loops import accuracy, predict_logits
-from forgetrt.runtime.model_folder import load_model
 from forgetrt.train.recipes import PRESETS, VectorRecipe
 from forgetrt.train.vectors import _objective
 
@@ -48,7 +48,9 @@ def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, d
 
     bank_dir = tmp_path / "bank"
     shutil.copytree(digits_bank[0], bank_dir)
-    res = compose_learned(bank_dir, "learned-0-3", digits_model_dir, digits, ForgetSpec(classes=(0, 3)), PRESETS["digits"], device="cpu")
+    res = compose_learned(
+        bank_dir, "learned-0-3", digits_model_dir, digits, ForgetSpec(classes=(0, 3)), PRESETS["digits"], device="cpu"
+    )
     assert set(res["coefficients"]) == {f"forget-{c}" for c in range(10)}
     assert res["metrics"]["UA_per_class"]["0"] >= 90.0
     assert res["metrics"]["UA_per_class"]["3"] >= 90.0
@@ -90,7 +92,14 @@ def test_objective_matches_the_formula():
 
 @pytest.mark.parametrize(
     "kw, msg",
-    [({"epochs": 0}, "epochs"), ({"lr": 0}, "lr"), ({"beta": -1}, "beta"), ({"forget_share": 1.5}, "forget share"), ({"batch_size": 1}, "batch size"), ({"grad_clip": 0}, "grad clip")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0}, "lr"),
+        ({"beta": -1}, "beta"),
+        ({"forget_share": 1.5}, "forget share"),
+        ({"batch_size": 1}, "batch size"),
+        ({"grad_clip": 0}, "grad clip"),
+    ],
 )
 def test_recipe_validation(kw, msg):
     with pytest.raises(InvalidInputError, match=msg):
