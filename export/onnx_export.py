@@ -33,13 +33,13 @@ from forgetrt.runtime.bundle import (
     write_bundle,
 )
 from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
-from forgetrt.runtime.files import atomic_write_bytes, sha256_file
+from forgetrt.runtime.files import atomic_write_bytes, read_json, sha256_file
 from forgetrt.runtime.model_folder import MODEL_MANIFEST, MODEL_WEIGHTS, load_model
 
 from .onnx_graph import classifier_io, fuse_classifier
 from .parity import compare_logits, onnxruntime_logits, parity_inputs, reference_logits
 
-__all__ = ["export_onnx", "export_classifier", "load_onnx_file"]
+__all__ = ["export_onnx", "export_classifier", "load_onnx_file", "read_policies"]
 
 
 def load_onnx_file(path: str | os.PathLike) -> onnx.ModelProto:
@@ -55,6 +55,14 @@ def load_onnx_file(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     return model
+
+
+def read_policies(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Named compositions from a JSON file: ``{"eu": {"forget-3": 1.0}}`` (checked against the bank at export)."""
+    pol = read_json(path, "policies file")
+    if not isinstance(pol, dict) or not all(isinstance(v, dict) for v in pol.values()):
+        raise InvalidInputError(f"{path} must hold {{policy: {{vector: weight}}}}")
+    return pol
 
 
 def export_classifier(

@@ -489,17 +489,6 @@ def _parse_range(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _read_policies(path: str | None) -> dict | None:
-    if path is None:
-        return None
-    from forgetrt.runtime.files import read_json
-
-    pol = read_json(path, "policies file")
-    if not isinstance(pol, dict) or not all(isinstance(v, dict) for v in pol.values()):
-        raise InvalidInputError(f"{path} must hold {{policy: {{vector: weight}}}}")
-    return pol
-
-
 @export_group.command("onnx")
 @click.option(
     "--model", "model_dir", type=click.Path(file_okay=False), help="ForgetRT model folder (or use --from-onnx)."
@@ -536,7 +525,7 @@ def export_onnx_cmd(
     """Write a bundle: OUT/model.onnx (image, coeffs -> logits; the bank fused as MatMul -> Reshape -> Add in
     front of the classifier) and OUT/bundle.json. onnxruntime must match the reference within 1e-4 of the
     logits' scale, or nothing is written."""
-    from forgetrt.export.onnx_export import export_onnx
+    from forgetrt.export.onnx_export import export_onnx, read_policies
 
     res = export_onnx(
         bank_dir,
@@ -547,7 +536,7 @@ def export_onnx_cmd(
         vectors=[str(v) for v in vectors] if vectors else None,
         mandatory=mandatory,
         coeff_range=_parse_range(coeff_range),
-        policies=_read_policies(policies),
+        policies=None if policies is None else read_policies(policies),
         opset=opset,
         overwrite=overwrite,
     )

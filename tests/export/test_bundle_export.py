@@ -348,3 +348,15 @@ def test_tensorrt_engine_parity(bundle, tmp_path):
     build_engine(copy, TrtBuildConfig(max_batch_size=64, opt_batch_size=16))
     rep = run_parity(copy, ["tensorrt"])
     assert rep["backends"]["tensorrt"]["status"] == "ok"
+
+
+def test_policies_file(digits_model_dir, digits_bank, tmp_path):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"eu": {"forget-3": 1.0}}))
+    bad.write_text(json.dumps({"eu": ["forget-3"]}))
+    args = ["export", "onnx", "--model", digits_model_dir, "--bank", digits_bank[0], "--policies"]
+    r = cli_run(*args, bad, "--out", tmp_path / "b1")
+    assert r.exit_code == 2 and "must hold {policy: {vector: weight}}" in r.output and not (tmp_path / "b1").exists()
+    r = cli_run(*args, good, "--out", tmp_path / "b2")
+    assert r.exit_code == 0, r.output
+    assert Bundle.load(tmp_path / "b2").manifest.policies == {"eu": {"forget-3": 1.0}}
