@@ -195,7 +195,10 @@ def run_parity(
             )
         if labels is not None and len(labels) != len(images):
             raise InvalidInputError(f"{len(labels)} labels for {len(images)} images")
-        sets["data"] = (images, _data_rows(len(images), k))
+        rows = _data_rows(len(images), k)
+        if bundle.coeff_range is not None:  # a one-hot row outside the bundle's range is clipped into it
+            rows = np.clip(rows, *bundle.coeff_range).astype(np.float32)
+        sets["data"] = (images, rows)
     want = {name: ref(x, c) for name, (x, c) in sets.items()}
     report: dict[str, Any] = {
         "bundle": str(bundle.path),
@@ -207,13 +210,13 @@ def run_parity(
     if labels is not None:
         report["reference_accuracy"] = float((want["data"].argmax(1) == labels).mean() * 100)
     for b in names:
-        why = get_backend(b).available(bundle, dev)
+        opts = make_options(b, (options or {}).get(b))
+        why = get_backend(b).available(bundle, dev, opts)
         if why is not None:
             if backends:
                 raise BackendUnavailableError(f"backend {b!r} cannot run on {dev}: {why}")
             report["backends"][b] = {"status": "skipped", "reason": why}
             continue
-        opts = make_options(b, (options or {}).get(b))
         backend = create_backend(b, bundle, dev, opts)
         batching = BatchingConfig(max_batch_size=min(64, backend.max_batch_size or 64))
         entry: dict[str, Any] = {"device": dev, "options": dataclasses.asdict(opts), "described": backend.describe()}

@@ -34,11 +34,20 @@ from .errors import ArtifactError, CorruptArtifactError, InvalidInputError, Mism
 from .files import atomic_write, atomic_write_json, read_json, sha256_file
 from .iospec import IOSpec
 
-__all__ = ["VectorBank", "VectorEntry", "BANK_SCHEMA_VERSION", "VECTORS_FILE", "MANIFEST_FILE", "validate_vector_name"]
+__all__ = [
+    "VectorBank",
+    "BankManifest",
+    "VectorEntry",
+    "BANK_SCHEMA_VERSION",
+    "VECTORS_FILE",
+    "MANIFEST_FILE",
+    "validate_vector_name",
+]
 
 BANK_SCHEMA_VERSION = 1
 VECTORS_FILE = "vectors.safetensors"
 MANIFEST_FILE = "manifest.json"
+_KIND = "forgetrt.vector_bank"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
@@ -91,6 +100,52 @@ class VectorEntry:
             )
         except (TypeError, ValueError, AttributeError) as e:
             raise CorruptArtifactError(f"manifest entry of vector {name!r} is malformed: {e}") from e
+
+
+@dataclass(frozen=True)
+class BankManifest:
+    """What ``manifest.json`` records: the model the bank belongs to, the IOSpec, the sha256 of the
+    tensors file and one :class:`VectorEntry` per vector, in the bank's order."""
+
+    fingerprint: str
+    arch: str
+    iospec: IOSpec
+    vectors_sha256: str
+    entries: dict[str, VectorEntry]
+    #: classifier ONNX files exported from the fingerprinted model (the verified way to graft onto ONNX)
+    onnx_sha256: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": BANK_SCHEMA_VERSION,
+            "kind": _KIND,
+            "model": {"fingerprint": self.fingerprint, "arch": self.arch, "onnx_sha256": list(self.onnx_sha256)},
+            "iospec": self.iospec.to_dict(),
+            "vectors_sha256": self.vectors_sha256,
+            "vectors": {name: e.to_dict() for name, e in self.entries.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, m: Any, where: str = MANIFEST_FILE) -> BankManifest:
+        if not isinstance(m, dict) or m.get("kind") != _KIND:
+            raise CorruptArtifactError(f"{where} is not a ForgetRT vector bank manifest")
+        if m.get("schema_version") != BANK_SCHEMA_VERSION:
+            raise CorruptArtifactError(
+                f"{where}: schema_version {m.get('schema_version')!r} is not supported (expected {BANK_SCHEMA_VERSION})"
+            )
+        try:
+            return cls(
+                fingerprint=str(m["model"]["fingerprint"]),
+                arch=str(m["model"]["arch"]),
+                iospec=IOSpec.from_dict(m.get("iospec") or {}),
+                vectors_sha256=str(m["vectors_sha256"]),
+                entries={str(n): VectorEntry.from_dict(e, n) for n, e in dict(m["vectors"]).items()},
+                onnx_sha256=tuple(str(x) for x in m["model"].get("onnx_sha256", [])),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, CorruptArtifactError):
+                raise
+            raise CorruptArtifactError(f"{where} lacks field {e}") from e
 
 
 @dataclass
@@ -189,15 +244,10 @@ class VectorBank:
         self.entries[name] = entry
 
     # ------------------------------------------------------------------ disk
-    def manifest(self, vectors_sha256: str) -> dict[str, Any]:
-        return {
-            "schema_version": BANK_SCHEMA_VERSION,
-            "kind": "forgetrt.vector_bank",
-            "model": {"fingerprint": self.fingerprint, "arch": self.arch, "onnx_sha256": list(self.onnx_sha256)},
-            "iospec": self.iospec.to_dict(),
-            "vectors_sha256": vectors_sha256,
-            "vectors": {name: self.entries[name].to_dict() for name in self.vectors},
-        }
+    def manifest(self, vectors_sha256: str) -> BankManifest:
+        return BankManifest(
+            self.fingerprint, self.arch, self.iospec, vectors_sha256, dict(self.entries), tuple(self.onnx_sha256)
+        )
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the bank folder (tensors first, manifest last, each atomically)."""
@@ -214,7 +264,7 @@ class VectorBank:
             target / VECTORS_FILE,
             lambda p: save_file(tensors, str(p), metadata={"format": "forgetrt.vector_bank"}),
         )
-        atomic_write_json(target / MANIFEST_FILE, self.manifest(sha256_file(target / VECTORS_FILE)))
+        atomic_write_json(target / MANIFEST_FILE, self.manifest(sha256_file(target / VECTORS_FILE)).to_dict())
         self.path = target
         return target
 
@@ -236,23 +286,8 @@ class VectorBank:
         if not path.is_dir():
             raise ArtifactError(f"vector bank folder not found: {path}")
         man_path = path / MANIFEST_FILE
-        m = read_json(man_path, "bank manifest")
-        if not isinstance(m, dict) or m.get("kind") != "forgetrt.vector_bank":
-            raise CorruptArtifactError(f"{man_path} is not a ForgetRT vector bank manifest")
-        if m.get("schema_version") != BANK_SCHEMA_VERSION:
-            raise CorruptArtifactError(
-                f"{man_path}: schema_version {m.get('schema_version')!r} is not supported (expected "
-                f"{BANK_SCHEMA_VERSION})"
-            )
-        try:
-            fingerprint = str(m["model"]["fingerprint"])
-            arch = str(m["model"]["arch"])
-            onnx_sha = [str(x) for x in m["model"].get("onnx_sha256", [])]
-            entries = {str(n): VectorEntry.from_dict(e, n) for n, e in dict(m["vectors"]).items()}
-            want_sha = str(m["vectors_sha256"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptArtifactError(f"{man_path} lacks field {e}") from e
-        iospec = IOSpec.from_dict(m.get("iospec") or {})
+        m = BankManifest.from_dict(read_json(man_path, "bank manifest"), str(man_path))
+        fingerprint, arch, iospec, entries, want_sha = m.fingerprint, m.arch, m.iospec, m.entries, m.vectors_sha256
         vec_path = path / VECTORS_FILE
         if not vec_path.is_file():
             raise ArtifactError(f"bank tensors file not found: {vec_path}")
@@ -285,5 +320,5 @@ class VectorBank:
             vectors=vectors,
             entries=entries,
             path=path,
-            onnx_sha256=onnx_sha,
+            onnx_sha256=list(m.onnx_sha256),
         )

@@ -104,18 +104,18 @@ class Job:
     deadline (a ``time.monotonic()`` value) and the future that receives its result. ``future`` is a
     ``concurrent.futures.Future`` unless ``loop`` is given, then an ``asyncio.Future`` of that loop."""
 
-    __slots__ = ("images", "row", "bank", "deadline", "future", "loop", "n", "t_enqueue")
+    __slots__ = ("images", "row", "snapshot", "deadline", "future", "loop", "n", "t_enqueue")
 
     def __init__(
         self,
         images: np.ndarray,
         row: np.ndarray,
-        bank: BankSnapshot,
+        snapshot: BankSnapshot,
         deadline: float | None = None,
         future: Future | asyncio.Future | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.images, self.row, self.bank, self.deadline, self.loop = images, row, bank, deadline, loop
+        self.images, self.row, self.snapshot, self.deadline, self.loop = images, row, snapshot, deadline, loop
         self.future = future if future is not None else Future()
         self.n = images.shape[0]  # read many times on the worker's hot path
         self.t_enqueue = time.monotonic()
@@ -266,7 +266,7 @@ class DynamicBatcher:
             while n < self.max_batch_size:
                 if self._dq:
                     job = self._dq[0]
-                    if job.bank is not first.bank or n + job.n > self.max_batch_size:
+                    if job.snapshot is not first.snapshot or n + job.n > self.max_batch_size:
                         break
                     batch.append(self._pop())
                     n += job.n
@@ -329,7 +329,7 @@ class DynamicBatcher:
             )
         if not live:
             return None
-        bank = live[0].bank
+        snapshot = live[0].snapshot
         if len(live) == 1:
             j = live[0]
             images = j.images
@@ -345,7 +345,7 @@ class DynamicBatcher:
         t0 = time.monotonic()
         queue_s = [t0 - j.t_enqueue for j in live]
         try:
-            out = run(images, coeffs, bank)
+            out = run(images, coeffs, snapshot)
         except Exception as e:  # noqa: BLE001 - any engine failure fails this batch only
             err = (
                 e
@@ -359,7 +359,7 @@ class DynamicBatcher:
         compute = time.monotonic() - t0
         results, s = [], 0
         for j, q in zip(live, queue_s):
-            results.append(InferResult(out[s : s + j.n], bank.version, q * 1e6, compute * 1e6, len(images)))
+            results.append(InferResult(out[s : s + j.n], snapshot.version, q * 1e6, compute * 1e6, len(images)))
             s += j.n
         if self._observer:
             self._observer(len(live), len(images), queue_s, compute, True)

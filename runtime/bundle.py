@@ -55,6 +55,10 @@ BUNDLE_SCHEMA_VERSION = 1
 _KIND = "forgetrt.bundle"
 
 
+# bundle.json written before the max_batch -> max_batch_size rename (same schema version)
+_LEGACY_TRT_KEYS = {"min_batch": "min_batch_size", "opt_batch": "opt_batch_size", "max_batch": "max_batch_size"}
+
+
 @dataclass(frozen=True)
 class TensorRTBuild:
     """How ``model.plan`` was built (``forgetrt export trt``)."""
@@ -122,7 +126,7 @@ class BundleManifest:
                 bank_entries={str(n): VectorEntry.from_dict(e, n) for n, e in (d.get("bank_entries") or {}).items()},
                 classifier_onnx_sha256=d.get("classifier_onnx_sha256"),
                 parity=dict(d.get("parity") or {}),
-                tensorrt=TensorRTBuild(**trt) if trt else None,
+                tensorrt=TensorRTBuild(**{_LEGACY_TRT_KEYS.get(k, k): v for k, v in trt.items()}) if trt else None,
                 files={str(k): str(v) for k, v in (d.get("files") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:

@@ -5,10 +5,10 @@ Words: the *vector bank* (:class:`~forgetrt.runtime.bank.VectorBank`) is the fol
 a :class:`BankSnapshot` is one immutable version of what the engine serves; its ``matrix`` is the
 [K, C·H·W] array; a *forget spec* (``forgetrt.train.data.ForgetSpec``) names training data to unlearn.
 
-A :class:`BankSnapshot` is an immutable snapshot of what the engine serves: the selectable vectors in
-coefficient order (as a [K, C·H·W] matrix), the named policies, the coefficient range and a version
-number. Requests resolve against the snapshot current when they arrive; a hot swap installs a new
-snapshot and never mutates an old one, so in-flight requests finish on the bank they started with.
+A snapshot holds the selectable vectors in coefficient order (as a [K, C·H·W] matrix), the named
+policies, the coefficient range and a version number. Requests resolve against the snapshot current
+when they arrive; a hot swap installs a new snapshot and never mutates an old one, so in-flight
+requests finish on the bank they started with.
 
 A composition (``forget``) is one of:
 
@@ -44,6 +44,9 @@ class BankSnapshot:
     coeff_range: tuple[float, float] | None = None
     mandatory: Mapping[str, float] = field(default_factory=dict)
     label: str = ""  # human-readable id of the bank's source (bundle id or bank path)
+    #: the version at which ``matrix`` last changed (a policy change makes a new version, same matrix):
+    #: what engines key their copy of the bank on; -1 means ``version``
+    matrix_version: int = -1
 
     def __post_init__(self) -> None:
         m = np.ascontiguousarray(self.matrix, np.float32)
@@ -55,6 +58,8 @@ class BankSnapshot:
             raise InvalidInputError(f"bank names repeat: {self.names}")
         m.setflags(write=False)
         object.__setattr__(self, "matrix", m)
+        if self.matrix_version < 0:
+            object.__setattr__(self, "matrix_version", self.version)
         object.__setattr__(self, "_index", {n: i for i, n in enumerate(self.names)})
         object.__setattr__(self, "_cache", {})
         for pname, weights in self.policies.items():
@@ -145,6 +150,7 @@ class BankSnapshot:
             "vectors": list(self.names),
             "policies": {k: dict(v) for k, v in self.policies.items()},
             "mandatory": dict(self.mandatory),
+            "matrix_version": self.matrix_version,
             "coeff_range": list(self.coeff_range) if self.coeff_range else None,
             "label": self.label,
         }

@@ -82,7 +82,7 @@ class Runtime:
         stacked, _ = bundle.vector_arrays()
         m = bundle.manifest
         self._state = BankSnapshot(0, m.vectors, stacked, m.policies, m.coeff_range, m.mandatory, m.bundle_id)
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.RLock()
         engine_max = min((b.max_batch_size for b in backends if b.max_batch_size is not None), default=None)
         if engine_max is not None and config.batching.max_batch_size > engine_max:
             raise InvalidInputError(
@@ -193,22 +193,22 @@ class Runtime:
     ) -> tuple[np.ndarray, np.ndarray, BankSnapshot]:
         """Validated images, the request's coefficient row ([K] or [N, K]) and the bank snapshot it resolved against."""
         imgs = self.validate_images(images)
-        bank = self._state  # one snapshot for the whole request
+        snap = self._state  # one snapshot for the whole request
         if coeffs is None:
-            return imgs, bank.coeff_row(forget), bank
+            return imgs, snap.coeff_row(forget), snap
         if forget is not None:
             raise InvalidInputError("give either forget or coeffs, not both")
         row = np.asarray(coeffs, dtype=np.float32) if isinstance(coeffs, (np.ndarray, list, tuple)) else None
-        if row is None or row.shape not in ((bank.k,), (imgs.shape[0], bank.k)):
+        if row is None or row.shape not in ((snap.k,), (imgs.shape[0], snap.k)):
             raise InvalidInputError(
-                f"coeffs must have shape [{bank.k}] or [{imgs.shape[0]}, {bank.k}], got "
+                f"coeffs must have shape [{snap.k}] or [{imgs.shape[0]}, {snap.k}], got "
                 f"{None if row is None else list(row.shape)}"
             )
         if not np.all(np.isfinite(row)):
             raise InvalidInputError("coeffs contain NaN or Inf")
-        if bank.coeff_range is not None and (row.min() < bank.coeff_range[0] or row.max() > bank.coeff_range[1]):
-            raise InvalidInputError(f"coeffs outside the bundle's coefficient range {list(bank.coeff_range)}")
-        return imgs, row, bank
+        if snap.coeff_range is not None and (row.min() < snap.coeff_range[0] or row.max() > snap.coeff_range[1]):
+            raise InvalidInputError(f"coeffs outside the bundle's coefficient range {list(snap.coeff_range)}")
+        return imgs, row, snap
 
     def _job(
         self,
@@ -218,7 +218,7 @@ class Runtime:
         deadline_ms: float | None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Job:
-        imgs, row, bank = self._prepare(images, forget, coeffs)
+        imgs, row, snap = self._prepare(images, forget, coeffs)
         ms = deadline_ms if deadline_ms is not None else self.config.default_deadline_ms
         deadline = None
         if ms is not None:
@@ -226,19 +226,19 @@ class Runtime:
                 raise InvalidInputError(f"deadline must be > 0 ms, got {ms}")
             deadline = time.monotonic() + ms / 1e3
         if loop is None:
-            return Job(imgs, row, bank, deadline)
-        return Job(imgs, row, bank, deadline, loop.create_future(), loop)
+            return Job(imgs, row, snap, deadline)
+        return Job(imgs, row, snap, deadline, loop.create_future(), loop)
 
     def infer(self, images: Any, forget: Composition | None = None, *, coeffs: Any = None) -> InferResult:
         """Run one request now, on the calling thread (no batching): lowest latency for a lone caller."""
-        imgs, row, bank = self._prepare(images, forget, coeffs)
+        imgs, row, snap = self._prepare(images, forget, coeffs)
         if self._closed:
             raise RuntimeClosedError("the runtime is shut down")
         n = imgs.shape[0]
         coeff_mat = row if row.ndim == 2 else (row[None] if n == 1 else np.repeat(row[None], n, axis=0))
         t0 = time.perf_counter()
-        out = self._direct(imgs, coeff_mat, bank)
-        return InferResult(out, bank.version, 0.0, (time.perf_counter() - t0) * 1e6, n)
+        out = self._direct(imgs, coeff_mat, snap)
+        return InferResult(out, snap.version, 0.0, (time.perf_counter() - t0) * 1e6, n)
 
     def submit(
         self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
@@ -255,14 +255,24 @@ class Runtime:
 
     # ------------------------------------------------------------------ hot swap
     def _install(
-        self, names: tuple[str, ...], matrix: np.ndarray, policies: Mapping[str, Mapping[str, float]], label: str
+        self,
+        names: tuple[str, ...],
+        matrix: np.ndarray,
+        policies: Mapping[str, Mapping[str, float]],
+        label: str,
+        *,
+        matrix_changed: bool = True,
     ) -> BankSnapshot:
         """Publish a new snapshot, once every backend has said it can serve it (else MismatchError,
         and the old snapshot keeps serving)."""
         with self._swap_lock:
             old = self._state
             try:
-                new = BankSnapshot(old.version + 1, names, matrix, policies, old.coeff_range, old.mandatory, label)
+                version = old.version + 1
+                matrix_version = version if matrix_changed else old.matrix_version
+                new = BankSnapshot(
+                    version, names, matrix, policies, old.coeff_range, old.mandatory, label, matrix_version
+                )
             except UnknownNameError as e:
                 raise MismatchError(f"bank change refused, a policy would dangle: {e}") from e
             for b in self.backends:
@@ -281,53 +291,60 @@ class Runtime:
 
     def reload_bank(self, path: str | os.PathLike, *, vectors: list[str] | None = None) -> BankSnapshot:
         """Serve the vectors of bank folder ``path`` (same model, checked) without rebuilding the engine."""
-        bank = VectorBank.load(path)
+        bank = VectorBank.load(path)  # file I/O and hashing outside the swap lock
         bank.check_model(self.bundle.fingerprint, self.iospec, what=f"bundle {self.bundle.path}")
-        names = vectors or [n for n in bank.names if n not in self._state.mandatory]
-        clash = [n for n in names if n in self._state.mandatory]
-        if clash:
-            raise InvalidInputError(f"vectors {clash} are mandatory in this bundle and cannot be selectable")
-        if not names:
-            raise InvalidInputError(f"bank {path} has no selectable vector")
-        return self._install(tuple(names), bank.stack(names), self._state.policies, str(Path(path)))
+        with self._swap_lock:
+            s = self._state
+            names = vectors or [n for n in bank.names if n not in s.mandatory]
+            clash = [n for n in names if n in s.mandatory]
+            if clash:
+                raise InvalidInputError(f"vectors {clash} are mandatory in this bundle and cannot be selectable")
+            if not names:
+                raise InvalidInputError(f"bank {path} has no selectable vector")
+            return self._install(tuple(names), bank.stack(names), s.policies, str(Path(path)))
+
+    # Each change reads the current snapshot and installs its successor under the (reentrant) swap
+    # lock, so two concurrent changes never build on the same snapshot and lose one of them.
 
     def add_vector(self, name: str, vector: Any, *, replace: bool = False) -> BankSnapshot:
         validate_vector_name(name)
-        if name in self._state.mandatory:
-            raise InvalidInputError(f"{name!r} is mandatory in this bundle and cannot be selectable")
-        s = self._state
         v = self._vector(vector)
-        if name in s.names:
-            if not replace:
-                raise InvalidInputError(f"vector {name!r} is already served; pass replace=True")
-            m = np.array(s.matrix)
-            m[s.names.index(name)] = v
-            return self._install(s.names, m, s.policies, f"replace {name}")
-        return self._install((*s.names, name), np.vstack([s.matrix, v[None]]), s.policies, f"add {name}")
+        with self._swap_lock:
+            s = self._state
+            if name in s.mandatory:
+                raise InvalidInputError(f"{name!r} is mandatory in this bundle and cannot be selectable")
+            if name in s.names:
+                if not replace:
+                    raise InvalidInputError(f"vector {name!r} is already served; pass replace=True")
+                m = np.array(s.matrix)
+                m[s.names.index(name)] = v
+                return self._install(s.names, m, s.policies, f"replace {name}")
+            return self._install((*s.names, name), np.vstack([s.matrix, v[None]]), s.policies, f"add {name}")
 
     def remove_vector(self, name: str) -> BankSnapshot:
-        s = self._state
-        if name not in s.names:
-            raise unknown("vector", name, s.names)
-        if s.k == 1:
-            raise InvalidInputError("cannot remove the last selectable vector")
-        keep = [i for i, n in enumerate(s.names) if n != name]
-        return self._install(tuple(s.names[i] for i in keep), s.matrix[keep], s.policies, f"remove {name}")
+        with self._swap_lock:
+            s = self._state
+            if name not in s.names:
+                raise unknown("vector", name, s.names)
+            if s.k == 1:
+                raise InvalidInputError("cannot remove the last selectable vector")
+            keep = [i for i, n in enumerate(s.names) if n != name]
+            return self._install(tuple(s.names[i] for i in keep), s.matrix[keep], s.policies, f"remove {name}")
 
     def set_policy(self, name: str, weights: Mapping[str, float]) -> BankSnapshot:
-        s = self._state
-        s.coeff_row(dict(weights))  # validates names, weights and range before anything changes
-        return self._install(
-            s.names, s.matrix, {**s.policies, name: {k: float(v) for k, v in weights.items()}}, f"policy {name}"
-        )
+        with self._swap_lock:
+            s = self._state
+            s.coeff_row(dict(weights))  # validates names, weights and range before anything changes
+            policies = {**s.policies, name: {k: float(v) for k, v in weights.items()}}
+            return self._install(s.names, s.matrix, policies, f"policy {name}", matrix_changed=False)
 
     def remove_policy(self, name: str) -> BankSnapshot:
-        s = self._state
-        if name not in s.policies:
-            raise unknown("policy", name, s.policies)
-        return self._install(
-            s.names, s.matrix, {k: v for k, v in s.policies.items() if k != name}, f"remove policy {name}"
-        )
+        with self._swap_lock:
+            s = self._state
+            if name not in s.policies:
+                raise unknown("policy", name, s.policies)
+            policies = {k: v for k, v in s.policies.items() if k != name}
+            return self._install(s.names, s.matrix, policies, f"remove policy {name}", matrix_changed=False)
 
     # ------------------------------------------------------------------ lifecycle
     def pending(self) -> int:

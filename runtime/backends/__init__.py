@@ -6,7 +6,8 @@ the package. The CLI's choices and options, ``auto``, parity and the tests all r
 
 Backend modules import only NumPy at module level; their heavy library (onnxruntime, torch,
 TensorRT) is imported when a backend is built or its availability checked on a device that needs it.
-``auto`` picks the highest-ranked available backend for the device and logs which; a backend asked
+``auto`` picks the highest-ranked backend that is available for the device and takes the options
+given, and logs which; a backend asked
 for by name that cannot run raises :class:`BackendUnavailableError`, it never falls back silently.
 """
 
@@ -20,8 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, InvalidInputError, unknown
-from .base import TOLERANCES, Backend, BackendEntry, NoOptions, option_fields
+from ..errors import BackendUnavailableError, ForgetRTError, InvalidInputError, unknown
+from .base import TOLERANCES, Backend, BackendEntry, NoOptions
 
 __all__ = [
     "Backend",
@@ -38,7 +39,6 @@ __all__ = [
     "choose_backend",
     "resolve_device",
     "cuda_device_count",
-    "option_fields",
 ]
 
 log = logging.getLogger("forgetrt.runtime")
@@ -124,11 +124,15 @@ def make_options(name: str, options: Any = None) -> Any:
     return entry.options(**opts)
 
 
-def choose_backend(bundle: Bundle, device: str) -> str:
-    """The highest-ranked backend that can run ``bundle`` on (resolved) ``device``."""
+def choose_backend(bundle: Bundle, device: str, options: Any = None) -> str:
+    """The highest-ranked backend that takes ``options`` and can run ``bundle`` with them on (resolved)
+    ``device``."""
     reasons = {}
     for entry in sorted((e for e in _REGISTRY.values() if device in e.rank), key=lambda e: -e.rank[device]):
-        why = entry.available(bundle, device)
+        try:
+            why = entry.available(bundle, device, make_options(entry.name, options))
+        except ForgetRTError as e:  # it does not take these options
+            why = str(e)
         if why is None:
             return entry.name
         reasons[entry.name] = why
@@ -142,11 +146,13 @@ def create_backend(name: str, bundle: Bundle, device: str = "auto", options: Any
     """
     device = resolve_device(device)
     if name == "auto":
-        name = choose_backend(bundle, device)
+        name = choose_backend(bundle, device, options)
         log.info("backend auto: chose %s on %s", name, device)
     entry = get_backend(name)
     opts = make_options(name, options)
-    why = entry.available(bundle, device)
+    why = entry.available(bundle, device, opts)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {why}")
-    return entry.factory(bundle, device, opts)
+    backend = entry.factory(bundle, device, opts)
+    backend.name = entry.name  # the registry's name, also for subclasses registered under another one
+    return backend

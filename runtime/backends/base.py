@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from ..bundle import Bundle
 from ..compose import BankSnapshot
 from ..errors import EngineError, ForgetRTError, InvalidInputError, MismatchError
 
-__all__ = ["Backend", "BackendEntry", "NoOptions", "TOLERANCES", "option_fields"]
+__all__ = ["Backend", "BackendEntry", "NoOptions", "TOLERANCES"]
 
 #: The largest logit error a backend may show against the PyTorch fp32 reference, relative to the
 #: logits' scale (max |reference logit|), per numeric mode. The one tolerance table: parity, the
@@ -33,11 +33,6 @@ TOLERANCES: dict[str, float] = {"fp32": 1e-4, "tf32": 2e-3, "fp16": 2e-2, "bf16"
 @dataclass(frozen=True)
 class NoOptions:
     """A backend without options."""
-
-
-def option_fields(options_type: type) -> list[Any]:
-    """The fields of a backend's options dataclass that users set (those with a ``help`` text)."""
-    return [f for f in fields(options_type) if "help" in f.metadata]
 
 
 class Backend(ABC):
@@ -61,16 +56,16 @@ class Backend(ABC):
         """The numeric mode this backend computes in: a key of :data:`TOLERANCES`."""
         return "fp32"
 
-    def run(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
+    def run(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
         n = images.shape[0]
         if images.shape[1:] != self._shape or images.dtype != np.float32:
             raise InvalidInputError(
                 f"{self.name}: images must be float32 [N, {', '.join(map(str, self.spec.shape))}], got {images.dtype} "
                 f"{images.shape}"
             )
-        if coeffs.shape != (n, bank.k) or coeffs.dtype != np.float32:
+        if coeffs.shape != (n, snapshot.k) or coeffs.dtype != np.float32:
             raise InvalidInputError(
-                f"{self.name}: coeffs must be float32 [{n}, {bank.k}], got {coeffs.dtype} {coeffs.shape}"
+                f"{self.name}: coeffs must be float32 [{n}, {snapshot.k}], got {coeffs.dtype} {coeffs.shape}"
             )
         if self.max_batch_size is not None and n > self.max_batch_size:
             raise InvalidInputError(
@@ -82,10 +77,10 @@ class Backend(ABC):
             coeffs = np.ascontiguousarray(coeffs)
         try:
             if self.thread_safe:
-                out = self._infer(images, coeffs, bank)
+                out = self._infer(images, coeffs, snapshot)
             else:
                 with self._lock:
-                    out = self._infer(images, coeffs, bank)
+                    out = self._infer(images, coeffs, snapshot)
         except ForgetRTError:
             raise
         except Exception as e:  # noqa: BLE001 - the engine's own exceptions have no common base
@@ -96,16 +91,16 @@ class Backend(ABC):
             )
         return out
 
-    def check_bank(self, bank: BankSnapshot) -> None:
+    def check_bank(self, snapshot: BankSnapshot) -> None:
         """Raise :class:`MismatchError` if this engine cannot serve ``bank``. The runtime calls it on every
         backend before it publishes a hot swap, so a refused bank never reaches a request."""
-        if bank.matrix.shape[1] != self._numel:
+        if snapshot.matrix.shape[1] != self._numel:
             raise MismatchError(
-                f"{self.name}: bank rows have {bank.matrix.shape[1]} values, the model's input has {self._numel}"
+                f"{self.name}: bank rows have {snapshot.matrix.shape[1]} values, the model's input has {self._numel}"
             )
 
     @abstractmethod
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
         """Logits [N, classes] as an array the caller owns: the batcher hands results over while the
         next batch already runs, so a reused output buffer must be copied out."""
 
@@ -126,15 +121,15 @@ class BackendEntry:
     """One backend in the registry.
 
     ``factory(bundle, device, options)`` builds it (importing its heavy library only then);
-    ``available(bundle, device)`` says, without building it, why it cannot run (None if it can) and
-    checks exactly what construction needs; ``rank`` orders the candidates of ``auto`` per device
+    ``available(bundle, device, options)`` says, without building it, why it cannot run (None if it
+    can) and checks exactly what construction needs; ``rank`` orders the candidates of ``auto`` per device
     (higher first; a device it lacks is never chosen automatically); ``options`` is a frozen
     dataclass whose fields with a ``help`` text are the backend's user options.
     """
 
     name: str
     factory: Callable[[Bundle, str, Any], Backend]
-    available: Callable[[Bundle, str], str | None]
+    available: Callable[[Bundle, str, Any], str | None]
     options: type = NoOptions
     rank: Mapping[str, int] = field(default_factory=dict)
     description: str = ""

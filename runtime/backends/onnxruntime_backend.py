@@ -36,7 +36,7 @@ def ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _available(bundle: Bundle, device: str) -> str | None:
+def _available(bundle: Bundle, device: str, options: OnnxRuntimeOptions) -> str | None:
     if importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed"
     if device == "cuda" and not ort_cuda_available():
@@ -94,26 +94,27 @@ class OnnxRuntimeBackend(Backend):
     def numerics(self) -> str:
         return "tf32" if self.device == "cuda" else "fp32"  # the CUDA EP's convolutions use TF32 by default
 
-    def check_bank(self, bank: BankSnapshot) -> None:
-        super().check_bank(bank)
-        if bank.version != 0 and not self._has_bank_input:
+    def check_bank(self, snapshot: BankSnapshot) -> None:
+        super().check_bank(snapshot)
+        if snapshot.matrix_version != 0 and not self._has_bank_input:
             raise MismatchError("this bundle's graph holds its bank as a constant: re-export it to hot-swap vectors")
 
-    def _feeds(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> dict:
+    def _feeds(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> dict:
         feeds = {self.spec.image_name: images, self.spec.coeffs_name: coeffs}
-        if bank.version != 0:  # version 0 is the bundle's own bank, identical to the graph's initializer
-            feeds["forget_bank"] = bank.matrix
+        if snapshot.matrix_version != 0:  # matrix version 0 is the bundle's own bank, the graph's initializer
+            feeds["forget_bank"] = snapshot.matrix
         return feeds
 
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
-        feeds = self._feeds(images, coeffs, bank)
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
+        feeds = self._feeds(images, coeffs, snapshot)
         if self.device != "cuda":
             return self._run(feeds)[0]
         io = self.session.io_binding()
         for name, arr in feeds.items():
             if name == "forget_bank":
-                if self._bank_cache is None or self._bank_cache[0] != bank.version:
-                    self._bank_cache = (bank.version, self._ort.OrtValue.ortvalue_from_numpy(bank.matrix, "cuda", 0))
+                if self._bank_cache is None or self._bank_cache[0] != snapshot.matrix_version:
+                    value = self._ort.OrtValue.ortvalue_from_numpy(snapshot.matrix, "cuda", 0)
+                    self._bank_cache = (snapshot.matrix_version, value)
                 io.bind_ortvalue_input(name, self._bank_cache[1])
             else:
                 io.bind_cpu_input(name, arr)

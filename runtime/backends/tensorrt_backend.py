@@ -4,7 +4,7 @@ Named tensors, ``set_input_shape`` per call, ``execute_async_v3`` on a private s
 allocated through PyTorch (no pycuda dependency). The bank is a constant inside the engine: a hot swap
 with the same K is a refit of a ``--refittable`` engine; any other bank change needs a rebuild.
 
-Not run on real TensorRT yet: TensorRT cannot be installed where this was written.
+Never run on a real TensorRT: it cannot be installed where this was written (its tests skip).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..compose import BankSnapshot
-from ..errors import BackendUnavailableError, CorruptArtifactError, EngineError, InvalidInputError, MismatchError
+from ..errors import BackendUnavailableError, CorruptArtifactError, EngineError, MismatchError
 from ..iospec import IOSpec
 from .base import Backend, BackendEntry, NoOptions
 
 __all__ = ["TensorRTRunner", "TensorRTBackend", "import_tensorrt"]
 
 
-def _available(bundle: Bundle, device: str) -> str | None:
+def _available(bundle: Bundle, device: str, options: NoOptions) -> str | None:
     """What construction needs: a CUDA device, TensorRT, torch (it allocates the device buffers) with
     CUDA, and the bundle's model.plan."""
     if importlib.util.find_spec("tensorrt") is None:
@@ -78,16 +78,23 @@ class TensorRTRunner:
                 f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)"
             )
         self.context = self.engine.create_execution_context()
-        self.max_batch_size = int(self.engine.get_tensor_profile_shape(spec.image_name, 0)[2][0])
+        lo, _opt, hi = self.engine.get_tensor_profile_shape(spec.image_name, 0)
+        self.min_batch_size, self.max_batch_size = int(lo[0]), int(hi[0])
         self.stream = torch.cuda.Stream()
 
     def infer(self, images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
         torch = self._torch
         s = self.spec
+        n = images.shape[0]
+        if n < self.min_batch_size:  # the profile's smallest batch: pad with zero rows, return only ours
+            pad = self.min_batch_size - n
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+            coeffs = np.concatenate([coeffs, np.zeros((pad, coeffs.shape[1]), np.float32)])
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).cuda()
         c = torch.from_numpy(np.ascontiguousarray(coeffs, np.float32)).cuda()
-        self.context.set_input_shape(s.image_name, tuple(x.shape))
-        self.context.set_input_shape(s.coeffs_name, tuple(c.shape))
+        for name, t in ((s.image_name, x), (s.coeffs_name, c)):
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise EngineError(f"TensorRT refused input shape {tuple(t.shape)} for {name!r}")
         out = torch.empty(tuple(self.context.get_tensor_shape(s.output_name)), dtype=torch.float32, device="cuda")
         for name, t in ((s.image_name, x), (s.coeffs_name, c), (s.output_name, out)):
             self.context.set_tensor_address(name, t.data_ptr())
@@ -95,7 +102,7 @@ class TensorRTRunner:
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise EngineError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
-        return out.cpu().numpy()
+        return out[:n].cpu().numpy()
 
     def refit_bank(self, bank: np.ndarray) -> None:
         """Swap the ``forget_bank`` weights of a refittable engine (same K) without rebuilding it."""
@@ -103,7 +110,7 @@ class TensorRTRunner:
         refitter = trt.Refitter(self.engine, self._logger)
         arr = np.ascontiguousarray(bank, np.float32)
         if not refitter.set_named_weights("forget_bank", trt.Weights(arr)):
-            raise InvalidInputError("engine has no refittable 'forget_bank' weights (build it with --refittable)")
+            raise EngineError("engine has no refittable 'forget_bank' weights (build it with --refittable)")
         if not refitter.refit_cuda_engine():
             raise EngineError("TensorRT refit failed")
 
@@ -125,19 +132,20 @@ class TensorRTBackend(Backend):
     def numerics(self) -> str:
         return "fp16" if self._fp16 else "tf32"  # TensorRT enables TF32 unless told otherwise
 
-    def check_bank(self, bank: BankSnapshot) -> None:
-        super().check_bank(bank)
-        if bank.version != self._version and (not self._refittable or bank.k != self._k):
+    def check_bank(self, snapshot: BankSnapshot) -> None:
+        super().check_bank(snapshot)
+        # the bundle's own matrix (version 0) is what the engine was built with; any other needs a refit
+        if snapshot.matrix_version != 0 and (not self._refittable or snapshot.k != self._k):
             raise MismatchError(
-                f"the TensorRT engine holds its bank as constants (K={self._k}); this bank change (K={bank.k}) "
+                f"the TensorRT engine holds its bank as constants (K={self._k}); this bank change (K={snapshot.k}) "
                 "needs a --refittable engine with the same K, or a rebuild"
             )
 
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
-        if bank.version != self._version:
-            self.check_bank(bank)
-            self.runner.refit_bank(bank.matrix)
-            self._version = bank.version
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
+        # the refit runs on first use of a new matrix, under the call lock; a failure is an EngineError
+        if snapshot.matrix_version != self._version:
+            self.runner.refit_bank(snapshot.matrix)
+            self._version = snapshot.matrix_version
         return self.runner.infer(images, coeffs)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,7 +73,11 @@ class TorchOptions:
             raise InvalidInputError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
 
 
-def _available(bundle: Bundle, device: str) -> str | None:
+def _available(bundle: Bundle, device: str, options: TorchOptions) -> str | None:
+    if options.precision == "fp16" and device != "cuda":
+        return "precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'"
+    if options.fuse == "cudnn" and device != "cuda":
+        return "fuse 'cudnn' needs CUDA; on CPU use 'bn' or 'none'"
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed (pip install 'forgetrt[train]')"
     if not bundle.has_torch_classifier:
@@ -130,7 +135,8 @@ class TorchBackend(Backend):
             if self.buckets[-1] != options.max_batch_size:
                 self.buckets.append(options.max_batch_size)
         self._graphs: dict[int, _Graph] = {}
-        self._bank_dev: tuple[int, object] | None = None  # (version, device tensor [K (+1 constant row), CHW])
+        self._bank_dev: tuple[int, object] | None = None  # (matrix version, device [K (+1 constant row), CHW])
+        self._cache_lock = threading.Lock()
 
     @property
     def numerics(self) -> str:
@@ -209,19 +215,24 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ bank and inference
 
-    def _bank(self, bank: BankSnapshot):
-        """The bank on the device, with the constant row appended when there is one."""
-        if self._bank_dev is None or self._bank_dev[0] != bank.version:
-            t = self.torch.from_numpy(np.array(bank.matrix)).to(self.device)
+    def _bank_matrix(self, snapshot: BankSnapshot):
+        """The bank on the device, with the constant row appended when there is one. Keyed on the
+        snapshot's matrix version; the cache is read and written under its own lock, because on CPU
+        (thread-safe, no call lock) several threads run batches at once."""
+        with self._cache_lock:
+            cached = self._bank_dev
+            if cached is not None and cached[0] == snapshot.matrix_version:
+                return cached[1]
+            t = self.torch.from_numpy(np.array(snapshot.matrix)).to(self.device)
             if self._const is not None:
                 t = self.torch.cat([t, self._const])
-            if self.use_graphs and self._bank_dev is not None and tuple(self._bank_dev[1].shape) == tuple(t.shape):
-                self._bank_dev[1].copy_(t)  # same K: update the buffer the captured graphs read
-                self._bank_dev = (bank.version, self._bank_dev[1])
+            if self.use_graphs and cached is not None and tuple(cached[1].shape) == tuple(t.shape):
+                cached[1].copy_(t)  # same K: update the buffer the captured graphs read
+                t = cached[1]
             else:
                 self._graphs.clear()  # new K (or first bank): graphs are recaptured on demand
-                self._bank_dev = (bank.version, t)
-        return self._bank_dev[1]
+            self._bank_dev = (snapshot.matrix_version, t)
+            return t
 
     def _coeffs(self, coeffs: np.ndarray) -> np.ndarray:
         if self._const is None:
@@ -234,21 +245,21 @@ class TorchBackend(Backend):
         z = self.torch.addmm(x.reshape(n, -1), c, bank_t)
         return self._classify(z.view(x.shape))
 
-    def _infer(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
+    def _infer(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
         torch = self.torch
         if not self.use_graphs:
             with torch.inference_mode():
-                bank_t = self._bank(bank)
+                bank_t = self._bank_matrix(snapshot)
                 x = torch.from_numpy(_writable(images)).to(self.device)
                 c = torch.from_numpy(self._coeffs(coeffs)).to(self.device)
                 return self._forward(x, c, bank_t).cpu().numpy()
         with torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
-            return self._replay(images, coeffs, bank)
+            return self._replay(images, coeffs, snapshot)
 
-    def _replay(self, images: np.ndarray, coeffs: np.ndarray, bank: BankSnapshot) -> np.ndarray:
+    def _replay(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
         n, k = coeffs.shape
         bucket = next(b for b in self.buckets if b >= n)
-        bank_t = self._bank(bank)
+        bank_t = self._bank_matrix(snapshot)
         g = self._graphs.get(bucket)
         if g is None:
             g = self._graphs[bucket] = self._capture(bucket, bank_t)

@@ -360,3 +360,10 @@ def test_policies_file(digits_model_dir, digits_bank, tmp_path):
     r = cli_run(*args, good, "--out", tmp_path / "b2")
     assert r.exit_code == 0, r.output
     assert Bundle.load(tmp_path / "b2").manifest.policies == {"eu": {"forget-3": 1.0}}
+
+
+def test_parity_on_real_images_clips_rows_into_the_coefficient_range(digits_model_dir, digits_bank, digits, tmp_path):
+    export_onnx(digits_bank[0], tmp_path / "b", model_dir=digits_model_dir, coeff_range=(0.0, 0.5))
+    images, labels = digits.test_images(30)
+    rep = run_parity(tmp_path / "b", ["onnxruntime"], device="cpu", images=images, labels=labels)
+    assert rep["ok"] and rep["rows"]["data"] == 30

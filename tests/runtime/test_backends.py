@@ -54,13 +54,26 @@ def test_registry_lists_the_builtin_backends_with_typed_options():
 
 def test_auto_follows_rank_and_availability(bundle, monkeypatch):
     assert reg.choose_backend(bundle, "cpu") == "onnxruntime"  # rank 20 on CPU beats torch's 10
-    _register(monkeypatch, OnnxRuntimeBackend, "fancy", rank={"cpu": 99}, available=lambda b, d: "not today")
+    _register(monkeypatch, OnnxRuntimeBackend, "fancy", rank={"cpu": 99}, available=lambda b, d, o: "not today")
     assert reg.choose_backend(bundle, "cpu") == "onnxruntime"  # unavailable entries are passed over
     _register(monkeypatch, OnnxRuntimeBackend, "fancy", rank={"cpu": 99})
-    assert reg.create_backend("auto", bundle, "cpu").name == "onnxruntime"  # the class's own name...
-    assert reg.choose_backend(bundle, "cpu") == "fancy"  # ...but the registry chose the new entry
+    assert reg.choose_backend(bundle, "cpu") == "fancy"
+    assert reg.create_backend("auto", bundle, "cpu").name == "fancy"  # the registry's name, not the class's
+    # auto passes over backends that do not take the options given, or cannot run with them
+    assert reg.choose_backend(bundle, "cpu", {"precision": "bf16"}) == "torch"
+    with pytest.raises(BackendUnavailableError, match="precision 'fp16' needs CUDA"):
+        reg.choose_backend(bundle, "cpu", {"precision": "fp16"})
     with pytest.raises(BackendUnavailableError, match="backend 'tensorrt' cannot run on cpu"):
         reg.create_backend("tensorrt", bundle, "cpu")
+
+
+def test_every_instance_is_built_by_the_entry_auto_chose(digits_bundle, monkeypatch):
+    class Plugin(OnnxRuntimeBackend):
+        name = "Plugin"  # a class name that differs from the registry's
+
+    _register(monkeypatch, Plugin, "plugin", rank={"cpu": 99})
+    with Runtime.load(digits_bundle, RuntimeConfig(device="cpu", batching=BatchingConfig(instances=2))) as rt:
+        assert [type(b).__name__ for b in rt.backends] == ["Plugin", "Plugin"] and rt.backend_name == "plugin"
 
 
 def test_a_new_backend_reaches_the_cli_choices():
@@ -122,7 +135,7 @@ def test_base_class_serializes_a_backend_that_is_not_thread_safe(bundle):
             return super()._infer(images, coeffs, bank)
 
     b = Single(bundle, "cpu")
-    b.thread_safe = False  # the ORT backend sets True for CPU in its constructor
+    b.thread_safe = False  # the ORT backend's constructor sets it per device
     with Runtime(bundle, [b]) as rt:
         threads = [
             threading.Thread(target=lambda: [rt.infer(np.zeros((1, 1, 8, 8), np.float32)) for _ in range(5)])
@@ -177,3 +190,36 @@ def test_instances_share_the_backend_auto_chose(digits_bundle):
         Runtime.load(digits_bundle, {"backend": "onnxruntime"})
     with pytest.raises(InvalidInputError, match="instances must be an integer >= 1"):
         BatchingConfig(instances=0)
+
+
+def test_a_policy_change_is_not_a_bank_change(bundle):
+    """Policies change the snapshot, not the matrix: an engine with a constant bank takes them."""
+    b = OnnxRuntimeBackend(bundle, "cpu")
+    b._has_bank_input = False
+    with Runtime(bundle, [b]) as rt:
+        s = rt.set_policy("mine", {"forget-1": 1.0})
+        assert s.version == 1 and s.matrix_version == 0 and s.matrix is rt.snapshot.matrix
+        want = rt.infer(np.zeros((1, 1, 8, 8), np.float32), ["forget-1"]).logits
+        np.testing.assert_array_equal(rt.infer(np.zeros((1, 1, 8, 8), np.float32), "mine").logits, want)
+        assert rt.remove_policy("mine").matrix_version == 0
+    with Runtime(bundle, [OnnxRuntimeBackend(bundle, "cpu")]) as rt:
+        assert rt.add_vector("forget-0", np.zeros((1, 8, 8), np.float32), replace=True).matrix_version == 1
+
+
+def test_bundle_with_a_tensorrt_record_from_before_the_rename_loads(digits_bundle, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(digits_bundle, copy)
+    rec = json.loads((copy / "bundle.json").read_text())
+    rec["tensorrt"] = {
+        "fp16": True,
+        "min_batch": 1,
+        "opt_batch": 8,
+        "max_batch": 64,
+        "refittable": False,
+        "tensorrt_version": "10",
+    }
+    (copy / "bundle.json").write_text(json.dumps(rec))
+    assert Bundle.load(copy).manifest.tensorrt.max_batch_size == 64

@@ -1,4 +1,4 @@
-"""Layering rules from DESIGN.md, enforced: the runtime imports neither torch nor tensorrt, and
+"""Layering rules from the design notes, enforced: the runtime imports neither torch nor tensorrt, and
 imports nothing of ours from outside itself; ``export`` and ``train`` depend on the runtime and never
 on each other (no cycle); only ``tools`` (the CLI, the demo) sees them all."""
 
