@@ -56,14 +56,18 @@ class ModelManifest:
     training: dict[str, Any] = field(default_factory=dict)
     #: for a model-based unlearning baseline: method, what it forgets, source fingerprint, seconds
     unlearning: dict[str, Any] | None = None
+    #: the training images held out of the classifier's training (fraction, seed, count, sha256 of the
+    #: indices): data the model never saw, which vector tuning uses as its validation split
+    validation: dict[str, Any] | None = None
     path: Path | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"schema_version": MODEL_SCHEMA_VERSION, "kind": _KIND, **asdict(self)}
         d["iospec"] = self.iospec.to_dict()
         del d["path"]
-        if d["unlearning"] is None:
-            del d["unlearning"]
+        for k in ("unlearning", "validation"):
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod
@@ -84,6 +88,7 @@ class ModelManifest:
                 metrics=dict(d.get("metrics") or {}),
                 training=dict(d.get("training") or {}),
                 unlearning=None if d.get("unlearning") is None else dict(d["unlearning"]),
+                validation=None if d.get("validation") is None else dict(d["validation"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CorruptArtifactError):
@@ -119,6 +124,7 @@ def save_model(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     unlearning: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
 ) -> ModelManifest:
     """Write ``model.safetensors`` then ``model.json``, each atomically, and return the manifest (its
     fingerprint computed from ``module``)."""
@@ -130,7 +136,15 @@ def save_model(
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     manifest = ModelManifest(
-        arch, iospec, model_fingerprint(module), data, dict(metrics or {}), dict(training or {}), unlearning, path
+        arch,
+        iospec,
+        model_fingerprint(module),
+        data,
+        dict(metrics or {}),
+        dict(training or {}),
+        unlearning,
+        validation,
+        path,
     )
     atomic_write(
         path / MODEL_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": _KIND, "arch": manifest.arch})

@@ -25,7 +25,7 @@ import re
 import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "Dataset",
     "ForgetSpec",
     "ForgetSplit",
+    "ValidationSplit",
     "load_data",
     "parse_data_spec",
     "cache_dir",
@@ -370,6 +371,65 @@ def _read_image_folder(path: Path) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class ValidationSplit:
+    """A seeded, class-stratified share of the training set set aside for validation.
+
+    Held out when the classifier is trained (``train-model --val-fraction``, recorded in the model
+    manifest), its images are data the model never saw: the honest stand-in for test data when
+    vectors are tuned (their accuracy is held-out accuracy). Carved from a model that held nothing
+    out, they are data it saw (members): good for checking a vector's collateral damage, not for
+    estimating held-out accuracy. Test data are never used for either.
+    """
+
+    fraction: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.fraction) < 1.0:
+            raise InvalidInputError(f"validation fraction must be in (0, 1), got {self.fraction}")
+
+    def indices(self, ds: Dataset) -> np.ndarray:
+        """Sorted training indices: ``round(fraction * n_c)`` of every class c, at least one each."""
+        rng = np.random.default_rng(self.seed)
+        picked = []
+        for c in range(ds.num_classes):
+            idx = np.flatnonzero(ds.y_train == c)
+            if len(idx) < 2:
+                continue
+            k = min(len(idx) - 1, max(1, int(round(float(self.fraction) * len(idx)))))
+            picked.append(rng.choice(idx, k, replace=False))
+        return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+    def describe(self, ds: Dataset) -> dict[str, Any]:
+        idx = self.indices(ds)
+        return {
+            "fraction": float(self.fraction),
+            "seed": int(self.seed),
+            "count": int(len(idx)),
+            "indices_sha256": _index_hash(idx),
+        }
+
+    @classmethod
+    def from_description(cls, d: dict[str, Any], ds: Dataset | None = None) -> ValidationSplit:
+        """Rebuild a recorded split; with ``ds``, check it selects the same images as when it was recorded."""
+        try:
+            split = cls(float(d["fraction"]), int(d.get("seed", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"malformed validation split record {d!r}: {e}") from e
+        if ds is not None and d.get("indices_sha256") and split.describe(ds)["indices_sha256"] != d["indices_sha256"]:
+            raise DataError(
+                f"data set {ds.name} ({ds.source}) is not the one this validation split was drawn from "
+                f"({d.get('count')} images, fraction {split.fraction}, seed {split.seed}): "
+                "pass the data the model was trained on"
+            )
+        return split
+
+
+def _index_hash(idx: np.ndarray) -> str:
+    return hashlib.sha256(",".join(str(int(i)) for i in sorted(set(idx.tolist()))).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class ForgetSplit:
     """Index sets a forget spec induces on a data set."""
 
@@ -378,6 +438,8 @@ class ForgetSplit:
     test: np.ndarray  # test indices TA is measured on (remaining classes for class-wise)
     test_forgotten: np.ndarray  # class-wise: test indices of the forgotten classes (else empty)
     classes: tuple[int, ...] | None  # class-wise: the forgotten classes
+    #: training indices outside both sets: the classifier's held-out validation split
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass(frozen=True)
@@ -487,44 +549,54 @@ class ForgetSpec:
         if self.fraction is not None:
             return {"kind": "fraction", "fraction": float(self.fraction), "seed": int(self.seed)}
         assert self.indices is not None
-        blob = ",".join(str(i) for i in sorted(set(self.indices))).encode()
         return {
             "kind": "indices",
             "count": len(set(self.indices)),
-            "indices_sha256": hashlib.sha256(blob).hexdigest(),
+            "indices_sha256": _index_hash(np.asarray(self.indices)),
             "file": Path(self.indices_source).name if self.indices_source else None,
         }
 
-    def resolve(self, ds: Dataset) -> ForgetSplit:
+    def resolve(self, ds: Dataset, held_out: np.ndarray | None = None) -> ForgetSplit:
+        """Forget, retain and test indices on ``ds``; ``held_out`` training indices (the classifier's
+        validation split) belong to neither set, and a fraction is drawn from the others."""
         n = len(ds.y_train)
         all_idx = np.arange(n)
+        out = np.zeros(n, bool)
+        if held_out is not None and len(held_out):
+            out[np.asarray(held_out, np.int64)] = True
         test_forgotten = np.zeros(0, np.int64)
         classes: tuple[int, ...] | None = None
         if self.classes is not None:
             classes = tuple(sorted({ds.class_index(c) for c in self.classes}))
-            mask = np.isin(ds.y_train, classes)
+            mask = np.isin(ds.y_train, classes) & ~out
             test_mask = np.isin(ds.y_test, classes)
             test = np.flatnonzero(~test_mask)
             test_forgotten = np.flatnonzero(test_mask)
         elif self.fraction is not None:
-            k = int(round(float(self.fraction) * n))
+            pool = np.flatnonzero(~out)
+            k = int(round(float(self.fraction) * len(pool)))
             rng = np.random.default_rng(self.seed)
             mask = np.zeros(n, bool)
-            mask[rng.choice(n, k, replace=False)] = True
+            mask[rng.choice(pool, k, replace=False)] = True
             test = np.arange(len(ds.y_test))
         else:
             idx = np.asarray(sorted(set(self.indices or ())), np.int64)
             bad = idx[(idx < 0) | (idx >= n)]
             if len(bad):
                 raise DataError(f"forget indices out of range [0, {n}): {bad[:5].tolist()}")
+            if out[idx].any():
+                raise DataError(
+                    f"forget indices {idx[out[idx]][:5].tolist()} lie in the classifier's held-out validation split: "
+                    "the model never trained on them, so there is nothing to forget"
+                )
             mask = np.zeros(n, bool)
             mask[idx] = True
             test = np.arange(len(ds.y_test))
-        forget, retain = all_idx[mask], all_idx[~mask]
+        forget, retain = all_idx[mask], all_idx[~mask & ~out]
         if len(forget) == 0:
             raise DataError(f"forget spec {self.describe()} selects no training sample of {ds.name}")
         if len(retain) == 0:
             raise DataError(f"forget spec {self.describe()} leaves no training sample to retain")
         if len(test) == 0:
             raise DataError(f"forget spec {self.describe()} leaves no test sample to measure TA on")
-        return ForgetSplit(forget, retain, test, test_forgotten, classes)
+        return ForgetSplit(forget, retain, test, test_forgotten, classes, all_idx[out])

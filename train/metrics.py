@@ -2,7 +2,9 @@
 
 - UA  = 100 − accuracy on the forget set
 - RA  = accuracy on the retain training data
-- TA  = test accuracy (class-wise: on the remaining classes; ``TA_forgotten`` on the forgotten ones)
+- TA  = test accuracy (class-wise: on the remaining classes; ``TA_forgotten`` on the forgotten ones);
+  with a vector, ``TA_original`` is the same classifier's accuracy on the same test images without the
+  vector and ``TA_drop = TA_original - TA`` what the vector costs there
 - MIA_efficacy: the SalUn / Unlearn-Sparse protocol. An RBF SVC (C=3, gamma="auto") is fit on the
   true-class softmax confidence of equally many retain samples (members, label 1) and test samples
   (non-members, label 0); efficacy = share of forget samples it calls non-member.
@@ -26,12 +28,12 @@ from forgetrt.runtime.errors import InvalidInputError
 from .data import Dataset, ForgetSplit
 from .loops import accuracy, predict_logits
 
-__all__ = ["evaluate", "mia_efficacy", "avg_gap", "format_table", "METRIC_KEYS"]
+__all__ = ["evaluate", "mia_efficacy", "true_class_confidence", "avg_gap", "format_table", "METRIC_KEYS"]
 
 METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def _true_conf(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+def true_class_confidence(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(1, keepdims=True)
@@ -87,10 +89,14 @@ def evaluate(
     }
     if len(split.test_forgotten):
         out["TA_forgotten"] = accuracy(te[split.test_forgotten], ds.y_test[split.test_forgotten])
+    if delta is not None:
+        te0 = predict_logits(model, ds.x_test[split.test], ds.scale)
+        out["TA_original"] = accuracy(te0, yt)
+        out["TA_drop"] = out["TA_original"] - out["TA"]
     out["MIA_efficacy"] = mia_efficacy(
-        _true_conf(tr[split.retain], yr),
-        _true_conf(te[split.test], yt),
-        _true_conf(tr[split.forget], yf),
+        true_class_confidence(tr[split.retain], yr),
+        true_class_confidence(te[split.test], yt),
+        true_class_confidence(tr[split.forget], yf),
         seed=seed,
         max_per_side=mia_max_per_side,
     )
@@ -115,7 +121,7 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] | 
     """A fixed-width text table: one row per result, one column per metric (percent, 2 decimals)."""
     keys = keys or tuple(
         k
-        for k in ("UA", "RA", "TA", "TA_forgotten", "MIA_efficacy", "avg_gap", "seconds")
+        for k in ("UA", "RA", "TA", "TA_original", "TA_drop", "TA_forgotten", "MIA_efficacy", "avg_gap", "seconds")
         if any(k in r for r in rows.values())
     )
     name_w = max([len("name")] + [len(n) for n in rows])

@@ -55,16 +55,37 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _objective(
-    logits: torch.Tensor, y: torch.Tensor, is_forget: torch.Tensor, params: torch.Tensor, r: VectorRecipe
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    is_forget: torch.Tensor,
+    params: torch.Tensor,
+    r: VectorRecipe,
+    original: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-problem loss [P] for logits [P, B, C], labels [P, B], forget mask [P, B], params [P, ...]."""
+    """Per-problem loss [P] for logits [P, B, C], labels [P, B], forget mask [P, B], params [P, ...].
+
+    ``original``: the frozen model's logits on the same clean images (no δ), needed when
+    ``r.distill > 0``: the retain samples then also pay κ·T²·KL(softmax(original/T) ‖ softmax(logits/T)),
+    which holds the model's whole output on retain data where it was, not only its argmax.
+    """
     b = logits.shape[1]
     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     fmask = is_forget.float()
-    retain_term = (ce * (1 - fmask)).sum(1) / b
+    retain_term = r.alpha * (ce * (1 - fmask)).sum(1) / b
+    if r.distill > 0:
+        if original is None:
+            raise InvalidInputError("the distillation term needs the original model's logits")
+        t = r.distill_temperature
+        kl = nn.functional.kl_div(
+            nn.functional.log_softmax(logits / t, -1),
+            nn.functional.log_softmax(original / t, -1),
+            reduction="none",
+            log_target=True,
+        ).sum(-1)
+        retain_term = retain_term + r.distill * t * t * (kl * (1 - fmask)).sum(1) / b
     forget_term = (_margin(logits, y).clamp(min=-r.tau) * fmask).sum(1) / b
     reg = torch.linalg.vector_norm(params.flatten(1), dim=1)
-    return r.alpha * retain_term + r.beta * forget_term + r.lam * reg
+    return retain_term + r.beta * forget_term + r.lam * reg
 
 
 class _Sampler:
@@ -114,8 +135,10 @@ def _optimize(
     to_delta,
     r: VectorRecipe,
     desc: str,
+    project=None,
 ) -> torch.Tensor:
-    """Run the paper's optimizer over ``params`` [P, ...]; ``to_delta(params) -> [P, C, H, W]``."""
+    """Run the paper's optimizer over ``params`` [P, ...]; ``to_delta(params) -> [P, C, H, W]``;
+    ``project(params)``, if given, runs in place after every step (the norm budget)."""
     device = data.device
     gen = torch.Generator().manual_seed(r.seed)
     params = params.detach().clone().to(device).requires_grad_(True)
@@ -139,9 +162,13 @@ def _optimize(
                 y = data.y[idx]
                 is_forget = fmask_dev.gather(1, idx)
                 delta = to_delta(params)
+                original = None
                 with amp:
                     logits = model(_channels_last((x + delta[:, None]).flatten(0, 1))).float().view(p, x.shape[1], -1)
-                loss = _objective(logits, y, is_forget, params, r)
+                    if r.distill > 0:
+                        with torch.no_grad():
+                            original = model(_channels_last(x.flatten(0, 1))).float().view_as(logits)
+                loss = _objective(logits, y, is_forget, params, r, original)
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 if r.grad_clip is not None:
@@ -149,6 +176,9 @@ def _optimize(
                         g = params.grad.flatten(1)
                         g.mul_((r.grad_clip / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
                 opt.step()
+                if project is not None:
+                    with torch.no_grad():
+                        project(params)
                 with torch.no_grad():
                     correct = logits.argmax(-1) == y
                     counts += torch.stack(
@@ -180,11 +210,38 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def _masks(ds: Dataset, specs: Sequence[ForgetSpec]) -> np.ndarray:
+def _masks(ds: Dataset, specs: Sequence[ForgetSpec], held_out: np.ndarray | None) -> np.ndarray:
     masks = np.zeros((len(specs), len(ds.y_train)), bool)
     for i, s in enumerate(specs):
-        masks[i, s.resolve(ds).forget] = True
+        masks[i, s.resolve(ds, held_out).forget] = True
     return masks
+
+
+def _training_set(ds: Dataset, masks: np.ndarray, exclude: np.ndarray | None, device) -> tuple[DeviceData, np.ndarray]:
+    """The images vector training may draw from (all but ``exclude``) on the device, and the masks on them."""
+    keep = np.ones(len(ds.y_train), bool)
+    if exclude is not None and len(exclude):
+        keep[np.asarray(exclude, np.int64)] = False
+    sub = masks[:, keep]
+    if not sub.any(axis=1).all():
+        raise InvalidInputError("a forget set lies entirely in the validation split: nothing left to train on")
+    return DeviceData(ds.x_train[keep], ds.y_train[keep], ds.scale, device), sub
+
+
+def _union(*parts: np.ndarray | None) -> np.ndarray:
+    arrays = [np.asarray(p, np.int64) for p in parts if p is not None and len(p)]
+    return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.int64)
+
+
+def _norm_projection(budget: float | None):
+    if budget is None:
+        return None
+
+    def project(params: torch.Tensor) -> None:
+        norms = params.flatten(1).norm(dim=1).clamp_min(1e-12)
+        params.mul_((budget / norms).clamp(max=1.0).view(-1, *([1] * (params.dim() - 1))))
+
+    return project
 
 
 def train_vectors(
@@ -194,15 +251,22 @@ def train_vectors(
     recipe: VectorRecipe = VectorRecipe(),
     *,
     device: torch.device | None = None,
+    held_out: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
 ) -> list[TrainedVector]:
-    """Train one forget vector per named spec, up to ``recipe.max_parallel`` problems per pass."""
+    """Train one forget vector per named spec, up to ``recipe.max_parallel`` problems per pass.
+
+    ``held_out``: the classifier's held-out training indices (in no forget or retain set);
+    ``exclude``: training indices the vectors must not see (the validation split they are tuned on).
+    """
     if not specs:
         raise InvalidInputError("no forget spec given")
     device = device or next(model.parameters()).device
     model = _frozen(model.to(device))
     names = list(specs)
-    masks = _masks(ds, [specs[n] for n in names])  # validates every spec before any training
-    data = DeviceData(ds.x_train, ds.y_train, ds.scale, device)
+    masks = _masks(ds, [specs[n] for n in names], held_out)  # validates every spec before any training
+    data, masks = _training_set(ds, masks, _union(held_out, exclude), device)
+    project = _norm_projection(recipe.norm_budget)
     out: list[TrainedVector] = []
     for g in range(0, len(names), recipe.max_parallel):
         group = names[g : g + recipe.max_parallel]
@@ -210,7 +274,7 @@ def train_vectors(
         init = torch.zeros(len(group), *ds.shape)
         label = group[0] if len(group) == 1 else f"{len(group)} vectors"
         deltas = _optimize(
-            model, data, masks[g : g + len(group)], init, lambda prm: prm, recipe, f"forget vectors ({label})"
+            model, data, masks[g : g + len(group)], init, lambda prm: prm, recipe, f"forget vectors ({label})", project
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -229,16 +293,19 @@ def learn_composition(
     *,
     name: str = "composed",
     device: torch.device | None = None,
+    held_out: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
 ) -> TrainedVector:
-    """Learn coefficients c over existing vectors so δ = Σ c_k v_k unlearns ``spec`` (c starts at 0)."""
+    """Learn coefficients c over existing vectors so δ = Σ c_k v_k unlearns ``spec`` (c starts at 0);
+    ``held_out`` and ``exclude`` as for :func:`train_vectors`."""
     if not basis:
         raise InvalidInputError("learned composition needs at least one existing vector in the bank")
     device = device or next(model.parameters()).device
     model = _frozen(model.to(device))
     keys = list(basis)
     bank = torch.from_numpy(np.stack([basis[k] for k in keys]).astype(np.float32)).to(device)  # [K, C, H, W]
-    masks = _masks(ds, [spec])
-    data = DeviceData(ds.x_train, ds.y_train, ds.scale, device)
+    masks = _masks(ds, [spec], held_out)
+    data, masks = _training_set(ds, masks, _union(held_out, exclude), device)
     t0 = time.perf_counter()
     coeffs = (
         _optimize(

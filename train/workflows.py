@@ -11,7 +11,9 @@ Python reproduce anything the CLI does::
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,14 @@ from forgetrt.runtime.files import read_json
 from forgetrt.runtime.model_folder import ModelManifest, load_model, save_model
 
 from .baselines import run_baseline
-from .data import Dataset, ForgetSpec, load_data
+from .calibrate import calibrate_vector
+from .data import Dataset, ForgetSpec, ForgetSplit, ValidationSplit, load_data
 from .loops import accuracy, predict_logits, resolve_device, train_classifier
 from .metrics import avg_gap, evaluate
 from .recipes import TrainConfig, VectorRecipe, default_baseline_config, default_train_config
 from .vectors import learn_composition, train_vectors
+
+log = logging.getLogger("forgetrt.train")
 
 __all__ = [
     "train_model",
@@ -60,12 +65,33 @@ def _check_data(info: ModelManifest, ds: Dataset) -> None:
         )
 
 
-def _accuracies(model: torch.nn.Module, ds: Dataset, train_idx: np.ndarray | None = None) -> dict[str, float]:
-    xtr, ytr = (ds.x_train, ds.y_train) if train_idx is None else (ds.x_train[train_idx], ds.y_train[train_idx])
-    return {
-        "train_acc": accuracy(predict_logits(model, xtr, ds.scale), ytr),
-        "test_acc": accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test),
-    }
+def _accuracies(model: torch.nn.Module, ds: Dataset, held_out: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy on the training images the model trained on, on its held-out split (if any), on test."""
+    keep = np.ones(len(ds.y_train), bool)
+    out: dict[str, float] = {}
+    if held_out is not None and len(held_out):
+        keep[held_out] = False
+        out["val_acc"] = accuracy(predict_logits(model, ds.x_train[held_out], ds.scale), ds.y_train[held_out])
+    out["train_acc"] = accuracy(predict_logits(model, ds.x_train[keep], ds.scale), ds.y_train[keep])
+    out["test_acc"] = accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test)
+    return out
+
+
+def _held_out(info: ModelManifest, ds: Dataset) -> np.ndarray | None:
+    """The training indices the classifier held out (checked against the data), or None."""
+    if not info.validation:
+        return None
+    return ValidationSplit.from_description(info.validation, ds).indices(ds)
+
+
+def _validation(info: ModelManifest, ds: Dataset, recipe: VectorRecipe, held_out: np.ndarray | None):
+    """The split vector tuning validates on: the model's held-out images when it has them (data it never
+    saw), else ``recipe.val_fraction`` carved from the training set (data it saw). Returns the indices,
+    whether they are held out, and the record for the bank manifest."""
+    if held_out is not None:
+        return held_out, True, {"source": "model", **info.validation}
+    vs = ValidationSplit(recipe.val_fraction, recipe.seed)
+    return vs.indices(ds), False, {"source": "carved", **vs.describe(ds)}
 
 
 # --------------------------------------------------------------------------- classifier
@@ -81,22 +107,31 @@ def train_model(
     device: str = "auto",
     batch_size: int | None = None,
     lr: float | None = None,
+    val_fraction: float | None = 0.1,
 ) -> dict[str, Any]:
-    """Train a registered classifier and write ``model.safetensors`` + ``model.json`` into ``out``."""
+    """Train a registered classifier and write ``model.safetensors`` + ``model.json`` into ``out``.
+
+    ``val_fraction`` of the training set (stratified, seeded by ``seed``) is held out of training and
+    recorded in the manifest: vector tuning later validates on it as data the model never saw. ``None``
+    or 0 trains on everything.
+    """
     model_input_shape(arch)  # unknown arch fails before the data is loaded
+    split = ValidationSplit(val_fraction, seed) if val_fraction else None
     ds = as_dataset(data)
     dev = resolve_device(device)
     cfg = default_train_config(arch, epochs, seed=seed, batch_size=batch_size, lr=lr)
-    model, spec, stats = train_classifier(arch, ds, cfg, dev)
-    metrics = _accuracies(model, ds)
+    held_out = split.indices(ds) if split else None
+    train_idx = None if held_out is None else np.setdiff1d(np.arange(len(ds.y_train)), held_out)
+    model, spec, stats = train_classifier(arch, ds, cfg, dev, train_idx=train_idx)
     manifest = save_model(
         out,
         model,
         arch=arch,
         iospec=spec,
         data=_data_spec(data),
-        metrics=metrics,
+        metrics=_accuracies(model, ds, held_out),
         training={**cfg.to_dict(), "device": str(dev), "seconds": stats["seconds"]},
+        validation=split.describe(ds) if split else None,
     )
     return manifest.to_dict()
 
@@ -112,12 +147,6 @@ def _open_bank(bank_dir: str | os.PathLike, info: ModelManifest) -> VectorBank:
     bank = VectorBank.create(info.fingerprint, info.arch, info.iospec)
     bank.path = Path(bank_dir)
     return bank
-
-
-def _metrics_or_none(model, ds, spec: ForgetSpec, vector: np.ndarray, do: bool) -> dict[str, Any] | None:
-    if not do:
-        return None
-    return evaluate(model, ds, spec.resolve(ds), vector)
 
 
 def train_vector(
@@ -140,21 +169,36 @@ def train_vector(
         raise InvalidInputError(f"vectors {clash} already exist in {bank_dir}; pass --overwrite to replace them")
     ds = as_dataset(data)
     _check_data(info, ds)
-    trained = train_vectors(model, ds, specs, recipe, device=dev)
+    held_out = _held_out(info, ds)
+    val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
+    t0 = time.perf_counter()
+    trained = train_vectors(
+        model, ds, specs, recipe, device=dev, held_out=held_out, exclude=None if val_is_held_out else val_idx
+    )
     results = []
     for tv in trained:
-        metrics = _metrics_or_none(model, ds, tv.spec, tv.vector, evaluate_after)
+        split = tv.spec.resolve(ds, held_out)
+        t1 = time.perf_counter()
+        cal = calibrate_vector(model, ds, split, tv.vector, recipe, val_idx=val_idx, val_held_out=val_is_held_out)
+        vector = (np.float32(cal.strength) * tv.vector).astype(np.float32)
+        seconds = tv.seconds + time.perf_counter() - t1  # training share plus this vector's calibration
+        metrics = evaluate(model, ds, split, vector) if evaluate_after else None
         if metrics is not None:
-            metrics["seconds"] = tv.seconds
-        bank.add(
-            tv.name,
-            tv.vector,
-            forgets=tv.spec.describe(ds),
-            recipe={**recipe.to_dict(), "data": _data_spec(data), "device": str(dev), "seconds": tv.seconds},
-            metrics=metrics,
-            overwrite=overwrite,
+            metrics["seconds"] = seconds
+        record = {**recipe.to_dict(), "data": _data_spec(data), "device": str(dev), "seconds": seconds}
+        record.update(validation=val_record, calibration=cal.to_dict())
+        bank.add(tv.name, vector, forgets=tv.spec.describe(ds), recipe=record, metrics=metrics, overwrite=overwrite)
+        results.append(
+            {
+                "name": tv.name,
+                "forgets": tv.spec.describe(ds),
+                "seconds": seconds,
+                "strength": cal.strength,
+                "calibration": cal.to_dict(),
+                "metrics": metrics,
+            }
         )
-        results.append({"name": tv.name, "forgets": tv.spec.describe(ds), "seconds": tv.seconds, "metrics": metrics})
+    log.info("trained %d vector(s) in %.1fs", len(trained), time.perf_counter() - t0)
     bank.save(bank_dir)
     return results
 
@@ -235,38 +279,45 @@ def compose_learned(
     vectors = {n: bank.get(n) for n in names}
     ds = as_dataset(data)
     _check_data(info, ds)
-    tv = learn_composition(model, ds, target, vectors, recipe, name=name, device=dev)
-    metrics = _metrics_or_none(model, ds, target, tv.vector, evaluate_after)
+    held_out = _held_out(info, ds)
+    val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
+    exclude = None if val_is_held_out else val_idx
+    tv = learn_composition(
+        model, ds, target, vectors, recipe, name=name, device=dev, held_out=held_out, exclude=exclude
+    )
+    split = target.resolve(ds, held_out)
+    t1 = time.perf_counter()
+    cal = calibrate_vector(model, ds, split, tv.vector, recipe, val_idx=val_idx, val_held_out=val_is_held_out)
+    seconds = tv.seconds + time.perf_counter() - t1
+    vector = (np.float32(cal.strength) * tv.vector).astype(np.float32)
+    coefficients = {k: cal.strength * c for k, c in (tv.coefficients or {}).items()}
+    metrics = evaluate(model, ds, split, vector) if evaluate_after else None
     if metrics is not None:
-        metrics["seconds"] = tv.seconds
-        metrics.update(_per_class_ua(model, ds, target, tv.vector))
+        metrics["seconds"] = seconds
+        metrics.update(_per_class_ua(model, ds, split, vector))
+    record = {"method": "learned", **recipe.to_dict(), "data": _data_spec(data), "seconds": seconds}
+    record.update(parameters=len(names), validation=val_record, calibration=cal.to_dict())
     bank.add(
         name,
-        tv.vector,
+        vector,
         forgets=target.describe(ds),
-        recipe={
-            "method": "learned",
-            **recipe.to_dict(),
-            "data": _data_spec(data),
-            "seconds": tv.seconds,
-            "parameters": len(names),
-        },
+        recipe=record,
         metrics=metrics,
-        composition=tv.coefficients,
+        composition=coefficients,
         overwrite=overwrite,
     )
     bank.save()
     return {
         "name": name,
-        "coefficients": tv.coefficients,
+        "coefficients": coefficients,
         "forgets": target.describe(ds),
-        "seconds": tv.seconds,
+        "seconds": seconds,
+        "strength": cal.strength,
         "metrics": metrics,
     }
 
 
-def _per_class_ua(model, ds: Dataset, spec: ForgetSpec, vector: np.ndarray | None) -> dict[str, Any]:
-    split = spec.resolve(ds)
+def _per_class_ua(model, ds: Dataset, split: ForgetSplit, vector: np.ndarray | None) -> dict[str, Any]:
     if not split.classes or len(split.classes) < 2:
         return {}
     logits = predict_logits(model, ds.x_train[split.forget], ds.scale, vector)
@@ -324,8 +375,9 @@ def evaluate_result(
         forget = ForgetSpec.from_description(recorded, indices_file)
     ds = as_dataset(data)
     _check_data(info, ds)
-    result = evaluate(model, ds, forget.resolve(ds), delta, mia_max_per_side=mia_max_per_side)
-    result.update(_per_class_ua(model, ds, forget, delta))
+    split = forget.resolve(ds, _held_out(info, ds))
+    result = evaluate(model, ds, split, delta, mia_max_per_side=mia_max_per_side)
+    result.update(_per_class_ua(model, ds, split, delta))
     result["evaluated"] = what
     result["forgets"] = forget.describe(ds)
     result["model_fingerprint"] = info.fingerprint
@@ -354,7 +406,8 @@ def unlearn_baseline(
     model, info = load_model(model_dir, dev)
     ds = as_dataset(data)
     _check_data(info, ds)
-    split = forget.resolve(ds)
+    held_out = _held_out(info, ds)
+    split = forget.resolve(ds, held_out)  # Retrain trains on split.retain: the held-out images stay out
     try:
         original_cfg = TrainConfig(**{k: v for k, v in info.training.items() if k in TrainConfig.__dataclass_fields__})
     except TypeError:
@@ -367,8 +420,9 @@ def unlearn_baseline(
         arch=info.arch,
         iospec=info.iospec,
         data=_data_spec(data),
-        metrics=_accuracies(unlearned, ds),
+        metrics=_accuracies(unlearned, ds, held_out),
         training=cfg.train.to_dict(),
+        validation=info.validation,
         unlearning={
             "method": method,
             "forgets": forget.describe(ds),

@@ -314,3 +314,29 @@ def test_preset_choices_are_the_library_presets():
 
     opt = next(p for p in cli.commands["train-vector"].params if p.name == "preset")
     assert list(opt.type.choices) == list(PRESETS)
+
+
+def test_backends_listing_with_and_without_a_bundle(digits_bundle):
+    out = run("backends").output
+    assert all(n in out for n in ("onnxruntime", "torch", "tensorrt")) and "options: precision, fuse" in out
+    out = run("backends", digits_bundle, "--device", "cpu").output
+    assert "on cpu: available" in out and "TensorRT is not installed" in out
+
+
+def test_coefficient_range_is_parsed_and_checked(quick, tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "onnx",
+            "--model",
+            str(quick / "model"),
+            "--bank",
+            str(quick / "bank"),
+            "--out",
+            str(tmp_path / "b"),
+            "--coeff-range",
+            "2,1",
+        ],
+    )
+    assert r.exit_code == 2 and "finite LO <= HI" in r.output and not (tmp_path / "b").exists()

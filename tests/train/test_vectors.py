@@ -7,7 +7,7 @@ import torch
 from forgetrt.runtime.bank import VectorBank
 from forgetrt.runtime.errors import InvalidInputError
 from forgetrt.runtime.model_folder import load_model
-from forgetrt.train.data import ForgetSpec
+from forgetrt.train.data import ForgetSpec, ValidationSplit
 from forgetrt.train.loops import accuracy, predict_logits
 from forgetrt.train.recipes import PRESETS, VectorRecipe
 from forgetrt.train.vectors import _objective
@@ -25,20 +25,27 @@ def test_original_model_is_accurate(digits, digits_model_dir):
 
 
 def test_each_class_vector_meets_the_bar(digits, digits_model_dir, digits_bank):
-    """UA >= 95% for every class while remaining-class test accuracy drops <= 5 points."""
-    model, _ = load_model(digits_model_dir)
+    """The quality goal, on digits with the 'digits' preset: for all ten classes UA >= 99 and
+    MIA-Efficacy >= 99, remaining-class test accuracy within 2 points of the original's on average and
+    within 3 for the worst class."""
+    model, info = load_model(digits_model_dir)
+    held_out = ValidationSplit.from_description(info.validation, digits).indices(digits)
     bank = VectorBank.load(digits_bank[0])
     assert bank.names == [f"forget-{c}" for c in range(10)]
+    drops = []
     for c in range(10):
         delta = bank.get(f"forget-{c}")
-        forget = digits.y_train == c
+        forget = np.flatnonzero(digits.y_train == c)
+        forget = forget[~np.isin(forget, held_out)]  # the model never trained on its held-out images
         ua = 100 - accuracy(predict_logits(model, digits.x_train[forget], digits.scale, delta), digits.y_train[forget])
-        drop = _ta_remaining(model, digits, c) - _ta_remaining(model, digits, c, delta)
-        assert ua >= 95.0, (c, ua)
-        assert drop <= 5.0, (c, drop)
+        drops.append(_ta_remaining(model, digits, c) - _ta_remaining(model, digits, c, delta))
+        entry = bank.entry(f"forget-{c}")
+        assert ua >= 99.0 and entry.metrics["MIA_efficacy"] >= 99.0, (c, ua, entry.metrics)
         # the manifest carries the metrics measured at save time, equal to a fresh measurement
-        assert bank.entry(f"forget-{c}").metrics["UA"] == pytest.approx(ua)
-        assert bank.entry(f"forget-{c}").forgets == {"kind": "class", "classes": [c], "labels": [str(c)]}
+        assert entry.metrics["UA"] == pytest.approx(ua) and entry.metrics["TA_drop"] == pytest.approx(drops[-1])
+        assert entry.forgets == {"kind": "class", "classes": [c], "labels": [str(c)]}
+        assert entry.recipe["validation"]["source"] == "model" and entry.recipe["calibration"]["mode"] == "ua-target"
+    assert np.mean(drops) <= 2.0 and max(drops) <= 3.0, drops
 
 
 def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, digits_bank, tmp_path):
