@@ -24,3 +24,39 @@ def test_cifar_subset_model_vector_eval(tmp_path):
     for k in ("UA", "RA", "TA", "TA_forgotten", "MIA_efficacy"):
         assert 0.0 <= m[k] <= 100.0
     assert m["forgets"]["labels"] == ["cat"]
+
+
+def test_cifar_subset_quality_mechanisms(tmp_path):
+    """cifar-small on a CIFAR-10 subset: the held-out split, a distilled and calibrated class vector, a
+    calibrated random-subset vector, and TA_original in the evaluation (mechanisms, not accuracy)."""
+    import dataclasses
+
+    from conftest import CIFAR_TAR
+
+    from forgetrt.runtime.bank import VectorBank
+    from forgetrt.train import workflows as wf
+    from forgetrt.train.data import ForgetSpec, load_data
+    from forgetrt.train.recipes import PRESETS
+
+    ds = load_data(f"cifar10:{CIFAR_TAR}").subset(2000, 500, seed=1)
+    rec = wf.train_model("cifar-small", ds, tmp_path / "m", epochs=2, device="cpu", val_fraction=0.1)
+    assert 190 <= rec["validation"]["count"] <= 210 and "val_acc" in rec["metrics"]  # 10% of each class, rounded
+    recipe = dataclasses.replace(PRESETS["cifar"], epochs=1, distill=4.0)
+    res = wf.train_class_vectors(tmp_path / "m", ds, tmp_path / "b", classes=["ship"], recipe=recipe, device="cpu")
+    cal = res[0]["calibration"]
+    assert (
+        cal["mode"] == "ua-target" and cal["strength"] in recipe.strengths and len(cal["grid"]) == len(recipe.strengths)
+    )
+    entry = VectorBank.load(tmp_path / "b").entry("forget-8")
+    assert entry.recipe["distill"] == 4.0 and entry.recipe["validation"]["source"] == "model"
+    m = res[0]["metrics"]
+    assert m["TA_drop"] == m["TA_original"] - m["TA"]
+    spec = ForgetSpec(fraction=0.05, seed=0)
+    res = wf.train_vector(
+        tmp_path / "m", ds, tmp_path / "b", {"r5": spec}, dataclasses.replace(PRESETS["paper"], epochs=1), device="cpu"
+    )
+    cal = res[0]["calibration"]
+    assert cal["mode"] == "retrain-proxy" and cal["grid"][0]["strength"] == 0.0
+    assert min(g["proxy_gap"] for g in cal["grid"]) == next(
+        g["proxy_gap"] for g in cal["grid"] if g["strength"] == cal["strength"]
+    )

@@ -1,0 +1,170 @@
+"""The unlearning-quality mechanisms on CPU: the held-out validation split, the distillation term, the norm
+budget, strength calibration (class-wise UA target, data-wise Retrain proxy with its no-harm rule) and
+the original model's accuracy beside every vector's."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from forgetrt.runtime.bank import VectorBank
+from forgetrt.runtime.errors import DataError, InvalidInputError
+from forgetrt.runtime.model_folder import load_model, read_model_manifest
+from forgetrt.train import workflows as wf
+from forgetrt.train.calibrate import calibrate_vector
+from forgetrt.train.data import ForgetSpec, ValidationSplit
+from forgetrt.train.recipes import PRESETS, VectorRecipe
+from forgetrt.train.vectors import _objective
+
+
+def test_validation_split_is_stratified_seeded_and_recorded(digits, digits_model_dir):
+    vs = ValidationSplit(0.1, seed=0)
+    idx = vs.indices(digits)
+    np.testing.assert_array_equal(idx, ValidationSplit(0.1, seed=0).indices(digits))
+    assert not np.array_equal(idx, ValidationSplit(0.1, seed=1).indices(digits))
+    counts = np.bincount(digits.y_train[idx], minlength=10)
+    per_class = np.bincount(digits.y_train, minlength=10)
+    assert np.all(np.abs(counts - np.round(0.1 * per_class)) <= 1)
+    man = read_model_manifest(digits_model_dir)  # the conftest model: train_model's default holds out 10%
+    assert man.validation == vs.describe(digits) and "val_acc" in man.metrics
+    with pytest.raises(InvalidInputError, match="fraction must be in"):
+        ValidationSplit(1.0)
+    other = digits.subset(1000, seed=3)  # not the data the model's split was drawn from
+    with pytest.raises(DataError, match="not the one this validation split was drawn from"):
+        ValidationSplit.from_description(man.validation, other)
+
+
+def test_forget_specs_leave_the_held_out_split_alone(digits):
+    held = ValidationSplit(0.1).indices(digits)
+    cls = ForgetSpec(classes=(3,)).resolve(digits, held)
+    assert not np.isin(cls.forget, held).any() and not np.isin(cls.retain, held).any()
+    assert len(cls.forget) + len(cls.retain) + len(held) == len(digits.y_train)
+    np.testing.assert_array_equal(cls.held_out, held)
+    frac = ForgetSpec(fraction=0.1, seed=1).resolve(digits, held)
+    assert not np.isin(frac.forget, held).any() and len(frac.forget) == round(0.1 * (len(digits.y_train) - len(held)))
+    with pytest.raises(DataError, match="held-out validation split"):
+        ForgetSpec(indices=(int(held[0]),)).resolve(digits, held)
+    # without a held-out split a fraction draws exactly what it drew before the split existed
+    np.testing.assert_array_equal(
+        ForgetSpec(fraction=0.1, seed=1).resolve(digits).forget,
+        np.sort(np.random.default_rng(1).choice(len(digits.y_train), round(0.1 * len(digits.y_train)), replace=False)),
+    )
+
+
+def test_distillation_term():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 4, requires_grad=True)
+    y = torch.tensor([[0, 1, 2, 3, 0, 1]])
+    is_forget = torch.tensor([[True, False, False, False, False, False]])
+    params = torch.zeros(1, 3)
+    plain = VectorRecipe()
+    kd = VectorRecipe(distill=2.0, distill_temperature=3.0)
+    same = _objective(logits, y, is_forget, params, kd, original=logits.detach())
+    torch.testing.assert_close(same, _objective(logits, y, is_forget, params, plain))  # KL(p || p) = 0
+    other = logits.detach() + torch.randn(1, 6, 4)
+    moved = _objective(logits, y, is_forget, params, kd, original=other)
+    assert float((moved - same).detach()) > 0
+    moved.sum().backward()
+    assert logits.grad.abs().sum() > 0
+    # only retain samples pay the term: changing the forget sample's original logits changes nothing
+    other2 = other.clone()
+    other2[0, 0] += 5.0
+    torch.testing.assert_close(_objective(logits, y, is_forget, params, kd, original=other2), moved)
+    with pytest.raises(InvalidInputError, match="original model's logits"):
+        _objective(logits, y, is_forget, params, kd)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"distill": -1.0}, "distill must be >= 0"),
+        ({"norm_budget": 0.0}, "norm budget must be > 0"),
+        ({"val_fraction": 0.0}, "validation fraction"),
+        ({"calibrate": "magic"}, "unknown calibration 'magic'"),
+        ({"ua_target": 101.0}, "UA target"),
+        ({"strengths": (0.5, -1.0)}, "strengths must be positive"),
+    ],
+)
+def test_recipe_rejects_bad_quality_settings(kw, msg):
+    with pytest.raises((InvalidInputError, KeyError), match=msg):
+        VectorRecipe(**kw)
+
+
+def test_norm_budget_and_carved_validation(tmp_path, digits):
+    """A model that holds nothing out: vectors validate on a split carved from its training data (recorded,
+    never trained on); the norm budget bounds δ."""
+    wf.train_model("digits-cnn", digits, tmp_path / "m", epochs=3, device="cpu", val_fraction=None)
+    assert read_model_manifest(tmp_path / "m").validation is None
+    r = dataclasses.replace(PRESETS["digits"], epochs=2, norm_budget=0.5, calibrate="none")
+    res = wf.train_vector(tmp_path / "m", digits, tmp_path / "b", {"v": ForgetSpec(classes=(4,))}, r, device="cpu")
+    bank = VectorBank.load(tmp_path / "b")
+    assert np.linalg.norm(bank.get("v")) <= 0.5 + 1e-5 and res[0]["strength"] == 1.0
+    val = bank.entry("v").recipe["validation"]
+    assert val["source"] == "carved" and val == {
+        "source": "carved",
+        **ValidationSplit(r.val_fraction, r.seed).describe(digits),
+    }
+    # data-wise calibration needs held-out data: without it, no vector is the choice that cannot do harm
+    r2 = dataclasses.replace(PRESETS["paper"], epochs=1)
+    res = wf.train_vector(tmp_path / "m", digits, tmp_path / "b", {"r": ForgetSpec(fraction=0.1)}, r2, device="cpu")
+    assert res[0]["strength"] == 0.0 and "holds out no validation split" in res[0]["calibration"]["reason"]
+    assert np.all(VectorBank.load(tmp_path / "b").get("r") == 0)
+
+
+def test_ua_target_picks_the_smallest_strength_that_forgets(digits, digits_model_dir, digits_bank):
+    model, info = load_model(digits_model_dir)
+    held = ValidationSplit.from_description(info.validation, digits).indices(digits)
+    split = ForgetSpec(classes=(7,)).resolve(digits, held)
+    delta = VectorBank.load(digits_bank[0]).get("forget-7")
+    r = dataclasses.replace(PRESETS["digits"], strengths=(0.1, 0.5, 1.0, 2.0))
+    cal = calibrate_vector(model, digits, split, delta, r, val_idx=held, val_held_out=True)
+    uas = [g["UA_forget"] for g in cal.grid]
+    assert [g["strength"] for g in cal.grid] == [0.1, 0.5, 1.0, 2.0] and cal.mode == "ua-target"
+    first = next(g["strength"] for g in cal.grid if g["UA_forget"] >= r.ua_target)
+    assert cal.reached and cal.strength == first and uas[0] < r.ua_target
+    assert all("UA_val" in g and "val_acc_drop" in g for g in cal.grid)
+    unreachable = calibrate_vector(
+        model, digits, split, delta, dataclasses.replace(r, strengths=(0.01, 0.02)), val_idx=held, val_held_out=True
+    )
+    assert unreachable.reached is False and "no strength reached" in unreachable.reason
+
+
+def test_retrain_proxy_never_picks_a_harmful_vector(digits, digits_model_dir):
+    """A large random δ only damages the model: the data-wise calibration keeps no vector."""
+    model, info = load_model(digits_model_dir)
+    held = ValidationSplit.from_description(info.validation, digits).indices(digits)
+    split = ForgetSpec(fraction=0.1, seed=2).resolve(digits, held)
+    harmful = np.random.default_rng(0).normal(0, 1.0, digits.shape).astype(np.float32)
+    cal = calibrate_vector(model, digits, split, harmful, PRESETS["paper"], val_idx=held, val_held_out=True)
+    assert cal.mode == "retrain-proxy" and cal.strength == 0.0
+    assert cal.grid[0]["strength"] == 0.0 and min(g["proxy_gap"] for g in cal.grid) == cal.grid[0]["proxy_gap"]
+    assert set(cal.targets) == {"UA", "RA", "TA", "MIA_efficacy"} and cal.targets["UA"] == 100 - cal.targets["TA"]
+
+
+def test_default_data_wise_vector_does_no_harm_against_retrain(tmp_path, digits, digits_model_dir):
+    """Random 10% with the default recipe: Avg.Gap to Retrain no worse than serving no vector at all."""
+    spec = ForgetSpec(fraction=0.1, seed=3)
+    wf.unlearn_baseline("retrain", digits_model_dir, digits, spec, tmp_path / "retrain", device="cpu")
+    ref = wf.evaluate_result(tmp_path / "retrain", digits, device="cpu")
+    none = wf.evaluate_result(digits_model_dir, digits, forget=spec, device="cpu", reference=ref)
+    res = wf.train_vector(digits_model_dir, digits, tmp_path / "b", {"r10": spec}, VectorRecipe(), device="cpu")
+    vec = wf.evaluate_result(
+        digits_model_dir, digits, bank_dir=tmp_path / "b", vector="r10", device="cpu", reference=ref
+    )
+    assert res[0]["calibration"]["mode"] == "retrain-proxy"
+    assert vec["avg_gap"] <= none["avg_gap"], (vec, none)
+
+
+def test_eval_reports_the_original_accuracy_beside_the_vector(tmp_path, digits_model_dir, digits_bank):
+    from click.testing import CliRunner
+
+    from forgetrt.tools.cli import cli
+
+    out = tmp_path / "v.json"
+    args = ["eval", "--model", digits_model_dir, "--bank", digits_bank[0], "--vector", "forget-2", "--json", out]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0 and "TA_original" in r.output and "TA_drop" in r.output, r.output
+    v = json.loads(out.read_text())
+    assert v["TA_drop"] == pytest.approx(v["TA_original"] - v["TA"]) and v["TA_original"] >= 95.0
