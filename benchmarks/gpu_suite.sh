@@ -6,7 +6,8 @@
 #      (as trained, BN-folded, cuDNN-fused; fp32/bf16/fp16) at batch 1/8/64, the server end to end,
 #      onnxruntime CUDA if present; two more batch-1 repeats; bars (a)-(c) on the host's CPU cores
 #   3. the CIFAR-10 unlearning report (resnet18-cifar; forget vectors vs Retrain/FT/GA/RL), under a
-#      time budget: stages that would not finish are skipped and listed as skipped
+#      time budget: stages that would not finish are skipped and listed as skipped (the full quality
+#      report is benchmarks/quality_suite.sh, two calls of its own)
 #   4. the trained model + vectors exported as a bundle, parity checked, latency on it
 # Everything lands flat under $OUT, 7 files (the device tool brings back at most 8).
 #
@@ -25,7 +26,7 @@ TOTAL=${TOTAL:-560}          # seconds this script may take in all
 CLASSES=${CLASSES:-0,3}
 PRESET=${PRESET:-cifar}      # class-wise vector recipe (cifar: the H200 sweep's best; paper: the paper's)
 VECTOR_EPOCHS=${VECTOR_EPOCHS:-}  # empty: the preset's
-EPOCHS=${EPOCHS:-}           # classifier epochs (empty: the arch default, 24 for resnet18-cifar)
+EPOCHS=${EPOCHS:-}           # classifier epochs (empty: the arch default)
 # overridable for a CPU smoke run of this script: DEVICE=cpu ARCH=cifar-small SUBSET=2000,500 RUNS=5 EPOCHS=1 ...
 DEVICE=${DEVICE:-cuda}
 ARCH=${ARCH:-resnet18-cifar}
@@ -82,7 +83,8 @@ EP=()
 [ -n "$SUBSET" ] && EP+=(--subset "$SUBSET")
 [ -n "$VECTOR_EPOCHS" ] && EP+=(--vector-epochs "$VECTOR_EPOCHS")
 step "unlearning report (CIFAR-10, budget ${budget}s)" $((budget + 30)) $PY benchmarks/unlearning_report.py --data "cifar10:$DATA" \
-  --arch "$ARCH" --preset "$PRESET" --random-preset paper --classes "$CLASSES" --basis tasks \
+  --arch "$ARCH" --preset "$PRESET" --random-preset paper --classes "$CLASSES" --baseline-classes "$CLASSES" \
+  --fractions 0.1 --stages class,random,arithmetic \
   "${EP[@]}" --device "$DEVICE" --time-budget "$budget" --out runs/report-cifar
 (cd runs/report-cifar 2>/dev/null && tar czf "$OUT/report.tgz" report.md report.json tradeoff.png 2>/dev/null)
 

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--bank", default="runs/sweep-bank", help="scratch bank folder for the candidates")
     p.add_argument("--json", required=True)
+    p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST seeded random subset (the model's, for smoke runs)")
     a = p.parse_args(argv)
     cands = [parse_recipe(r) for r in a.recipe]
     spec = (
@@ -65,18 +66,30 @@ def main(argv: list[str] | None = None) -> int:
         else ForgetSpec(fraction=a.fraction, seed=1)
     )
     ds = load_data(a.data)
+    if a.subset:
+        ntr, nte = (int(x) for x in a.subset.split(","))
+        ds = ds.subset(ntr, nte, seed=0)
     res: dict = {}
     for name, recipe in cands:
         t0 = time.perf_counter()
-        wf.train_vector(
+        trained = wf.train_vector(
             a.model, ds, a.bank, {name: spec}, recipe, device=a.device, evaluate_after=False, overwrite=True
         )
         seconds = time.perf_counter() - t0
         m = wf.evaluate_result(
             a.model, ds, bank_dir=a.bank, vector=name, forget=spec, device=a.device, mia_max_per_side=a.mia_max_per_side
         )
-        res[name] = {**{k: m[k] for k in KEYS}, "seconds": seconds, "recipe": recipe.to_dict()}
-        print(f"{name:<24} " + "  ".join(f"{k} {m[k]:6.2f}" for k in KEYS) + f"  {seconds:6.1f}s", flush=True)
+        res[name] = {
+            **{k: m[k] for k in (*KEYS, "TA_original", "TA_drop")},
+            "strength": trained[0]["strength"],
+            "seconds": seconds,
+            "recipe": recipe.to_dict(),
+        }
+        print(
+            f"{name:<24} " + "  ".join(f"{k} {m[k]:6.2f}" for k in (*KEYS, "TA_drop"))
+            + f"  s {trained[0]['strength']:g}  {seconds:6.1f}s",
+            flush=True,
+        )
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"task": spec.describe(ds), "model": a.model, "results": res}, indent=1))
     return 0

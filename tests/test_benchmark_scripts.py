@@ -14,14 +14,8 @@ def test_unlearning_report_small(tmp_path):
         [
             sys.executable,
             str(REPO / "benchmarks" / "unlearning_report.py"),
-            "--classes",
-            "0",
-            "--epochs",
-            "3",
-            "--vector-epochs",
-            "2",
-            "--out",
-            str(out),
+            *("--classes", "0,3,5", "--baseline-classes", "0", "--fractions", "0.1"),
+            *("--epochs", "3", "--vector-epochs", "2", "--out", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -29,15 +23,33 @@ def test_unlearning_report_small(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["random"]) == {"retrain", "ft", "ga", "rl", "forget vector"}
-    assert rep["random"]["retrain"]["avg_gap"] == 0.0
-    for _m, row in rep["class_wise"]["mean_std"].items():
-        for k in ("UA", "RA", "TA", "MIA_efficacy", "avg_gap", "seconds"):
-            mean, std = row[k]
+    assert rep["complete"] and rep["original"]["val_acc"] > 0
+    rand = rep["random"]["random 0.1"]
+    assert set(rand) == {"retrain", "ft", "ga", "rl", "no vector", "vector, as trained", "forget vector"}
+    assert rand["retrain"]["avg_gap"] == 0.0 and rand["vector, as trained"]["strength"] == 1.0
+    cw = rep["class_wise"]
+    assert cw["classes"] == [0, 3, 5] and set(cw["per_class"][0]) == {
+        "no vector",
+        "output mask",
+        "forget vector",
+        "retrain",
+        "ft",
+        "ga",
+        "rl",
+    }
+    assert set(cw["per_class"][1]) == {"no vector", "output mask", "forget vector"}  # baselines on class 0 only
+    mask = cw["per_class"][0]["output mask"]
+    assert mask["UA"] == 100.0 and mask["MIA_efficacy"] == 100.0  # the forgotten class is never predicted
+    assert set(cw["worst"]) == {"UA", "MIA_efficacy", "TA_drop"}
+    for row in cw["mean_std"].values():
+        for _mean, std in row.values():
             assert std >= 0
-    assert rep["arithmetic"]["classes (0, 3)"]["learned composition"]["parameters"] == 10
+    ar = rep["arithmetic"]
+    assert set(ar) == {"classes 0,3", "classes 0,3,5", "mixed 3=0.5,7=0.1"}
+    assert ar["classes 0,3"]["learned composition"]["parameters"] == 3  # the basis: the three class vectors
+    assert rep["compose_recipe"]["epochs"] == 1
     text = (out / "report.md").read_text()
-    assert "Class-wise forgetting" in text and "Forget-vector arithmetic" in text
+    assert "Class-wise forgetting" in text and "Forget-vector arithmetic" in text and "output mask" in text
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -47,16 +59,8 @@ def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
         [
             sys.executable,
             str(REPO / "benchmarks" / "unlearning_report.py"),
-            "--classes",
-            "0,3",
-            "--epochs",
-            "2",
-            "--basis",
-            "tasks",
-            "--time-budget",
-            "0.001",
-            "--out",
-            str(out),
+            *("--classes", "0,3", "--fractions", "0.1", "--epochs", "2"),
+            *("--time-budget", "0.001", "--out", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -64,7 +68,7 @@ def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
-    skipped = ["class 0", "class 3", "random", "arithmetic (basis of 0 class vectors; needs 2)"]
+    skipped = ["class-wise vectors", "random 0.1", "arithmetic (basis of 0 class vectors; needs 2)"]
     assert rep["complete"] is False and rep["skipped"] == skipped
     assert rep["original"]["test_acc"] > 50 and "class_wise" not in rep and "arithmetic" not in rep
     assert f"**Incomplete**: skipped {', '.join(skipped)}" in (out / "report.md").read_text()

@@ -76,10 +76,20 @@ def evaluate(
     *,
     seed: int = 0,
     mia_max_per_side: int | None = None,
+    mask_forgotten: bool = False,
 ) -> dict[str, Any]:
-    """UA, RA, TA (+ TA_forgotten for class-wise) and MIA_efficacy of ``model`` with ``delta`` added."""
+    """UA, RA, TA (+ TA_forgotten for class-wise) and MIA_efficacy of ``model`` with ``delta`` added.
+
+    ``mask_forgotten`` (class-wise only): the trivial output guard instead of, or on top of, a vector:
+    the forgotten classes' logits are pushed to -1e9, so they are never predicted and get no probability.
+    """
     tr = predict_logits(model, ds.x_train, ds.scale, delta)
     te = predict_logits(model, ds.x_test, ds.scale, delta)
+    if mask_forgotten:
+        if not split.classes:
+            raise InvalidInputError("masking the output needs a class-wise forget spec")
+        for z in (tr, te):
+            z[:, list(split.classes)] = -1e9
     yf, yr = ds.y_train[split.forget], ds.y_train[split.retain]
     yt = ds.y_test[split.test]
     out: dict[str, Any] = {
@@ -89,7 +99,7 @@ def evaluate(
     }
     if len(split.test_forgotten):
         out["TA_forgotten"] = accuracy(te[split.test_forgotten], ds.y_test[split.test_forgotten])
-    if delta is not None:
+    if delta is not None or mask_forgotten:
         te0 = predict_logits(model, ds.x_test[split.test], ds.scale)
         out["TA_original"] = accuracy(te0, yt)
         out["TA_drop"] = out["TA_original"] - out["TA"]

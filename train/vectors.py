@@ -295,9 +295,10 @@ def learn_composition(
     device: torch.device | None = None,
     held_out: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
+    init: Mapping[str, float] | None = None,
 ) -> TrainedVector:
-    """Learn coefficients c over existing vectors so δ = Σ c_k v_k unlearns ``spec`` (c starts at 0);
-    ``held_out`` and ``exclude`` as for :func:`train_vectors`."""
+    """Learn coefficients c over existing vectors so δ = Σ c_k v_k unlearns ``spec`` (c starts at ``init``,
+    default 0); ``held_out`` and ``exclude`` as for :func:`train_vectors`."""
     if not basis:
         raise InvalidInputError("learned composition needs at least one existing vector in the bank")
     device = device or next(model.parameters()).device
@@ -312,7 +313,7 @@ def learn_composition(
             model,
             data,
             masks,
-            torch.zeros(1, len(keys)),
+            torch.tensor([[float((init or {}).get(k, 0.0)) for k in keys]]),
             lambda c: torch.einsum("pk,kchw->pchw", c, bank),
             recipe,
             f"compose {name}",

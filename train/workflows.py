@@ -23,9 +23,9 @@ import torch
 
 from forgetrt.runtime.architectures import model_input_shape
 from forgetrt.runtime.bank import VectorBank
-from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.runtime.errors import InvalidInputError, unknown
 from forgetrt.runtime.files import read_json
-from forgetrt.runtime.model_folder import ModelManifest, load_model, save_model
+from forgetrt.runtime.model_folder import ModelManifest, load_model, read_model_manifest, save_model
 
 from .baselines import run_baseline
 from .calibrate import calibrate_vector
@@ -45,6 +45,7 @@ __all__ = [
     "compose_learned",
     "evaluate_result",
     "unlearn_baseline",
+    "held_out_indices",
     "as_dataset",
 ]
 
@@ -75,6 +76,11 @@ def _accuracies(model: torch.nn.Module, ds: Dataset, held_out: np.ndarray | None
     out["train_acc"] = accuracy(predict_logits(model, ds.x_train[keep], ds.scale), ds.y_train[keep])
     out["test_acc"] = accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test)
     return out
+
+
+def held_out_indices(model_dir: str | os.PathLike, data: str | Dataset) -> np.ndarray | None:
+    """The training indices the classifier in ``model_dir`` held out of its training, or None."""
+    return _held_out(read_model_manifest(model_dir), as_dataset(data))
 
 
 def _held_out(info: ModelManifest, ds: Dataset) -> np.ndarray | None:
@@ -265,8 +271,17 @@ def compose_learned(
     device: str = "auto",
     evaluate_after: bool = True,
     overwrite: bool = False,
+    init: str = "forgets",
 ) -> dict[str, Any]:
-    """Learn only the coefficients over existing vectors (``basis``: all by default) for ``target``."""
+    """Learn only the coefficients over existing vectors (``basis``: all by default) for ``target``.
+
+    ``init="forgets"`` starts from forget-vector arithmetic's own guess: coefficient 1 for every class-wise
+    basis vector whose classes the target forgets, 0 for the others (all 0 for a target that is not
+    class-wise); ``"zero"`` starts from 0. From the guess, a tenth of the epochs a vector needs is
+    usually enough.
+    """
+    if init not in ("forgets", "zero"):
+        raise unknown("composition init", init, ("forgets", "zero"))
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev)
     bank = VectorBank.load(bank_dir)
@@ -282,8 +297,9 @@ def compose_learned(
     held_out = _held_out(info, ds)
     val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
     exclude = None if val_is_held_out else val_idx
+    start = _arithmetic_guess(bank, names, target, ds) if init == "forgets" else None
     tv = learn_composition(
-        model, ds, target, vectors, recipe, name=name, device=dev, held_out=held_out, exclude=exclude
+        model, ds, target, vectors, recipe, name=name, device=dev, held_out=held_out, exclude=exclude, init=start
     )
     split = target.resolve(ds, held_out)
     t1 = time.perf_counter()
@@ -296,7 +312,7 @@ def compose_learned(
         metrics["seconds"] = seconds
         metrics.update(_per_class_ua(model, ds, split, vector))
     record = {"method": "learned", **recipe.to_dict(), "data": _data_spec(data), "seconds": seconds}
-    record.update(parameters=len(names), validation=val_record, calibration=cal.to_dict())
+    record.update(parameters=len(names), init=init, validation=val_record, calibration=cal.to_dict())
     bank.add(
         name,
         vector,
@@ -315,6 +331,18 @@ def compose_learned(
         "strength": cal.strength,
         "metrics": metrics,
     }
+
+
+def _arithmetic_guess(bank: VectorBank, names: Sequence[str], target: ForgetSpec, ds: Dataset) -> dict[str, float]:
+    if target.classes is None:
+        return {}
+    wanted = {ds.class_index(c) for c in target.classes}
+    guess = {}
+    for n in names:
+        f = bank.entry(n).forgets
+        if f.get("kind") == "class" and set(f["classes"]) <= wanted:
+            guess[n] = 1.0
+    return guess
 
 
 def _per_class_ua(model, ds: Dataset, split: ForgetSplit, vector: np.ndarray | None) -> dict[str, Any]:
@@ -340,8 +368,10 @@ def evaluate_result(
     reference: str | os.PathLike | Mapping[str, Any] | None = None,
     device: str = "auto",
     mia_max_per_side: int | None = None,
+    mask_forgotten: bool = False,
 ) -> dict[str, Any]:
-    """UA/RA/TA/MIA (and Avg.Gap against ``reference``) of a model, with a bank vector or composition.
+    """UA/RA/TA/MIA (and Avg.Gap against ``reference``) of a model, with a bank vector or composition
+    (and, with ``mask_forgotten``, the forgotten classes masked at the output).
 
     The forget set comes from ``forget`` if given, else from what the vector (or, for an unlearned
     baseline model, the model record) says it forgets.
@@ -376,9 +406,9 @@ def evaluate_result(
     ds = as_dataset(data)
     _check_data(info, ds)
     split = forget.resolve(ds, _held_out(info, ds))
-    result = evaluate(model, ds, split, delta, mia_max_per_side=mia_max_per_side)
+    result = evaluate(model, ds, split, delta, mia_max_per_side=mia_max_per_side, mask_forgotten=mask_forgotten)
     result.update(_per_class_ua(model, ds, split, delta))
-    result["evaluated"] = what
+    result["evaluated"] = what + (" + output mask" if mask_forgotten else "")
     result["forgets"] = forget.describe(ds)
     result["model_fingerprint"] = info.fingerprint
     if reference is not None:
