@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": recipe.to_dict(),
         }
         print(
-            f"{name:<24} " + "  ".join(f"{k} {m[k]:6.2f}" for k in (*KEYS, "TA_drop"))
+            f"{name:<24} "
+            + "  ".join(f"{k} {m[k]:6.2f}" for k in (*KEYS, "TA_drop"))
             + f"  s {trained[0]['strength']:g}  {seconds:6.1f}s",
             flush=True,
         )

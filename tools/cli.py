@@ -391,6 +391,13 @@ def train_vector_cmd(
 @click.option("--data", "data", type=DATA, default="digits", show_default=True, help="Data spec (--learn).")
 @_forget_options("target")
 @click.option("--basis", type=CSV, help="Vectors to combine (--learn; default: every non-composed vector).")
+@click.option(
+    "--init",
+    type=click.Choice(["forgets", "zero"]),
+    default="forgets",
+    show_default=True,
+    help="--learn: start from 1 for the basis vectors of the target classes (forgets), or from 0.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_recipe_options
 @click.option("--overwrite", is_flag=True)
@@ -406,6 +413,7 @@ def compose_cmd(
     target_fraction,
     target_indices,
     basis,
+    init: str,
     seed: int,
     overwrite: bool,
     device: str,
@@ -424,7 +432,7 @@ def compose_cmd(
         raise InvalidInputError("--learn needs --model")
     spec = ForgetSpec.from_options(target_classes, target_fraction, target_indices, seed=seed, prefix="target")
     res = wf.compose_learned(
-        bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite
+        bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite, init=init
     )
     _echo_json(res)
 
@@ -439,6 +447,11 @@ def compose_cmd(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --forget-fraction.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the result as JSON.")
 @click.option("--reference", type=click.Path(dir_okay=False), help="Reference result JSON (e.g. Retrain) for Avg.Gap.")
+@click.option(
+    "--mask-forgotten",
+    is_flag=True,
+    help="Also mask the forgotten classes at the output (class-wise): the trivial guard, alone or with a vector.",
+)
 @_device_option()
 def eval_cmd(
     model_dir: str,
@@ -452,9 +465,11 @@ def eval_cmd(
     seed: int,
     json_out,
     reference,
+    mask_forgotten: bool,
     device: str,
 ) -> None:
-    """UA, RA, TA, MIA-Efficacy (and Avg.Gap vs --reference) with a vector applied, in percent."""
+    """UA, RA, TA, MIA-Efficacy (and Avg.Gap vs --reference) with a vector applied, in percent; with a
+    vector also TA_original (the same classifier without it, same test images) and TA_drop."""
     from forgetrt.runtime.files import atomic_write_json
     from forgetrt.train.metrics import format_table
     from forgetrt.train.workflows import evaluate_result
@@ -470,6 +485,7 @@ def eval_cmd(
         indices_file=forget_indices,
         reference=reference,
         device=device,
+        mask_forgotten=mask_forgotten,
     )
     click.echo(format_table({res["evaluated"]: res}))
     if json_out:

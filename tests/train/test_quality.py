@@ -168,3 +168,20 @@ def test_eval_reports_the_original_accuracy_beside_the_vector(tmp_path, digits_m
     assert r.exit_code == 0 and "TA_original" in r.output and "TA_drop" in r.output, r.output
     v = json.loads(out.read_text())
     assert v["TA_drop"] == pytest.approx(v["TA_original"] - v["TA"]) and v["TA_original"] >= 95.0
+
+
+def test_eval_can_mask_the_forgotten_class_at_the_output(tmp_path, digits_model_dir):
+    from click.testing import CliRunner
+
+    from forgetrt.tools.cli import cli
+
+    out = tmp_path / "m.json"
+    args = ["eval", "--model", digits_model_dir, "--forget-classes", "4", "--mask-forgotten", "--json", out]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert m["UA"] == 100.0 and m["MIA_efficacy"] == 100.0 and m["evaluated"] == "model + output mask"
+    r = CliRunner().invoke(
+        cli, [str(a) for a in ["eval", "--model", digits_model_dir, "--forget-fraction", "0.1", "--mask-forgotten"]]
+    )
+    assert r.exit_code == 2 and "needs a class-wise forget spec" in r.output
