@@ -425,6 +425,8 @@ def compose_cmd(
     recipe = _recipe(kw, seed)
     if learn == (weights is not None):
         raise InvalidInputError("give exactly one of --weights or --learn")
+    if weights is not None and init != "forgets":
+        raise InvalidInputError("--init applies to --learn only")
     if weights is not None:
         _echo_json(wf.compose_fixed(bank_dir, name, weights, overwrite=overwrite))
         return

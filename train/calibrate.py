@@ -6,20 +6,22 @@ s·δ on a subsample of the forget set (training data) and on the validation spl
 (:class:`~forgetrt.train.data.ValidationSplit`):
 
 ``ua-target`` (class-wise)
-    the smallest s whose UA reaches ``recipe.ua_target`` on (a sample of) the forget set, i.e. the
-    least collateral damage that still forgets; if no s reaches it, the s with the highest UA, and the
-    record says the target was missed. The record also lists, per s, the UA on the validation split's
-    images of the forgotten classes (unseen images of those classes) and the accuracy the validation
-    images of the other classes lose (the collateral damage).
+    the smallest s whose UA reaches ``recipe.ua_target`` on (a sample of) the forget set and, within two
+    binomial standard errors, on the validation split's images of the forgotten classes (images of those
+    classes the vector never trained on): the least collateral damage that still forgets. If no s
+    reaches it, the s with the highest UA, and the record says the target was missed. The record lists,
+    per s, both UAs and the accuracy the validation images of the other classes lose (the damage).
 ``retrain-proxy`` (data-wise)
     a universal δ cannot tell random forget samples from retain samples, so the honest goal is
     Retrain-like behaviour, not misclassification. With a validation split the classifier never saw,
     Retrain's metrics are estimated from the original model: UA* = 100 − held-out accuracy, RA* and TA*
     the original's retain and held-out accuracy, MIA* the share of held-out samples the membership
     attack calls non-members. Every s in {0} ∪ grid is scored by the mean |difference| to those
-    targets, and the best is kept. s = 0 (no vector) is always a candidate, so on this estimate the
-    chosen vector never does worse than no vector. Without a held-out split there is no estimate of
-    held-out accuracy, and s = 0 is chosen, saying why.
+    targets; a vector is kept only if it beats no vector (s = 0) by more than twice the standard error
+    of its own estimate (binomial errors of the four rates), else no vector is served. Without a
+    held-out split there is no estimate of held-out accuracy, and s = 0 is chosen, saying why.
+
+A norm budget caps the grid: no strength takes ‖s·δ‖₂ over ``recipe.norm_budget``.
 
 Each record lists every strength tried with its validation metrics, so a reader sees the trade-off.
 """
@@ -40,7 +42,7 @@ from .loops import accuracy, predict_logits
 from .metrics import mia_efficacy, true_class_confidence
 from .recipes import VectorRecipe
 
-__all__ = ["Calibration", "calibrate_vector", "calibration_mode"]
+__all__ = ["Calibration", "calibrate_vector", "calibration_mode", "choose_over_no_vector"]
 
 #: validation metrics are measured on at most this many images per role (forget, retain, validation)
 SAMPLE_CAP = 2000
@@ -60,14 +62,38 @@ class Calibration:
 
 
 def calibration_mode(recipe: VectorRecipe, split: ForgetSplit) -> str:
-    if recipe.calibrate != "auto":
-        return recipe.calibrate
-    return "ua-target" if split.classes else "retrain-proxy"
+    """The mode for ``split``; a mode that does not fit the kind of spec is refused (before any training)."""
+    mode = recipe.calibrate
+    if mode == "auto":
+        return "ua-target" if split.classes else "retrain-proxy"
+    if mode == "ua-target" and not split.classes:
+        raise InvalidInputError("calibrate 'ua-target' is for class-wise vectors; a data subset uses 'retrain-proxy'")
+    if mode == "retrain-proxy" and split.classes:
+        raise InvalidInputError(
+            "calibrate 'retrain-proxy' is for data subsets: Retrain forgets a whole class entirely; use 'ua-target'"
+        )
+    return mode
 
 
 def _sample(idx: np.ndarray, rng: np.random.Generator, cap: int = SAMPLE_CAP) -> np.ndarray:
     idx = np.asarray(idx, np.int64)
     return np.sort(rng.choice(idx, cap, replace=False)) if len(idx) > cap else idx
+
+
+def _se(pct: float, n: int) -> float:
+    """Binomial standard error, in percentage points, of a rate measured on ``n`` samples."""
+    p = min(max(pct / 100.0, 0.0), 1.0)
+    return 100.0 * float(np.sqrt(max(p * (1 - p), 0.25 / max(n, 1)) / max(n, 1)))
+
+
+def _strengths(recipe: VectorRecipe, delta: np.ndarray) -> list[float]:
+    """The grid, capped so that ‖s·δ‖₂ stays within the norm budget (the cap itself joins the grid)."""
+    grid = sorted(set(recipe.strengths))
+    if recipe.norm_budget is None:
+        return grid
+    norm = float(np.linalg.norm(np.asarray(delta, np.float64)))
+    cap = recipe.norm_budget / norm if norm > 0 else float("inf")
+    return sorted({min(s, cap) for s in grid})
 
 
 class _Probe:
@@ -114,28 +140,47 @@ def calibrate_vector(
 
 def _ua_target(model, ds, split, delta, recipe, val_idx, rng) -> Calibration:
     classes = split.classes or ()
-    in_forgotten = np.isin(ds.y_train[val_idx], classes) if classes else np.zeros(len(val_idx), bool)
+    in_forgotten = np.isin(ds.y_train[val_idx], classes)
     sets = {"forget": _sample(split.forget, rng), "val_rest": _sample(val_idx[~in_forgotten], rng)}
     if in_forgotten.any():
         sets["val_forget"] = _sample(val_idx[in_forgotten], rng)
     probe = _Probe(model, ds, delta, sets)
     base_rest = probe.acc("val_rest", 0.0) if len(sets["val_rest"]) else float("nan")
+    # on the validation split (unseen images of the forgotten classes) the target must not be missed by
+    # more than the estimate's noise: two binomial standard errors at the target
+    n_val = len(sets.get("val_forget", ()))
+    val_floor = recipe.ua_target - 2 * _se(recipe.ua_target, n_val) if n_val else None
     grid = []
-    for s in sorted(recipe.strengths):
+    for s in _strengths(recipe, delta):
         row = {"strength": float(s), "UA_forget": 100.0 - probe.acc("forget", s)}
-        if "val_forget" in sets:
+        if n_val:
             row["UA_val"] = 100.0 - probe.acc("val_forget", s)
         if len(sets["val_rest"]):
             row["val_acc_drop"] = base_rest - probe.acc("val_rest", s)
+        row["meets"] = bool(row["UA_forget"] >= recipe.ua_target and (val_floor is None or row["UA_val"] >= val_floor))
         grid.append(row)
-    hit = [r for r in grid if r["UA_forget"] >= recipe.ua_target]
+    what = f"UA >= {recipe.ua_target:g} on the forget set" + (
+        f" and >= {val_floor:.2f} on the validation split's {n_val} images of the forgotten classes" if n_val else ""
+    )
+    hit = [r for r in grid if r["meets"]]
     if hit:
         best = hit[0]  # grid is ascending: the smallest strength that forgets enough
-        why = f"smallest strength with UA >= {recipe.ua_target:g} on the forget samples"
-        return Calibration("ua-target", best["strength"], why, True, {}, grid)
-    best = max(grid, key=lambda r: (r["UA_forget"], -r["strength"]))
-    why = f"no strength reached UA {recipe.ua_target:g}; the highest UA ({best['UA_forget']:.2f}) was kept"
+        return Calibration("ua-target", best["strength"], f"smallest strength with {what}", True, {}, grid)
+
+    def score(r: dict) -> float:
+        return min(r["UA_forget"], r.get("UA_val", 100.0))
+
+    best = max(grid, key=lambda r: (score(r), -r["strength"]))
+    why = f"no strength reached {what}; the highest UA ({score(best):.2f}) was kept"
     return Calibration("ua-target", best["strength"], why, False, {}, grid)
+
+
+def choose_over_no_vector(grid: list[dict[str, float]]) -> dict[str, float] | None:
+    """The row (``grid[0]`` is no vector, s = 0) to serve instead of no vector, or None: among the rows whose
+    estimated gap beats no vector's by more than twice their own standard error, the smallest gap."""
+    none_gap = grid[0]["proxy_gap"]
+    clear = [r for r in grid[1:] if none_gap - r["proxy_gap"] > 2 * r["proxy_gap_se"]]
+    return min(clear, key=lambda r: (r["proxy_gap"], r["strength"])) if clear else None
 
 
 def _retrain_proxy(model, ds, split, delta, recipe, val_idx, val_held_out, rng) -> Calibration:
@@ -173,16 +218,26 @@ def _retrain_proxy(model, ds, split, delta, recipe, val_idx, val_held_out, rng) 
         # a Retrain model's forget samples are non-members: the attack's rate on held-out images it was not fit on
         "MIA_efficacy": mia_efficacy(conf0["retain"], conf0["val"][half], conf0["val"][~half], seed=recipe.seed),
     }
+    n = {
+        "UA": len(sets["forget"]),
+        "RA": len(sets["retain"]),
+        "TA": len(sets["val"]),
+        "MIA_efficacy": len(sets["forget"]),
+    }
     grid = []
-    for s in [0.0, *sorted(recipe.strengths)]:
+    for s in [0.0, *_strengths(recipe, delta)]:
         m = m0 if s == 0 else measure(s)[0]
         gap = float(np.mean([abs(m[k] - targets[k]) for k in targets]))
-        grid.append({"strength": float(s), **m, "proxy_gap": gap})
-    best = min(grid, key=lambda r: (r["proxy_gap"], r["strength"]))
-    why = (
-        f"strength with the smallest estimated gap to Retrain ({best['proxy_gap']:.2f}; "
-        f"no vector: {grid[0]['proxy_gap']:.2f})"
-        if best["strength"] > 0
-        else f"no strength beat no vector on the estimated gap to Retrain ({grid[0]['proxy_gap']:.2f})"
-    )
-    return Calibration("retrain-proxy", best["strength"], why, None, targets, grid)
+        # the noise of this estimate: the binomial standard errors of its four rates, averaged like the gap
+        noise = 0.25 * float(np.sqrt(sum(_se(m[k], n[k]) ** 2 for k in targets)))
+        grid.append({"strength": float(s), **m, "proxy_gap": gap, "proxy_gap_se": noise})
+    best = choose_over_no_vector(grid)
+    none_gap = grid[0]["proxy_gap"]
+    if best is not None:
+        why = (
+            f"strength with the smallest estimated gap to Retrain "
+            f"({best['proxy_gap']:.2f} ± {best['proxy_gap_se']:.2f}; no vector: {none_gap:.2f})"
+        )
+        return Calibration("retrain-proxy", best["strength"], why, None, targets, grid)
+    why = f"no strength beat no vector ({none_gap:.2f}) on the estimated gap to Retrain by more than twice its noise"
+    return Calibration("retrain-proxy", 0.0, why, None, targets, grid)

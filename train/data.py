@@ -71,9 +71,9 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the training images in [0, 1] space."""
-        x = self.x_train.astype(np.float64) / self.scale
+    def channel_stats(self, idx: np.ndarray | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the training images (those at ``idx``, if given) in [0, 1] space."""
+        x = (self.x_train if idx is None else self.x_train[idx]).astype(np.float64) / self.scale
         mean = x.mean(axis=(0, 2, 3))
         std = x.std(axis=(0, 2, 3))
         return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)

@@ -110,8 +110,9 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean() * 100.0)
 
 
-def iospec_for(ds: Dataset) -> IOSpec:
-    mean, std = ds.channel_stats()
+def iospec_for(ds: Dataset, train_idx: np.ndarray | None = None) -> IOSpec:
+    """The IOSpec of a classifier trained on ``ds``: normalization constants from the images it trains on."""
+    mean, std = ds.channel_stats(train_idx)
     return IOSpec(shape=ds.shape, mean=mean, std=std, labels=ds.classes)
 
 
@@ -216,7 +217,7 @@ def train_classifier(
 ) -> tuple[nn.Module, IOSpec, dict[str, float]]:
     """Train a fresh classifier (on ``train_idx`` only, if given: the Retrain baseline)."""
     seed_everything(cfg.seed)
-    spec = iospec_for(ds)
+    spec = iospec_for(ds, train_idx)  # the held-out split (and for Retrain the forget set) stays out of it
     model = create_model(arch, spec).to(device)
     x, y = ds.x_train, ds.y_train
     if train_idx is not None:

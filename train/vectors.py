@@ -228,6 +228,14 @@ def _training_set(ds: Dataset, masks: np.ndarray, exclude: np.ndarray | None, de
     return DeviceData(ds.x_train[keep], ds.y_train[keep], ds.scale, device), sub
 
 
+def _check_finite(params: torch.Tensor, names: Sequence[str]) -> None:
+    bad = [n for n, p in zip(names, params) if not torch.isfinite(p).all()]
+    if bad:
+        raise InvalidInputError(
+            f"training diverged for {bad}: the vector holds NaN or Inf; lower the learning rate or the loss weights"
+        )
+
+
 def _union(*parts: np.ndarray | None) -> np.ndarray:
     arrays = [np.asarray(p, np.int64) for p in parts if p is not None and len(p)]
     return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.int64)
@@ -279,6 +287,7 @@ def train_vectors(
         if device.type == "cuda":
             torch.cuda.synchronize()
         per = (time.perf_counter() - t0) / len(group)
+        _check_finite(deltas, group)
         for n, d in zip(group, deltas.cpu().numpy().astype(np.float32)):
             out.append(TrainedVector(n, d, specs[n], per))
     return out
@@ -307,6 +316,13 @@ def learn_composition(
     bank = torch.from_numpy(np.stack([basis[k] for k in keys]).astype(np.float32)).to(device)  # [K, C, H, W]
     masks = _masks(ds, [spec], held_out)
     data, masks = _training_set(ds, masks, _union(held_out, exclude), device)
+    project = None
+    if recipe.norm_budget is not None:  # bound ‖Σ c_k v_k‖₂ by scaling the coefficients
+
+        def project(c: torch.Tensor) -> None:
+            norm = torch.einsum("pk,kchw->pchw", c, bank).flatten(1).norm(dim=1).clamp_min(1e-12)
+            c.mul_((recipe.norm_budget / norm).clamp(max=1.0).view(-1, 1))
+
     t0 = time.perf_counter()
     coeffs = (
         _optimize(
@@ -317,9 +333,11 @@ def learn_composition(
             lambda c: torch.einsum("pk,kchw->pchw", c, bank),
             recipe,
             f"compose {name}",
+            project,
         )[0]
         .cpu()
         .numpy()
     )
+    _check_finite(torch.from_numpy(coeffs)[None], [name])
     vector = np.einsum("k,kchw->chw", coeffs, bank.cpu().numpy()).astype(np.float32)
     return TrainedVector(name, vector, spec, time.perf_counter() - t0, {k: float(c) for k, c in zip(keys, coeffs)})

@@ -28,9 +28,9 @@ from forgetrt.runtime.files import read_json
 from forgetrt.runtime.model_folder import ModelManifest, load_model, read_model_manifest, save_model
 
 from .baselines import run_baseline
-from .calibrate import calibrate_vector
+from .calibrate import calibrate_vector, calibration_mode
 from .data import Dataset, ForgetSpec, ForgetSplit, ValidationSplit, load_data
-from .loops import accuracy, predict_logits, resolve_device, train_classifier
+from .loops import accuracy, iospec_for, predict_logits, resolve_device, train_classifier
 from .metrics import avg_gap, evaluate
 from .recipes import TrainConfig, VectorRecipe, default_baseline_config, default_train_config
 from .vectors import learn_composition, train_vectors
@@ -177,6 +177,8 @@ def train_vector(
     _check_data(info, ds)
     held_out = _held_out(info, ds)
     val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
+    for spec in specs.values():  # a calibration that does not fit a spec is refused before any training
+        calibration_mode(recipe, spec.resolve(ds, held_out))
     t0 = time.perf_counter()
     trained = train_vectors(
         model, ds, specs, recipe, device=dev, held_out=held_out, exclude=None if val_is_held_out else val_idx
@@ -192,7 +194,7 @@ def train_vector(
         if metrics is not None:
             metrics["seconds"] = seconds
         record = {**recipe.to_dict(), "data": _data_spec(data), "device": str(dev), "seconds": seconds}
-        record.update(validation=val_record, calibration=cal.to_dict())
+        record.update(val_fraction=val_record["fraction"], validation=val_record, calibration=cal.to_dict())
         bank.add(tv.name, vector, forgets=tv.spec.describe(ds), recipe=record, metrics=metrics, overwrite=overwrite)
         results.append(
             {
@@ -297,11 +299,12 @@ def compose_learned(
     held_out = _held_out(info, ds)
     val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
     exclude = None if val_is_held_out else val_idx
+    split = target.resolve(ds, held_out)
+    calibration_mode(recipe, split)  # refused before training if it does not fit the target
     start = _arithmetic_guess(bank, names, target, ds) if init == "forgets" else None
     tv = learn_composition(
         model, ds, target, vectors, recipe, name=name, device=dev, held_out=held_out, exclude=exclude, init=start
     )
-    split = target.resolve(ds, held_out)
     t1 = time.perf_counter()
     cal = calibrate_vector(model, ds, split, tv.vector, recipe, val_idx=val_idx, val_held_out=val_is_held_out)
     seconds = tv.seconds + time.perf_counter() - t1
@@ -312,7 +315,13 @@ def compose_learned(
         metrics["seconds"] = seconds
         metrics.update(_per_class_ua(model, ds, split, vector))
     record = {"method": "learned", **recipe.to_dict(), "data": _data_spec(data), "seconds": seconds}
-    record.update(parameters=len(names), init=init, validation=val_record, calibration=cal.to_dict())
+    record.update(
+        parameters=len(names),
+        init=init,
+        val_fraction=val_record["fraction"],
+        validation=val_record,
+        calibration=cal.to_dict(),
+    )
     bank.add(
         name,
         vector,
@@ -444,11 +453,13 @@ def unlearn_baseline(
         original_cfg = default_train_config(info.arch)
     cfg = default_baseline_config(method, original_cfg, epochs, lr)
     unlearned, seconds = run_baseline(cfg, info.arch, model, ds, split, dev)
+    # Retrain is a new classifier: its normalization constants come from the retain images it trained on
+    iospec = iospec_for(ds, split.retain) if method == "retrain" else info.iospec
     return save_model(
         out,
         unlearned,
         arch=info.arch,
-        iospec=info.iospec,
+        iospec=iospec,
         data=_data_spec(data),
         metrics=_accuracies(unlearned, ds, held_out),
         training=cfg.train.to_dict(),
