@@ -12,9 +12,11 @@ Nothing is written unless onnxruntime reproduces the reference within tolerance.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,13 @@ from forgetrt.runtime.bundle import (
     VECTORS_FILE,
     Bundle,
     BundleManifest,
+    graph_metadata,
+    vector_sha256,
     write_bundle,
 )
 from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
 from forgetrt.runtime.files import atomic_write_bytes, read_json, sha256_file
+from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD, check_cancellation
 from forgetrt.runtime.model_folder import MODEL_MANIFEST, MODEL_WEIGHTS, load_model
 
 from .onnx_graph import classifier_io, fuse_classifier
@@ -55,6 +60,18 @@ def load_onnx_file(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     return model
+
+
+def _guard_classes(bank: VectorBank, mandatory: Mapping[str, float]) -> tuple[int, ...]:
+    classes: set[int] = set()
+    for n in mandatory:
+        f = bank.entry(n).forgets
+        if f.get("kind") != "class":
+            raise InvalidInputError(
+                f"--guard needs class-wise mandatory vectors; {n!r} forgets {f.get('kind', 'something else')}"
+            )
+        classes.update(int(c) for c in f["classes"])
+    return tuple(sorted(classes))
 
 
 def read_policies(path: str | os.PathLike) -> dict[str, dict[str, float]]:
@@ -109,8 +126,16 @@ def export_onnx(
     opset: int = 17,
     policies: Mapping[str, Mapping[str, float]] | None = None,
     overwrite: bool = False,
+    guard: bool = False,
+    cancel_threshold: float = DEFAULT_CANCEL_THRESHOLD,
 ) -> dict[str, Any]:
-    """Export the fused graph into a bundle folder; fails, writing nothing, on any mismatch."""
+    """Export the fused graph into a bundle folder; fails, writing nothing, on any mismatch.
+
+    With ``mandatory`` vectors, the selectable ones must not be able to cancel them within the
+    coefficient range (:func:`forgetrt.runtime.guards.check_cancellation`, ``cancel_threshold``), and
+    the graph gets no overridable bank input. ``guard``: also mask the classes the mandatory vectors
+    forget at the output (class-wise mandatory vectors only), so no input can bring them back.
+    """
     if (model_dir is None) == (from_onnx is None):
         raise InvalidInputError(
             "give exactly one of --model (a ForgetRT model folder) or --from-onnx (a classifier .onnx)"
@@ -119,6 +144,15 @@ def export_onnx(
         raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
     bank = VectorBank.load(bank_dir)
     mandatory = {str(k): float(v) for k, v in (mandatory or {}).items()}
+    bad = [k for k, v in mandatory.items() if not (math.isfinite(v) and v != 0)]
+    if bad:
+        raise InvalidInputError(
+            f"mandatory weights must be finite and non-zero, got {[(k, mandatory[k]) for k in bad]}"
+        )
+    if not 0.0 <= cancel_threshold <= 1.0:
+        raise InvalidInputError(f"cancel threshold must be in [0, 1], got {cancel_threshold}")
+    if guard and not mandatory:
+        raise InvalidInputError("--guard masks the classes the mandatory vectors forget: give --mandatory")
     names = [str(v) for v in vectors] if vectors else [n for n in bank.names if n not in mandatory]
     for n in [*names, *mandatory]:
         if n not in bank:
@@ -166,7 +200,35 @@ def export_onnx(
         source, arch = "onnx", bank.arch
     stacked = bank.stack(names)
     mand = bank.combine(mandatory) if mandatory else None
-    bundle_id = uuid.uuid4().hex[:12]
+    cancel = None
+    if mand is not None:
+        # a selectable combination inside the allowed range must not be able to cancel the mandatory δ
+        cancel = check_cancellation(
+            stacked,
+            mand,
+            coeff_range,
+            cancel_threshold,
+            selectable_names=tuple(names),
+            mandatory_vectors={n: np.float32(w) * bank.get(n) for n, w in mandatory.items()},
+        )
+    guard_classes = _guard_classes(bank, mandatory) if guard else ()
+    manifest = BundleManifest(
+        bundle_id=uuid.uuid4().hex[:12],
+        iospec=spec,
+        model_fingerprint=bank.fingerprint,
+        vectors=tuple(names),
+        source=source,
+        arch=arch,
+        model_verified=verified,
+        opset=0,
+        mandatory=mandatory,
+        coeff_range=coeff_range,
+        policies=policies,
+        bank_entries={n: bank.entry(n) for n in [*names, *mandatory]},
+        classifier_onnx_sha256=clf_sha,
+        guard_classes=guard_classes,
+        cancel_threshold=cancel_threshold if mand is not None else None,
+    )
     fused = fuse_classifier(
         classifier,
         spec,
@@ -174,35 +236,24 @@ def export_onnx(
         vector_names=names,
         mandatory=mand,
         coeff_range=coeff_range,
-        metadata={"forgetrt.bundle_id": bundle_id, "forgetrt.model_fingerprint": bank.fingerprint},
+        metadata=graph_metadata(manifest, {n: vector_sha256(bank.get(n)) for n in [*names, *mandatory]}),
+        overridable_bank=mand is None,  # with mandatory vectors nobody may feed another bank to this graph
+        guard_classes=guard_classes,
     )
     files[MODEL_ONNX] = fused.SerializeToString()
     files[VECTORS_FILE] = _safetensors_bytes({n: bank.get(n) for n in [*names, *mandatory]})
     # parity before anything is written: onnxruntime on the fused graph vs the reference
-    ref = reference_logits(files, spec, stacked, mand, coeff_range)
+    ref = reference_logits(files, spec, stacked, mand, coeff_range, guard_classes)
     images, coeffs = parity_inputs(spec.shape, len(names))
     got = onnxruntime_logits(files[MODEL_ONNX], spec, images, coeffs)
     parity = compare_logits(got, ref(images, coeffs), "fp32", backend="onnxruntime")
-    manifest = BundleManifest(
-        bundle_id=bundle_id,
-        iospec=spec,
-        model_fingerprint=bank.fingerprint,
-        vectors=tuple(names),
-        source=source,
-        arch=arch,
-        model_verified=verified,
-        opset=next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")),
-        mandatory=mandatory,
-        coeff_range=coeff_range,
-        policies=policies,
-        bank_entries={n: bank.entry(n) for n in [*names, *mandatory]},
-        classifier_onnx_sha256=clf_sha,
-        parity={"onnxruntime": parity},
-    )
+    opset = next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))
+    extra = {"cancellation_residual": cancel.residual} if cancel is not None else {}
+    manifest = replace(manifest, opset=opset, parity={"onnxruntime": parity, **extra})
     bundle: Bundle = write_bundle(out, files, manifest, overwrite=overwrite)
     return {
         "bundle": str(bundle.path),
-        "bundle_id": bundle_id,
+        "bundle_id": manifest.bundle_id,
         "vectors": names,
         "mandatory": mandatory,
         "source": source,

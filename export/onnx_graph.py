@@ -22,9 +22,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from forgetrt.runtime.errors import CorruptArtifactError, InvalidInputError, MismatchError
+from forgetrt.runtime.guards import GUARD_LOGIT
 from forgetrt.runtime.iospec import IOSpec
 
-__all__ = ["MIN_OPSET", "forget_prefix", "fuse_classifier", "classifier_io", "freeze_bank"]
+__all__ = ["MIN_OPSET", "GUARD_LOGIT", "forget_prefix", "fuse_classifier", "classifier_io", "freeze_bank"]
 
 MIN_OPSET = 13  # Clip with tensor bounds (11) and Reshape with allowzero-free semantics; 13 keeps both simple
 _PREFIX_NAMES = (
@@ -38,6 +39,8 @@ _PREFIX_NAMES = (
     "forget_coeff_hi",
     "forget_mandatory",
     "forget_input",
+    "forget_unguarded_logits",
+    "forget_guard_mask",
 )
 
 
@@ -154,9 +157,16 @@ def fuse_classifier(
     mandatory: np.ndarray | None = None,
     coeff_range: tuple[float, float] | None = None,
     metadata: Mapping[str, str] | None = None,
+    overridable_bank: bool = True,
+    guard_classes: Sequence[int] = (),
 ) -> onnx.ModelProto:
     """Graft the forget prefix onto ``classifier`` (its node, tensor and output names are kept) and
-    record the vector order in ``metadata_props``. Checked with ``onnx.checker.check_model(full_check=True)``."""
+    record the vector order in ``metadata_props``. Checked with ``onnx.checker.check_model(full_check=True)``.
+
+    ``overridable_bank=False`` keeps ``forget_bank`` a plain constant (no graph input a caller could feed:
+    required when mandatory vectors are baked in). ``guard_classes``: logits of these classes get
+    :data:`GUARD_LOGIT` added at the end of the graph, so no input can make the model predict them.
+    """
     if len(vector_names) != np.asarray(bank).shape[0]:
         raise InvalidInputError(f"{len(vector_names)} vector names for a bank of {np.asarray(bank).shape[0]} rows")
     clf_in, clf_out = classifier_io(classifier)
@@ -179,7 +189,13 @@ def fuse_classifier(
         )
     opset = _opset(classifier)
     prefix = forget_prefix(
-        iospec, bank, mandatory=mandatory, coeff_range=coeff_range, opset=opset, ir_version=classifier.ir_version
+        iospec,
+        bank,
+        mandatory=mandatory,
+        coeff_range=coeff_range,
+        opset=opset,
+        ir_version=classifier.ir_version,
+        overridable_bank=overridable_bank,
     )
     if clf_in == iospec.image_name:
         # the classifier's own input carries the name the fused model exposes: rename it inside the classifier
@@ -202,6 +218,8 @@ def fuse_classifier(
         producer_name="forgetrt",
         doc_string="frozen classifier with a fused forget-vector input-add prefix",
     )
+    if guard_classes:
+        fused = _add_output_guard(fused, iospec, guard_classes)
     props = {"forgetrt.vectors": ",".join(vector_names), **(metadata or {})}
     existing = {p.key for p in fused.metadata_props}
     for key, value in props.items():
@@ -209,6 +227,22 @@ def fuse_classifier(
             fused.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
     onnx.checker.check_model(fused, full_check=True)
     return fused
+
+
+def _add_output_guard(model: onnx.ModelProto, iospec: IOSpec, classes: Sequence[int]) -> onnx.ModelProto:
+    bad = [c for c in classes if not 0 <= int(c) < iospec.num_classes]
+    if bad:
+        raise InvalidInputError(f"guard classes {bad} are not classes of this model (0..{iospec.num_classes - 1})")
+    out_name = model.graph.output[0].name
+    inner = "forget_unguarded_logits"
+    for node in model.graph.node:
+        node.output[:] = [inner if o == out_name else o for o in node.output]
+        node.input[:] = [inner if i == out_name else i for i in node.input]
+    mask = np.zeros(iospec.num_classes, np.float32)
+    mask[list(classes)] = GUARD_LOGIT
+    model.graph.initializer.append(numpy_helper.from_array(mask, "forget_guard_mask"))
+    model.graph.node.append(helper.make_node("Add", [inner, "forget_guard_mask"], [out_name], name="forget_guard_add"))
+    return model
 
 
 def freeze_bank(model: onnx.ModelProto) -> onnx.ModelProto:

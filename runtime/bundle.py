@@ -13,6 +13,9 @@ verifies every hash.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .bank import VectorEntry
-from .errors import ArtifactError, CorruptArtifactError
+from .errors import ArtifactError, CorruptArtifactError, MismatchError
 from .files import atomic_write, atomic_write_json, read_json, sha256_file
 from .iospec import IOSpec
 from .model_folder import ModelManifest
@@ -40,6 +43,9 @@ __all__ = [
     "CLASSIFIER_WEIGHTS",
     "CLASSIFIER_JSON",
     "CLASSIFIER_ONNX",
+    "SIGNATURE_FILE",
+    "vector_sha256",
+    "graph_metadata",
     "write_bundle",
     "add_bundle_file",
 ]
@@ -51,7 +57,9 @@ VECTORS_FILE = "vectors.safetensors"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_JSON = "classifier.json"
 CLASSIFIER_ONNX = "classifier.onnx"
-BUNDLE_SCHEMA_VERSION = 1
+SIGNATURE_FILE = "bundle.sig"
+#: 2: the graph's metadata binds it to the manifest (vector hashes, mandatory weights, range, guard)
+BUNDLE_SCHEMA_VERSION = 2
 _KIND = "forgetrt.bundle"
 
 
@@ -90,6 +98,10 @@ class BundleManifest:
     classifier_onnx_sha256: str | None = None
     parity: dict[str, Any] = field(default_factory=dict)
     tensorrt: TensorRTBuild | None = None
+    #: the output guard: classes whose logits the graph pushes to GUARD_LOGIT (never predicted)
+    guard_classes: tuple[int, ...] = ()
+    #: the cancellation threshold export checked the selectable vectors against (mandatory vectors only)
+    cancel_threshold: float | None = None
     files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +110,7 @@ class BundleManifest:
         d["vectors"] = list(self.vectors)
         d["coeff_range"] = list(self.coeff_range) if self.coeff_range else None
         d["bank_entries"] = {n: e.to_dict() for n, e in self.bank_entries.items()}
+        d["guard_classes"] = list(self.guard_classes)
         return {"schema_version": BUNDLE_SCHEMA_VERSION, "kind": _KIND, **d}
 
     @classmethod
@@ -118,7 +131,7 @@ class BundleManifest:
                 arch=str(d.get("arch", "")),
                 model_verified=bool(d.get("model_verified", False)),
                 opset=int(d.get("opset", 0)),
-                mandatory={str(k): float(v) for k, v in (d.get("mandatory") or {}).items()},
+                mandatory=_finite_weights(d.get("mandatory") or {}, where),
                 coeff_range=(float(cr[0]), float(cr[1])) if cr else None,
                 policies={
                     str(p): {str(n): float(w) for n, w in ws.items()} for p, ws in (d.get("policies") or {}).items()
@@ -127,12 +140,26 @@ class BundleManifest:
                 classifier_onnx_sha256=d.get("classifier_onnx_sha256"),
                 parity=dict(d.get("parity") or {}),
                 tensorrt=TensorRTBuild(**{_LEGACY_TRT_KEYS.get(k, k): v for k, v in trt.items()}) if trt else None,
+                guard_classes=tuple(int(c) for c in d.get("guard_classes") or ()),
+                cancel_threshold=None if d.get("cancel_threshold") is None else float(d["cancel_threshold"]),
                 files={str(k): str(v) for k, v in (d.get("files") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             if isinstance(e, CorruptArtifactError):
                 raise
             raise CorruptArtifactError(f"{where} is malformed: {e!r}") from e
+
+
+def _finite_weights(raw: Any, where: str) -> dict[str, float]:
+    out = {str(k): float(v) for k, v in dict(raw).items()}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise CorruptArtifactError(f"{where}: mandatory weights of {bad} are not finite")
+    return out
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 @dataclass(frozen=True)
@@ -194,8 +221,6 @@ class Bundle:
         """The PyTorch classifier's model manifest, or None for a grafted bundle."""
         if not self.has_torch_classifier:
             return None
-        import json
-
         return ModelManifest.from_dict(json.loads(self.read(CLASSIFIER_JSON)), f"{self.path / CLASSIFIER_JSON}")
 
     def load_classifier(self, device: Any = "cpu"):
@@ -216,8 +241,7 @@ class Bundle:
             )
         return module.to(device)
 
-    def vector_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The selectable vectors as [K, C·H·W] (coefficient order) and the summed mandatory δ [C, H, W] or None."""
+    def _tensors(self) -> dict[str, np.ndarray]:
         from safetensors import SafetensorError
         from safetensors.numpy import load
 
@@ -225,9 +249,23 @@ class Bundle:
             t = load(self.read(VECTORS_FILE))
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptArtifactError(f"cannot read {self.path / VECTORS_FILE}: {e}") from e
-        missing = [n for n in (*self.vectors, *self.mandatory) if n not in t]
+        names = (*self.vectors, *self.mandatory)
+        missing = [n for n in names if n not in t]
         if missing:
             raise CorruptArtifactError(f"{self.path / VECTORS_FILE} lacks vectors {missing}")
+        bad = [n for n in names if t[n].dtype != np.float32 or t[n].shape != tuple(self.iospec.shape)]
+        if bad:
+            raise CorruptArtifactError(f"{self.path / VECTORS_FILE}: {bad} are not float32 {tuple(self.iospec.shape)}")
+        return t
+
+    def mandatory_vectors(self) -> dict[str, np.ndarray]:
+        """Each mandatory vector times its weight, [C, H, W]."""
+        t = self._tensors()
+        return {n: np.float32(w) * t[n] for n, w in self.mandatory.items()}
+
+    def vector_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The selectable vectors as [K, C·H·W] (coefficient order) and the summed mandatory δ [C, H, W] or None."""
+        t = self._tensors()
         bank = np.stack([t[n].reshape(-1) for n in self.vectors]).astype(np.float32)
         mand = None
         if self.mandatory:
@@ -243,16 +281,92 @@ class Bundle:
         if not path.is_dir():
             raise ArtifactError(f"bundle folder not found: {path}")
         manifest = BundleManifest.from_dict(read_json(path / BUNDLE_FILE, "bundle manifest"), str(path / BUNDLE_FILE))
+        bad = [n for n in manifest.files if not _plain_name(n)]
+        if bad:
+            raise CorruptArtifactError(f"{path / BUNDLE_FILE} lists file names outside the bundle folder: {bad}")
+        for required in (MODEL_ONNX, VECTORS_FILE):
+            if required not in manifest.files:
+                raise CorruptArtifactError(f"{path / BUNDLE_FILE} does not list {required}")
+        extra = sorted(p.name for p in path.iterdir() if p.name not in (*manifest.files, BUNDLE_FILE, SIGNATURE_FILE))
+        if extra:
+            raise CorruptArtifactError(f"bundle {path} holds files its manifest does not list: {extra}")
         for name, want in manifest.files.items():
             f = path / name
-            if not f.is_file():
+            if not f.is_file() or f.is_symlink():
                 raise ArtifactError(f"bundle file missing: {f}")
             got = sha256_file(f)
             if got != want:
                 raise CorruptArtifactError(
                     f"{f} has sha256 {got[:16]}…, the bundle records {want[:16]}…: the file was modified"
                 )
-        return cls(path, manifest)
+        bundle = cls(path, manifest)
+        bundle.check_graph()
+        return bundle
+
+    def vector_hashes(self) -> dict[str, str]:
+        """sha256 of each vector's float32 bytes in ``vectors.safetensors`` (selectable and mandatory)."""
+        tensors = self._tensors()
+        return {n: vector_sha256(tensors[n]) for n in (*self.vectors, *self.mandatory)}
+
+    def check_graph(self) -> None:
+        """Refuse a bundle whose ``model.onnx`` does not agree with its manifest: the bundle id, vector
+        order, mandatory names and weights, vector hashes, coefficient range and guard recorded in the
+        graph's metadata; its bank and mandatory constants equal to ``vectors.safetensors``; and, with
+        mandatory vectors, no bank input a caller could override."""
+
+        try:
+            import onnx
+            from onnx import numpy_helper
+
+            model = onnx.load(str(self.onnx_path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and others without a common base
+            raise CorruptArtifactError(f"{self.onnx_path} is not a readable ONNX model: {type(e).__name__}") from e
+        meta = {p.key: p.value for p in model.metadata_props}
+        m = self.manifest
+        want = graph_metadata(m, self.vector_hashes())
+        differ = [k for k, v in want.items() if meta.get(k) != v]
+        if differ:
+            raise MismatchError(
+                f"bundle {self.path}: {BUNDLE_FILE} and the graph's metadata disagree on {differ} "
+                "(an edited manifest, a swapped model.onnx, or a bundle exported before graph binding: re-export it)"
+            )
+        inits = {i.name: i for i in model.graph.initializer}
+        stacked, mand = self.vector_arrays()
+        if "forget_bank" not in inits or not np.array_equal(numpy_helper.to_array(inits["forget_bank"]), stacked):
+            raise MismatchError(f"bundle {self.path}: the graph's forget_bank is not the manifest's selectable vectors")
+        graph_mand = numpy_helper.to_array(inits["forget_mandatory"])[0] if "forget_mandatory" in inits else None
+        if (mand is None) != (graph_mand is None) or (
+            mand is not None and not np.allclose(graph_mand, mand, rtol=1e-6, atol=1e-7)
+        ):
+            raise MismatchError(f"bundle {self.path}: the graph's mandatory δ is not the manifest's mandatory vectors")
+        if mand is not None and any(i.name == "forget_bank" for i in model.graph.input):
+            raise MismatchError(
+                f"bundle {self.path} has mandatory vectors but its graph lets a caller override forget_bank (which "
+                "could cancel them): re-export it"
+            )
+        mask = numpy_helper.to_array(inits["forget_guard_mask"]) if "forget_guard_mask" in inits else np.zeros(0)
+        if sorted(np.flatnonzero(mask < 0).tolist()) != sorted(m.guard_classes):
+            raise MismatchError(
+                f"bundle {self.path}: the graph's output guard is not the manifest's {list(m.guard_classes)}"
+            )
+
+
+def vector_sha256(v: np.ndarray) -> str:
+    """sha256 of a vector's float32 bytes (C order): what the graph's metadata records per vector."""
+    return hashlib.sha256(np.ascontiguousarray(v, np.float32).tobytes()).hexdigest()
+
+
+def graph_metadata(m: BundleManifest, hashes: dict[str, str]) -> dict[str, str]:
+    """What export writes into the graph's ``metadata_props`` and loading compares with the manifest."""
+    return {
+        "forgetrt.bundle_id": m.bundle_id,
+        "forgetrt.vectors": ",".join(m.vectors),
+        "forgetrt.model_fingerprint": m.model_fingerprint,
+        "forgetrt.mandatory": json.dumps(m.mandatory, sort_keys=True),
+        "forgetrt.vector_sha256": json.dumps(hashes, sort_keys=True),
+        "forgetrt.coeff_range": json.dumps(list(m.coeff_range) if m.coeff_range else None),
+        "forgetrt.guard": json.dumps(list(m.guard_classes)),
+    }
 
 
 def write_bundle(

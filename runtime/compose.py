@@ -32,6 +32,8 @@ from .errors import InvalidInputError, unknown
 
 __all__ = ["BankSnapshot", "Composition"]
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
 Composition = Union[None, str, Sequence[str], Mapping[str, float], Sequence[float], np.ndarray]
 
 
@@ -135,8 +137,8 @@ class BankSnapshot:
                 w = float(w)
             except (TypeError, ValueError):
                 raise InvalidInputError(f"weight for {name!r} must be a number, got {w!r}") from None
-            if not math.isfinite(w):
-                raise InvalidInputError(f"weight for {name!r} must be finite, got {w}")
+            if not math.isfinite(w) or abs(w) > _F32_MAX:
+                raise InvalidInputError(f"weight for {name!r} must be a finite float32, got {w}")
             if self.coeff_range is not None and not (self.coeff_range[0] <= w <= self.coeff_range[1]):
                 raise InvalidInputError(
                     f"weight {w} for {name!r} is outside the bundle's coefficient range {list(self.coeff_range)}"

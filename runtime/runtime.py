@@ -34,6 +34,7 @@ from .batcher import BatchingConfig, BatchObserver, DynamicBatcher, InferResult,
 from .bundle import Bundle
 from .compose import BankSnapshot, Composition
 from .errors import InvalidInputError, MismatchError, RuntimeClosedError, UnknownNameError, unknown
+from .guards import DEFAULT_CANCEL_THRESHOLD, check_cancellation
 
 __all__ = ["Runtime", "RuntimeConfig", "BatchingConfig", "InferResult", "PIXEL_POLICIES"]
 
@@ -79,7 +80,9 @@ class Runtime:
         self.bundle = bundle
         self.config = config
         self.backends = backends
-        stacked, _ = bundle.vector_arrays()
+        stacked, mand = bundle.vector_arrays()
+        # a hot swap must not bring in vectors that could cancel the mandatory ones (the export's check)
+        self._mandatory = (mand.reshape(-1), bundle.mandatory_vectors()) if mand is not None else None
         m = bundle.manifest
         self._state = BankSnapshot(0, m.vectors, stacked, m.policies, m.coeff_range, m.mandatory, m.bundle_id)
         self._swap_lock = threading.RLock()
@@ -275,6 +278,16 @@ class Runtime:
                 )
             except UnknownNameError as e:
                 raise MismatchError(f"bank change refused, a policy would dangle: {e}") from e
+            if self._mandatory is not None and matrix_changed:
+                threshold = self.bundle.manifest.cancel_threshold
+                check_cancellation(
+                    new.matrix,
+                    self._mandatory[0],
+                    new.coeff_range,
+                    DEFAULT_CANCEL_THRESHOLD if threshold is None else threshold,
+                    selectable_names=new.names,
+                    mandatory_vectors=self._mandatory[1],
+                )
             for b in self.backends:
                 b.check_bank(new)
             self._state = new  # atomic reference swap: in-flight requests keep their snapshot

@@ -24,6 +24,7 @@ from forgetrt.runtime.backends import DEVICES, backend_names, list_backends
 from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bench import MIXES, BenchConfig
 from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
+from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD
 from forgetrt.runtime.runtime import PIXEL_POLICIES
 from forgetrt.train.data import DATA_KINDS, ForgetSpec
 from forgetrt.train.recipes import BASELINES, PRESETS, VectorRecipe
@@ -585,6 +586,19 @@ class Range(click.ParamType):
 @click.option(
     "--opset", type=int, default=17, show_default=True, help="ONNX opset for --model (a grafted model keeps its own)."
 )
+@click.option(
+    "--guard",
+    is_flag=True,
+    help="Also mask the classes the (class-wise) mandatory vectors forget at the output: never predicted, "
+    "whatever the input.",
+)
+@click.option(
+    "--cancel-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_CANCEL_THRESHOLD,
+    show_default=True,
+    help="Refuse selectable vectors that can cancel more than 1 - this of the mandatory δ (L2) within the range.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 def export_onnx_cmd(
     model_dir,
@@ -597,11 +611,15 @@ def export_onnx_cmd(
     coeff_range,
     policies,
     opset: int,
+    guard: bool,
+    cancel_threshold: float,
     overwrite: bool,
 ) -> None:
     """Write a bundle: OUT/model.onnx (image, coeffs -> logits; the bank fused as MatMul -> Reshape -> Add in
     front of the classifier) and OUT/bundle.json. onnxruntime must match the reference within the fp32
-    tolerance (1e-4 of the logits' scale), or nothing is written."""
+    tolerance (1e-4 of the logits' scale), or nothing is written. With --mandatory vectors the graph has no
+    overridable bank, the graph's metadata binds it to bundle.json, and selectable vectors that could cancel
+    the mandatory ones within the coefficient range are refused (--cancel-threshold)."""
     from forgetrt.export.onnx_export import export_onnx, read_policies
 
     res = export_onnx(
@@ -616,6 +634,8 @@ def export_onnx_cmd(
         policies=None if policies is None else read_policies(policies),
         opset=opset,
         overwrite=overwrite,
+        guard=guard,
+        cancel_threshold=cancel_threshold,
     )
     p = res["parity"]
     verified = "" if res["model_verified"] else "  (UNVERIFIED classifier)"

@@ -36,6 +36,24 @@ def ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _with_bank_input(path) -> bytes:
+    """The graph at ``path`` with ``forget_bank`` (and the coefficients' K) declared as overridable inputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    if any(i.name == "forget_bank" for i in model.graph.input):
+        return model.SerializeToString()
+    bank = next(i for i in model.graph.initializer if i.name == "forget_bank")
+    model.graph.input.append(helper.make_tensor_value_info("forget_bank", TensorProto.FLOAT, ["K", bank.dims[1]]))
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name != "forget_bank" and len(dims) == 2 and dims[1].dim_value == bank.dims[0]:
+            dims[1].ClearField("dim_value")
+            dims[1].dim_param = "K"
+    return model.SerializeToString()
+
+
 def _available(bundle: Bundle, device: str, options: OnnxRuntimeOptions) -> str | None:
     if importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed"
@@ -60,7 +78,11 @@ class OnnxRuntimeBackend(Backend):
             so.intra_op_num_threads = threads
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self._ort = ort
-        self.session = ort.InferenceSession(str(bundle.onnx_path), so, providers=providers)
+        # a bundle with mandatory vectors ships a graph whose bank is a constant (nobody running the file
+        # elsewhere can feed another bank); this runtime feeds only banks that passed its checks, so it
+        # declares the bank as an input in memory to keep hot swap
+        model = str(bundle.onnx_path) if not bundle.mandatory else _with_bank_input(bundle.onnx_path)
+        self.session = ort.InferenceSession(model, so, providers=providers)
         self._out = self.session.get_outputs()[0].name
         self._has_bank_input = any(i.name == "forget_bank" for i in self.session.get_overridable_initializers())
         self._bank_cache: tuple[int, object] | None = None  # (bank version, device OrtValue) for IOBinding

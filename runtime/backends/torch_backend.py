@@ -31,6 +31,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..compose import BankSnapshot
 from ..errors import BackendUnavailableError, InvalidInputError, unknown
+from ..guards import apply_guard
 from .base import TOLERANCES, Backend, BackendEntry
 
 log = logging.getLogger("forgetrt.runtime")
@@ -252,9 +253,11 @@ class TorchBackend(Backend):
                 bank_t = self._bank_matrix(snapshot)
                 x = torch.from_numpy(_writable(images)).to(self.device)
                 c = torch.from_numpy(self._coeffs(coeffs)).to(self.device)
-                return self._forward(x, c, bank_t).cpu().numpy()
-        with torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
-            return self._replay(images, coeffs, snapshot)
+                out = self._forward(x, c, bank_t).cpu().numpy()
+        else:
+            with torch.no_grad():  # no_grad (not inference_mode): plain tensors for capture and copies
+                out = self._replay(images, coeffs, snapshot)
+        return apply_guard(out, self.bundle.manifest.guard_classes)  # the bundle's output guard, as in its graph
 
     def _replay(self, images: np.ndarray, coeffs: np.ndarray, snapshot: BankSnapshot) -> np.ndarray:
         n, k = coeffs.shape

@@ -54,8 +54,9 @@ def test_bundle_contents_and_parity(bundle):
     sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["forgetrt.vectors"] == ",".join(b.vectors) and meta["forgetrt.bundle_id"] == b.bundle_id
-    assert [i.name for i in sess.get_inputs()] == ["image", "coeffs"] and sess.get_inputs()[1].shape[1] == "K"
-    assert [i.name for i in sess.get_overridable_initializers()] == ["forget_bank"]
+    # with a mandatory vector baked in, the shipped graph lets nobody feed another bank (K is fixed)
+    assert [i.name for i in sess.get_inputs()] == ["image", "coeffs"] and sess.get_inputs()[1].shape[1] == 9
+    assert [i.name for i in sess.get_overridable_initializers()] == []
     import onnx
 
     init = next(i for i in onnx.load(str(b.onnx_path)).graph.initializer if i.name == "forget_bank")
@@ -155,13 +156,17 @@ def test_tensorrt_requested_without_tensorrt(bundle):
     assert r.exit_code == 4 and "NVIDIA" in r.output and "Traceback" not in r.output
 
 
-def test_bank_is_overridable_and_freezable(bundle):
-    """Feeding forget_bank overrides the baked bank (hot swap, even with another K); freeze_bank undoes it."""
+def test_bank_is_overridable_and_freezable(digits_model_dir, digits_bank, tmp_path):
+    """Feeding forget_bank overrides the baked bank (hot swap, even with another K); freeze_bank undoes it.
+    (A bundle without mandatory vectors: with them the bank is never overridable.)"""
     import onnx
 
     from forgetrt.export.onnx_graph import freeze_bank
 
-    b = Bundle.load(bundle[0])
+    export_onnx(
+        digits_bank[0], tmp_path / "plain", model_dir=digits_model_dir, vectors=[f"forget-{c}" for c in range(9)]
+    )
+    b = Bundle.load(tmp_path / "plain")
     sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
     stacked, _ = b.vector_arrays()
     x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
