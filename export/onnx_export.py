@@ -37,12 +37,13 @@ from forgetrt.runtime.bundle import (
     write_bundle,
 )
 from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
-from forgetrt.runtime.files import atomic_write_bytes, read_json, sha256_file
+from forgetrt.runtime.files import atomic_write_bytes, ensure_writable_dir, read_json, sha256_file
 from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD, check_cancellation
 from forgetrt.runtime.model_folder import MODEL_MANIFEST, MODEL_WEIGHTS, load_model
 
 from .onnx_graph import classifier_io, fuse_classifier
 from .parity import compare_logits, onnxruntime_logits, parity_inputs, reference_logits
+from .torch_onnx import check_opset
 
 __all__ = ["export_onnx", "export_classifier", "load_onnx_file", "read_policies"]
 
@@ -142,6 +143,8 @@ def export_onnx(
         )
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
+    check_opset(opset)
+    ensure_writable_dir(Path(out).parent, "bundle's parent folder")
     bank = VectorBank.load(bank_dir)
     mandatory = {str(k): float(v) for k, v in (mandatory or {}).items()}
     bad = [k for k, v in mandatory.items() if not (math.isfinite(v) and v != 0)]

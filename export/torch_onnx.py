@@ -7,9 +7,23 @@ import warnings
 
 import onnx
 
+from forgetrt.runtime.errors import InvalidInputError
 from forgetrt.runtime.iospec import IOSpec
 
-__all__ = ["classifier_to_onnx", "CLASSIFIER_INPUT"]
+__all__ = ["classifier_to_onnx", "check_opset", "CLASSIFIER_INPUT"]
+
+#: the newest opset torch's TorchScript exporter writes
+MAX_EXPORT_OPSET = 20
+
+
+def check_opset(opset: int) -> int:
+    """An opset the prefix and the exporter both support, else a typed error naming the range."""
+    from .onnx_graph import MIN_OPSET
+
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_EXPORT_OPSET:
+        raise InvalidInputError(f"opset must be between {MIN_OPSET} and {MAX_EXPORT_OPSET}, got {opset!r}")
+    return opset
+
 
 CLASSIFIER_INPUT = "classifier_input"
 
@@ -20,6 +34,7 @@ def classifier_to_onnx(model, iospec: IOSpec, opset: int = 17) -> onnx.ModelProt
     Uses the TorchScript-based exporter, which needs no extra packages (the dynamo exporter needs
     onnxscript); the result is plain ONNX either way.
     """
+    check_opset(opset)
     import torch
 
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)

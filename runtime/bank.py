@@ -161,6 +161,8 @@ class VectorBank:
     # sha256 of classifier ONNX files exported from the fingerprinted model (`forgetrt export classifier`):
     # the verified way to graft this bank onto an ONNX file instead of the PyTorch model
     onnx_sha256: list[str] = field(default_factory=list)
+    #: sha256 of ``vectors.safetensors`` as last loaded or saved (verified against the manifest)
+    vectors_sha256: str | None = None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -264,7 +266,8 @@ class VectorBank:
             target / VECTORS_FILE,
             lambda p: save_file(tensors, str(p), metadata={"format": "forgetrt.vector_bank"}),
         )
-        atomic_write_json(target / MANIFEST_FILE, self.manifest(sha256_file(target / VECTORS_FILE)).to_dict())
+        self.vectors_sha256 = sha256_file(target / VECTORS_FILE)
+        atomic_write_json(target / MANIFEST_FILE, self.manifest(self.vectors_sha256).to_dict())
         self.path = target
         return target
 
@@ -321,4 +324,5 @@ class VectorBank:
             entries=entries,
             path=path,
             onnx_sha256=list(m.onnx_sha256),
+            vectors_sha256=want_sha,
         )

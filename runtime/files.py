@@ -15,6 +15,7 @@ import numpy as np
 from .errors import ArtifactError, CorruptArtifactError
 
 __all__ = [
+    "ensure_writable_dir",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -87,3 +88,24 @@ def weights_fingerprint(state: Mapping[str, np.ndarray]) -> str:
         h.update(repr(tuple(a.shape)).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Check, before long work starts, that folder ``path`` can be written: it, or the nearest ancestor
+    that exists (it will be created there), must be a folder that takes a file. Creates nothing.
+    Anything else is an :class:`ArtifactError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{what} {path} exists and is not a folder")
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ArtifactError(f"cannot write {what} {path}: {probe_dir} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".forgetrt-write-check.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    return path

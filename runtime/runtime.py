@@ -302,9 +302,11 @@ class Runtime:
             )
         return v.reshape(-1)
 
-    def reload_bank(self, path: str | os.PathLike, *, vectors: list[str] | None = None) -> BankSnapshot:
-        """Serve the vectors of bank folder ``path`` (same model, checked) without rebuilding the engine."""
-        bank = VectorBank.load(path)  # file I/O and hashing outside the swap lock
+    def reload_bank(self, path: str | os.PathLike | VectorBank, *, vectors: list[str] | None = None) -> BankSnapshot:
+        """Serve the vectors of bank folder ``path`` (or of a loaded :class:`VectorBank`; same model,
+        checked) without rebuilding the engine."""
+        bank = path if isinstance(path, VectorBank) else VectorBank.load(path)  # I/O and hashing outside the lock
+        path = bank.path or "(bank)"
         bank.check_model(self.bundle.fingerprint, self.iospec, what=f"bundle {self.bundle.path}")
         with self._swap_lock:
             s = self._state

@@ -3,31 +3,43 @@
 Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/NAME``,
 ``/v2/models/NAME/ready``, ``POST /v2/models/NAME/infer`` (also under ``/versions/1/``),
 ``POST /v2/repository/index``, ``POST /v2/repository/models/NAME/load`` (hot-swap a bank:
-``{"parameters": {"bank": "/path/to/bank"}}``), and Prometheus metrics at ``/metrics``.
+``{"parameters": {"bank": "NAME"}}``, a folder under the bank root; needs the admin token, see
+:mod:`forgetrt.runtime.control`), and Prometheus metrics at ``/metrics``.
+
+Bounded (:class:`ServerLimits`): a body over the limit is refused with 413 from its Content-Length,
+before it is read, and a streamed body stops at the limit; headers and bodies have time limits (408);
+connections are capped; JSON nesting is bounded; when more requests are in flight than the limit, new
+ones get 429 before their body is read; large bodies are parsed off the event loop.
 
 The composition comes as a ``coeffs`` input tensor [N, K], or by name in the request's
 ``parameters``: ``{"forget": {"forget-3": 1.0}}`` (a mapping, a list of names, or either as a JSON
 string) or ``{"policy": "eu"}``. The binary tensor data extension is supported both ways; the standard
 ``tritonclient.http`` client works unchanged. Every error is JSON ``{"error": "..."}``: 4xx for the
-client's mistakes (429 when the queue is full, 408 past a deadline), 5xx for engine failures; the
-server keeps serving after any bad request.
+client's mistakes (429 when the queue is full, 408 past a deadline, 413 too large), 5xx for engine
+failures; every response, failures included, is counted in ``/metrics``; the server keeps serving after
+any bad request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .control import BankLoadRefused, ControlDisabled, ControlPlane, Unauthorized
 from .errors import (
     ArtifactError,
     DeadlineExceededError,
@@ -38,13 +50,27 @@ from .errors import (
     RuntimeClosedError,
     UnknownNameError,
 )
+from .limits import ServerLimits
 from .runtime import Runtime, RuntimeConfig
 
-__all__ = ["create_app", "serve", "ServerMetrics"]
+__all__ = ["create_app", "serve", "ServerMetrics", "ServerLimits", "uvicorn_config"]
 
 log = logging.getLogger("forgetrt.server")
 HEADER_LEN = "inference-header-content-length"
-MAX_BODY = 256 << 20
+#: bodies this large or larger are parsed on a worker thread, so other clients are not held up
+OFFLOAD_BYTES = 1 << 20
+
+
+class TooLarge(InvalidInputError):
+    """413: the body is over the limit."""
+
+
+class BodyTimeout(InvalidInputError):
+    """408: the body did not arrive in time."""
+
+
+class Overloaded(QueueFullError):
+    """429: too many requests in flight."""
 
 
 def _version() -> str:
@@ -95,6 +121,12 @@ class ServerMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
         self.bank_version = Gauge("forgetrt_bank_version", "Bank version being served", registry=self.registry)
+        self.responses = Counter(
+            "forgetrt_http_responses_total",
+            "Every HTTP response, by route and status (errors included)",
+            ["route", "status"],
+            registry=self.registry,
+        )
 
     def observe_batch(self, n_requests: int, n_images: int, queue_s: Any, compute_s: float, ok: bool) -> None:
         for q in queue_s:
@@ -104,15 +136,21 @@ class ServerMetrics:
         self.batch_requests.observe(n_requests)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 _STATUS = [
+    (Overloaded, 429),
     (QueueFullError, 429),
     (DeadlineExceededError, 408),
+    (BodyTimeout, 408),
+    (TooLarge, 413),
     (RuntimeClosedError, 503),
     (EngineError, 500),
+    (ControlDisabled, 403),
+    (Unauthorized, 401),
+    (BankLoadRefused, 404),
     (UnknownNameError, 400),
     (InvalidInputError, 400),
     (ArtifactError, 400),
@@ -136,7 +174,34 @@ _DTYPES = {
 }
 
 
-def _parse_request(body: bytes, header_len: str | None) -> tuple[dict, bytes]:
+def _json_depth_ok(text: bytes, limit: int) -> bool:
+    """Whether the nesting of brackets (outside strings) stays within ``limit``; a scan in C, not Python:
+    only the bracket and quote bytes are visited."""
+    import re
+
+    depth, in_str, escaped = 0, False, False
+    for m in re.finditer(rb'[\[\]{}"\\]', text):
+        ch = m.group()
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == b"\\":
+                escaped = True
+            elif ch == b'"':
+                in_str = False
+            continue
+        if ch == b'"':
+            in_str = True
+        elif ch in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in (b"]", b"}"):
+            depth -= 1
+    return True
+
+
+def _parse_request(body: bytes, header_len: str | None, max_depth: int = 64) -> tuple[dict, bytes]:
     if header_len is not None:
         try:
             n = int(header_len)
@@ -147,19 +212,23 @@ def _parse_request(body: bytes, header_len: str | None) -> tuple[dict, bytes]:
         head, rest = body[:n], body[n:]
     else:
         head, rest = body, b""
+    if not _json_depth_ok(head, max_depth):
+        raise InvalidInputError(f"request JSON is nested deeper than {max_depth} levels")
     try:
         req = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"request body is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise InvalidInputError(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(req, dict):
         raise InvalidInputError("request body must be a JSON object")
     return req, rest
 
 
-def _tensors(req: dict, binary: bytes) -> dict[str, np.ndarray]:
+def _tensors(req: dict, binary: bytes, max_elements: int) -> dict[str, np.ndarray]:
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInputError("request needs a non-empty 'inputs' list")
+    if len(inputs) > 8:
+        raise InvalidInputError(f"request has {len(inputs)} inputs; this model takes at most 2")
     out: dict[str, np.ndarray] = {}
     offset = 0
     for t in inputs:
@@ -170,20 +239,28 @@ def _tensors(req: dict, binary: bytes) -> dict[str, np.ndarray]:
             raise InvalidInputError("input without a name")
         if name in out:
             raise InvalidInputError(f"input {name!r} given twice")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+            or len(shape) > 8
         ):
-            raise InvalidInputError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+            raise InvalidInputError(
+                f"input {name!r}: shape must be a list of at most 8 dimensions in [0, 2^31), got {str(shape)[:100]}"
+            )
         if dtype not in _DTYPES:
-            raise InvalidInputError(f"input {name!r}: unsupported datatype {dtype!r}; valid: {', '.join(_DTYPES)}")
+            raise InvalidInputError(
+                f"input {name!r}: unsupported datatype {str(dtype)[:40]!r}; valid: {', '.join(_DTYPES)}"
+            )
         np_dtype = _DTYPES[dtype]
-        count = int(np.prod(shape)) if shape else 1
-        if count > MAX_BODY // 4:
-            raise InvalidInputError(f"input {name!r} is too large ({count} elements)")
+        count = math.prod(shape)  # Python ints: no overflow
+        if count > max_elements:
+            raise TooLarge(f"input {name!r} has {count} elements, more than a request body can hold here")
         params = t.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if not isinstance(params, dict):
+            raise InvalidInputError(f"input {name!r}: parameters must be an object")
+        size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInputError(f"input {name!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
                 raise InvalidInputError(
@@ -200,8 +277,8 @@ def _tensors(req: dict, binary: bytes) -> dict[str, np.ndarray]:
                 raise InvalidInputError(f"input {name!r} has neither data nor binary_data_size")
             try:
                 arr = np.asarray(data, dtype=np_dtype)
-            except (TypeError, ValueError) as e:
-                raise InvalidInputError(f"input {name!r}: data is not {dtype}: {e}") from None
+            except (TypeError, ValueError, OverflowError) as e:
+                raise InvalidInputError(f"input {name!r}: data is not {dtype}: {str(e)[:200]}") from None
             if arr.size != count:
                 raise InvalidInputError(f"input {name!r}: {arr.size} values do not fill shape {shape}")
             arr = arr.reshape(shape)
@@ -228,32 +305,167 @@ def _forget_param(params: Any) -> Any:
         if text.startswith(("{", "[")):
             try:
                 forget = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InvalidInputError(f"'forget' is not valid JSON: {e}") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise InvalidInputError(f"'forget' is not valid JSON: {str(e)[:200]}") from None
         else:
             forget = [s.strip() for s in text.split(",") if s.strip()]
     if forget is not None and not isinstance(forget, (dict, list)):
         raise InvalidInputError("'forget' must be a mapping name -> weight or a list of names")
     if isinstance(forget, list) and not all(isinstance(n, str) for n in forget):
         raise InvalidInputError("'forget' as a list must hold vector names")
+    if isinstance(forget, dict) and not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in forget.values()
+    ):
+        raise InvalidInputError("'forget' as a mapping must map vector names to numbers")
     return forget
+
+
+@dataclass
+class _Parsed:
+    images: np.ndarray
+    coeffs: np.ndarray | None
+    forget: Any
+    request_id: str | None
+    binary_out: bool
+
+
+def _parse_infer(body: bytes, header_len: str | None, spec, limits: ServerLimits) -> _Parsed:
+    """Everything a request says, validated (runs on a worker thread for large bodies)."""
+    req, binary = _parse_request(body, header_len, limits.max_json_depth)
+    tensors = _tensors(req, binary, limits.max_body_bytes)
+    unknown_inputs = sorted(set(tensors) - {spec.image_name, spec.coeffs_name})
+    if unknown_inputs:
+        raise InvalidInputError(f"unknown inputs {unknown_inputs}; valid: {spec.image_name}, {spec.coeffs_name}")
+    if spec.image_name not in tensors:
+        raise InvalidInputError(f"input {spec.image_name!r} is required")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidInputError("'id' must be a string")
+    params = req.get("parameters")
+    forget = _forget_param(params)
+    binary_out = False
+    if isinstance(params, dict) and "binary_data_output" in params:
+        if not isinstance(params["binary_data_output"], bool):
+            raise InvalidInputError("'binary_data_output' must be true or false")
+        binary_out = params["binary_data_output"]
+    outputs = req.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise InvalidInputError("'outputs' must be a list of objects")
+        for o in outputs:
+            if o.get("name") != spec.output_name:
+                raise InvalidInputError(f"unknown output {str(o.get('name'))[:60]!r}; valid: {spec.output_name}")
+            op = o.get("parameters") or {}
+            if not isinstance(op, dict):
+                raise InvalidInputError("an output's parameters must be an object")
+            if "binary_data" in op:
+                if not isinstance(op["binary_data"], bool):
+                    raise InvalidInputError("an output's binary_data must be true or false")
+                binary_out = binary_out or op["binary_data"]
+    coeffs = tensors.get(spec.coeffs_name)
+    if coeffs is not None:
+        if forget is not None:
+            raise InvalidInputError("give the composition either as the coeffs input or in parameters, not both")
+        if coeffs.dtype != np.float32 or coeffs.ndim != 2:
+            raise InvalidInputError(f"input {spec.coeffs_name!r} must be FP32 [N, K]")
+    images = tensors[spec.image_name]
+    if images.ndim != 4:
+        raise InvalidInputError(
+            f"input {spec.image_name!r} must have shape [N, {', '.join(map(str, spec.shape))}], "
+            f"got {list(images.shape)}"
+        )
+    if coeffs is not None and coeffs.shape[0] != images.shape[0]:
+        raise InvalidInputError(f"coeffs has {coeffs.shape[0]} rows for {images.shape[0]} images")
+    return _Parsed(images, coeffs, forget, rid, binary_out)
+
+
+async def _read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The body, refused from its Content-Length if that is over the limit (before reading anything), cut
+    off at the limit while streaming, and within the body time limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise InvalidInputError("Content-Length must be an integer") from None
+        if n > limits.max_body_bytes:
+            raise TooLarge(f"request body of {n} bytes is over the limit of {limits.max_body_bytes}")
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise TooLarge(f"request body is over the limit of {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise InvalidInputError("the client disconnected before sending the whole body") from None
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------------------------------------- app
 
 
-def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | None = None) -> Starlette:
-    """The ASGI app; ``metrics`` should be the one whose ``observe_batch`` the runtime was loaded with."""
+class _Counted:
+    """ASGI middleware: every response is counted by route and status, and an exception nobody handled
+    becomes a JSON 500 (counted too) instead of a plain-text one."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500, "sent": False}
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except Exception:  # noqa: BLE001 - the last line of defence: never a plain-text 500
+            log.exception("unhandled error on %s", scope.get("path"))
+            if not status["sent"]:
+                await _error(500, "internal server error")(scope, receive, counted_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.responses.labels(route=path, status=str(status["code"])).inc()
+
+
+def create_app(
+    runtime: Runtime,
+    model_name: str,
+    *,
+    metrics: ServerMetrics | None = None,
+    limits: ServerLimits = ServerLimits(),
+    control: ControlPlane = ControlPlane(),
+) -> Starlette:
+    """The ASGI app; ``metrics`` should be the one whose ``observe_batch`` the runtime was loaded with.
+    With an enabled ``control`` plane, the bank its state file names is restored first (or this raises)."""
     metrics = metrics or ServerMetrics()
     spec = runtime.iospec
+    restored = control.restore(runtime)
+    if restored:
+        log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
+    inflight = {"n": 0}
+    load_lock = asyncio.Lock()
 
     def _model_or_404(request: Request) -> JSONResponse | None:
         name = request.path_params["model"]
         if name != model_name:
-            return _error(404, f"unknown model {name!r}; this server serves {model_name!r}")
+            return _error(404, f"unknown model {name[:100]!r}; this server serves {model_name!r}")
         version = request.path_params.get("version")
         if version is not None and version != "1":
-            return _error(404, f"unknown version {version!r} of model {model_name!r}; valid: 1")
+            return _error(404, f"unknown version {version[:40]!r} of model {model_name!r}; valid: 1")
         return None
 
     async def live(request: Request) -> Response:
@@ -296,50 +508,31 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
             return err
         return JSONResponse({"name": model_name, "ready": True})
 
+    def _failed(e: ForgetRTError) -> JSONResponse:
+        status = _status_for(e)
+        metrics.requests.labels(status=str(status)).inc()
+        metrics.failures.labels(error=type(e).__name__).inc()
+        return _error(status, str(e))
+
     async def infer(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
+        if inflight["n"] >= limits.max_inflight:
+            return _failed(Overloaded(f"over {limits.max_inflight} requests in flight; retry later"))
+        inflight["n"] += 1
         t0 = time.perf_counter()
         try:
-            body = await request.body()
-            if len(body) > MAX_BODY:
-                raise InvalidInputError(f"request body over {MAX_BODY} bytes")
-            req, binary = _parse_request(body, request.headers.get(HEADER_LEN))
-            tensors = _tensors(req, binary)
-            unknown_inputs = sorted(set(tensors) - {spec.image_name, spec.coeffs_name})
-            if unknown_inputs:
-                raise InvalidInputError(
-                    f"unknown inputs {unknown_inputs}; valid: {spec.image_name}, {spec.coeffs_name}"
-                )
-            if spec.image_name not in tensors:
-                raise InvalidInputError(f"input {spec.image_name!r} is required")
-            forget = _forget_param(req.get("parameters"))
-            coeffs = tensors.get(spec.coeffs_name)
-            if coeffs is not None:
-                if forget is not None:
-                    raise InvalidInputError(
-                        "give the composition either as the coeffs input or in parameters, not both"
-                    )
-                if coeffs.dtype != np.float32 or coeffs.ndim != 2:
-                    raise InvalidInputError(f"input {spec.coeffs_name!r} must be FP32 [N, K]")
-            images = tensors[spec.image_name]
-            if images.ndim != 4:
-                raise InvalidInputError(
-                    f"input {spec.image_name!r} must have shape [N, {', '.join(map(str, spec.shape))}], got "
-                    f"{list(images.shape)}"
-                )
-            if coeffs is not None and coeffs.shape[0] != images.shape[0]:
-                raise InvalidInputError(f"coeffs has {coeffs.shape[0]} rows for {images.shape[0]} images")
-            result = await runtime.infer_async(images, forget, coeffs=coeffs)
+            body = await _read_body(request, limits)
+            header_len = request.headers.get(HEADER_LEN)
+            if len(body) >= OFFLOAD_BYTES:  # big bodies are parsed off the event loop
+                parsed = await asyncio.to_thread(_parse_infer, body, header_len, spec, limits)
+            else:
+                parsed = _parse_infer(body, header_len, spec, limits)
+            result = await runtime.infer_async(parsed.images, parsed.forget, coeffs=parsed.coeffs)
         except ForgetRTError as e:
-            status = _status_for(e)
-            metrics.requests.labels(status=str(status)).inc()
-            metrics.failures.labels(error=type(e).__name__).inc()
-            return _error(status, str(e))
-        outputs_req = req.get("outputs") or []
-        binary_out = any(
-            isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") for o in outputs_req
-        ) or bool((req.get("parameters") or {}).get("binary_data_output"))
+            return _failed(e)
+        finally:
+            inflight["n"] -= 1
         logits = np.ascontiguousarray(result.logits, np.float32)
         out = {"name": spec.output_name, "datatype": "FP32", "shape": list(logits.shape)}
         resp: dict[str, Any] = {
@@ -352,11 +545,11 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
             },
             "outputs": [out],
         }
-        if "id" in req:
-            resp["id"] = req["id"]
+        if parsed.request_id is not None:
+            resp["id"] = parsed.request_id
         metrics.requests.labels(status="200").inc()
         metrics.bank_version.set(runtime.snapshot.version)
-        if binary_out:
+        if parsed.binary_out:
             raw = logits.tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(resp).encode()
@@ -372,24 +565,40 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
         if (err := _model_or_404(request)) is not None:
             return err
         try:
-            body = await request.body()
-            req = json.loads(body) if body else {}
-            params = req.get("parameters") or {} if isinstance(req, dict) else {}
-            bank = params.get("bank")
-            if bank is None:
+            control.authorize(request.headers.get("authorization"))
+            body = await _read_body(
+                request, ServerLimits(max_body_bytes=64 << 10, body_timeout_s=limits.body_timeout_s)
+            )
+            req, _ = _parse_request(body or b"{}", None, 8)
+            params = req.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidInputError("'parameters' must be an object")
+            if params.get("bank") is None:
                 return JSONResponse({"name": model_name, "bank_version": runtime.snapshot.version})
-            if not isinstance(bank, str):
-                raise InvalidInputError("parameters.bank must be a path string")
-            state = runtime.reload_bank(bank)
-        except json.JSONDecodeError as e:
-            return _error(400, f"request body is not valid JSON: {e}")
+            client = request.client
+            caller = f"{client.host}:{client.port}" if client else "unknown"
+            async with load_lock:  # one change at a time; loading and hashing run off the event loop
+                res = await asyncio.to_thread(control.load_bank, runtime, params["bank"], caller)
         except ForgetRTError as e:
-            return _error(_status_for(e), str(e))
-        metrics.bank_version.set(state.version)
-        return JSONResponse({"name": model_name, "bank_version": state.version, "vectors": list(state.names)})
+            status = _status_for(e)
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return _error(status, str(e), headers)
+        metrics.bank_version.set(res["version"])
+        return JSONResponse(
+            {
+                "name": model_name,
+                "bank_version": res["version"],
+                "vectors": res["vectors"],
+                "bank": res["bank"],
+                "vectors_sha256": res["vectors_sha256"],
+            }
+        )
 
     async def prom(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     routes = [
         Route("/v2/health/live", live),
@@ -405,7 +614,78 @@ def create_app(runtime: Runtime, model_name: str, *, metrics: ServerMetrics | No
         Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
         Route("/metrics", prom),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return _Counted(app, metrics)  # type: ignore[return-value]
+
+
+def _guarded_protocol(limits: ServerLimits):
+    """uvicorn's h11 protocol with a header time limit and a connection cap (uvicorn has neither): a
+    connection that has not completed a request's headers within ``header_timeout_s`` (from connecting,
+    or from its previous response) is closed, and one over ``max_connections`` gets a 503 and is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: 40\r\n\r\n" + b'{"error": "too many open connections"}'.ljust(40)
+    )
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer = None
+            if len(self.connections) > limits.max_connections:
+                transport.write(busy)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_header_timer", None) is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request's headers arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers get the same time
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(
+    app, limits: ServerLimits = ServerLimits(), *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+):
+    """The uvicorn configuration that enforces ``limits`` (header size, keep-alive, the guarded protocol)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=_guarded_protocol(limits),
+        timeout_keep_alive=int(math.ceil(limits.keep_alive_s)),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+    )
 
 
 def serve(
@@ -417,16 +697,18 @@ def serve(
     port: int = 8000,
     model_name: str | None = None,
     log_level: str = "info",
+    limits: ServerLimits = ServerLimits(),
+    control: ControlPlane = ControlPlane(),
 ) -> None:
     """Load the bundle and serve it until interrupted (blocking)."""
     import uvicorn
 
     metrics = ServerMetrics()
     runtime = Runtime.load(bundle, config, backend_options, observer=metrics.observe_batch)
-    name = model_name or Path(bundle).resolve().name
-    app = create_app(runtime, name, metrics=metrics)
-    log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        name = model_name or Path(bundle).resolve().name
+        app = create_app(runtime, name, metrics=metrics, limits=limits, control=control)
+        log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
+        uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level)).run()
     finally:
         runtime.close()

@@ -23,8 +23,10 @@ from forgetrt.export.triton import TRITON_BACKENDS
 from forgetrt.runtime.backends import DEVICES, backend_names, list_backends
 from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bench import MIXES, BenchConfig
+from forgetrt.runtime.control import TOKEN_ENV
 from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
 from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD
+from forgetrt.runtime.limits import ServerLimits
 from forgetrt.runtime.runtime import PIXEL_POLICIES
 from forgetrt.train.data import DATA_KINDS, ForgetSpec
 from forgetrt.train.recipes import BASELINES, PRESETS, VectorRecipe
@@ -841,26 +843,64 @@ def _runtime_config(kw: dict[str, Any], *, batching: BatchingConfig | None = Non
     )
 
 
+_LIMIT_OPTIONS = _dataclass_options(ServerLimits)
+
+
+def _limit_options(f: Callable) -> Callable:
+    return _apply(f, _LIMIT_OPTIONS)
+
+
 @cli.command("serve")
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
 @_batching_options
 @click.option("--pixel-policy", type=click.Choice(list(PIXEL_POLICIES)), default="reject", show_default=True)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False),
+    help=f"Bearer token (first line) that may change the served bank; or set {TOKEN_ENV}. Without one, "
+    "state-changing endpoints answer 403.",
+)
+@click.option("--bank-root", type=click.Path(file_okay=False), help="Banks may be loaded only from under this folder.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="Audit log of bank changes and the served bank's state (restored on restart).",
+)
 @_backend_options
-def serve_cmd(bundle_dir: str, host: str, port: int, model_name, pixel_policy: str, **kw: Any) -> None:
-    """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics."""
+@_limit_options
+def serve_cmd(
+    bundle_dir: str,
+    host: str,
+    port: int,
+    model_name,
+    pixel_policy: str,
+    admin_token_file,
+    bank_root,
+    state_dir,
+    **kw: Any,
+) -> None:
+    """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics. Changing the
+    served bank needs an admin token, a bank root and a state folder (see README: Security)."""
     import logging
 
+    from forgetrt.runtime.control import ControlPlane
     from forgetrt.runtime.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     options = _pop_backend_options(kw)
+    limits = ServerLimits(**{f.name: v for f, _ in _LIMIT_OPTIONS if (v := kw.pop(f.name, None)) is not None})
+    control = ControlPlane.from_files(token_file=admin_token_file, bank_root=bank_root, state_dir=state_dir)
+    if not control.enabled and (bank_root or state_dir):
+        raise InvalidInputError(
+            f"--bank-root and --state-dir take effect with an admin token (--admin-token-file or {TOKEN_ENV})"
+        )
     config = _runtime_config(kw, batching=_batching(kw), pixel_policy=pixel_policy)
-    serve(bundle_dir, config, options, host=host, port=port, model_name=model_name)
+    serve(bundle_dir, config, options, host=host, port=port, model_name=model_name, limits=limits, control=control)
 
 
 @cli.command("infer")

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import tarfile
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ def _load_cifar10(path: Path, *, cache: bool) -> Dataset:
                 with np.load(cached, allow_pickle=False) as z:
                     arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test", "classes")}
                 return _make_cifar(arrays, str(path))
-            except (OSError, ValueError, KeyError, DataError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, DataError):
                 cached.unlink(missing_ok=True)  # a broken cache entry is rebuilt, never trusted
     if path.is_file():
         arrays = _read_tar(path)

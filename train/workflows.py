@@ -24,7 +24,7 @@ import torch
 from forgetrt.runtime.architectures import model_input_shape
 from forgetrt.runtime.bank import VectorBank
 from forgetrt.runtime.errors import InvalidInputError, unknown
-from forgetrt.runtime.files import read_json
+from forgetrt.runtime.files import ensure_writable_dir, read_json
 from forgetrt.runtime.model_folder import ModelManifest, load_model, read_model_manifest, save_model
 
 from .baselines import run_baseline
@@ -122,6 +122,7 @@ def train_model(
     or 0 trains on everything.
     """
     model_input_shape(arch)  # unknown arch fails before the data is loaded
+    ensure_writable_dir(out, "model folder")  # before training, not after
     split = ValidationSplit(val_fraction, seed) if val_fraction else None
     ds = as_dataset(data)
     dev = resolve_device(device)
@@ -171,6 +172,8 @@ def train_vector(
     model, info = load_model(model_dir, dev)
     bank = _open_bank(bank_dir, info)
     clash = [n for n in specs if n in bank and not overwrite]
+    if not clash:
+        ensure_writable_dir(bank_dir, "bank folder")
     if clash:
         raise InvalidInputError(f"vectors {clash} already exist in {bank_dir}; pass --overwrite to replace them")
     ds = as_dataset(data)
@@ -443,6 +446,7 @@ def unlearn_baseline(
     """Run a model-based unlearning baseline and save the unlearned copy as a model folder."""
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev)
+    ensure_writable_dir(out, "model folder")
     ds = as_dataset(data)
     _check_data(info, ds)
     held_out = _held_out(info, ds)

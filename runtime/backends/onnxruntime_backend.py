@@ -11,7 +11,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..compose import BankSnapshot
-from ..errors import InvalidInputError, MismatchError
+from ..errors import CorruptArtifactError, InvalidInputError, MismatchError
 from .base import Backend, BackendEntry
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "ort_cuda_available"]
@@ -82,7 +82,12 @@ class OnnxRuntimeBackend(Backend):
         # elsewhere can feed another bank); this runtime feeds only banks that passed its checks, so it
         # declares the bank as an input in memory to keep hot swap
         model = str(bundle.onnx_path) if not bundle.mandatory else _with_bank_input(bundle.onnx_path)
-        self.session = ort.InferenceSession(model, so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's load errors (InvalidProtobuf, Fail, ...) share no base
+            raise CorruptArtifactError(
+                f"onnxruntime cannot load {bundle.onnx_path}: {str(e).splitlines()[0][:300]}"
+            ) from e
         self._out = self.session.get_outputs()[0].name
         self._has_bank_input = any(i.name == "forget_bank" for i in self.session.get_overridable_initializers())
         self._bank_cache: tuple[int, object] | None = None  # (bank version, device OrtValue) for IOBinding

@@ -206,7 +206,7 @@ def test_export_errors(digits_model_dir, digits_bank, tmp_path):
         export_onnx(bank, tmp_path / "x", model_dir=digits_model_dir, vectors=["forget-1"], mandatory={"forget-1": 1.0})
     with pytest.raises(UnknownNameError, match="unknown vector 'nope'"):
         export_onnx(bank, tmp_path / "x", model_dir=digits_model_dir, vectors=["nope"])
-    with pytest.raises(InvalidInputError, match="opset 11 is too old"):
+    with pytest.raises(InvalidInputError, match="opset must be between 13 and 20, got 11"):
         export_onnx(bank, tmp_path / "x", model_dir=digits_model_dir, opset=11)
     with pytest.raises(UnknownNameError, match="policy 'p'"):
         export_onnx(

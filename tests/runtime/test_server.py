@@ -278,23 +278,33 @@ def test_concurrent_clients_are_batched_and_metrics_exported(server, torch_refer
 
 
 def test_bank_hot_swap_through_repository_endpoint(digits_bundle, digits_bank, torch_reference, tmp_path):
+    """The control plane end to end: a token, a bank root, the swap served, audited, and restored after a restart."""
+    import shutil
+
     import uvicorn
 
+    from forgetrt.runtime.control import ControlPlane
+
+    root = tmp_path / "banks"
+    shutil.copytree(digits_bank[0], root / "v2")
+    token = "t0ken-for-the-test-0123456789"
+    control = ControlPlane(token, root, tmp_path / "state")
     rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
-    srv = uvicorn.Server(uvicorn.Config(create_app(rt, "digits"), host="127.0.0.1", port=0, log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(rt, "digits", control=control), host="127.0.0.1", port=0, log_level="warning")
+    )
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     while not srv.started:
         time.sleep(0.02)
     url = f"127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    load = f"http://{url}/v2/repository/models/digits/load"
+    auth = {"Authorization": f"Bearer {token}"}
     try:
-        r = httpx.post(
-            f"http://{url}/v2/repository/models/digits/load", json={"parameters": {"bank": str(tmp_path / "missing")}}
-        )
-        assert r.status_code == 400 and "not found" in r.json()["error"]
-        r = httpx.post(
-            f"http://{url}/v2/repository/models/digits/load", json={"parameters": {"bank": str(digits_bank[0])}}
-        )
+        assert httpx.post(load, json={"parameters": {"bank": "v2"}}).status_code == 401  # no credential
+        r = httpx.post(load, json={"parameters": {"bank": "missing"}}, headers=auth)
+        assert r.status_code == 404 and "not found under the bank root" in r.json()["error"]
+        r = httpx.post(load, json={"parameters": {"bank": "v2"}}, headers=auth)
         assert r.status_code == 200 and r.json()["bank_version"] == 1, r.text
         assert "forget-9" not in r.json()["vectors"]  # mandatory stays baked, not selectable
         c = httpclient.InferenceServerClient(url)
@@ -309,3 +319,12 @@ def test_bank_hot_swap_through_repository_endpoint(digits_bundle, digits_bank, t
         srv.should_exit = True
         th.join(10)
         rt.close()
+    audit = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [a["outcome"] for a in audit] == ["refused", "ok"] and audit[1]["bank"] == "v2" and audit[1]["version"] == 1
+    # a restart restores the served bank before the first request
+    rt2 = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
+    try:
+        create_app(rt2, "digits", control=ControlPlane(token, root, tmp_path / "state"))
+        assert rt2.snapshot.version == 1 and rt2.snapshot.label.endswith("v2")
+    finally:
+        rt2.close()
