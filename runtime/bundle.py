@@ -275,11 +275,16 @@ class Bundle:
         return bank, mand
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Bundle:
-        """Read ``bundle.json`` and verify the sha256 of every file it lists."""
+    def load(cls, path: str | os.PathLike, *, verify_key: str | os.PathLike | None = None) -> Bundle:
+        """Read ``bundle.json``, verify the sha256 of every file it lists and the graph's binding to it;
+        with ``verify_key``, first the signature (``bundle.sig``) against that public key."""
         path = Path(path)
         if not path.is_dir():
             raise ArtifactError(f"bundle folder not found: {path}")
+        if verify_key is not None:
+            from .signing import verify_bundle
+
+            verify_bundle(path, verify_key)
         manifest = BundleManifest.from_dict(read_json(path / BUNDLE_FILE, "bundle manifest"), str(path / BUNDLE_FILE))
         bad = [n for n in manifest.files if not _plain_name(n)]
         if bad:

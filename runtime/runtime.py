@@ -110,12 +110,14 @@ class Runtime:
         backend_options: Any = None,
         *,
         observer: BatchObserver | None = None,
+        verify_key: str | os.PathLike | None = None,
     ) -> Runtime:
         """Load a bundle (hashes verified) and start ``config.batching.instances`` backend instances, one
-        batcher worker each. ``backend_options``: the backend's options dataclass or a mapping of its fields."""
+        batcher worker each. ``backend_options``: the backend's options dataclass or a mapping of its fields.
+        ``verify_key``: a public key the bundle's signature must verify against (see :mod:`.signing`)."""
         if not isinstance(config, RuntimeConfig):
             raise InvalidInputError(f"config must be a RuntimeConfig, got {type(config).__name__}")
-        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, verify_key=verify_key)
         first = create_backend(config.backend, b, config.device, backend_options)
         # "auto" resolves once: every instance is the backend the first one chose
         rest = [

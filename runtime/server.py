@@ -699,12 +699,14 @@ def serve(
     log_level: str = "info",
     limits: ServerLimits = ServerLimits(),
     control: ControlPlane = ControlPlane(),
+    verify_key: str | None = None,
 ) -> None:
-    """Load the bundle and serve it until interrupted (blocking)."""
+    """Load the bundle (its signature checked against ``verify_key`` when given) and serve it until
+    interrupted (blocking)."""
     import uvicorn
 
     metrics = ServerMetrics()
-    runtime = Runtime.load(bundle, config, backend_options, observer=metrics.observe_batch)
+    runtime = Runtime.load(bundle, config, backend_options, observer=metrics.observe_batch, verify_key=verify_key)
     try:
         name = model_name or Path(bundle).resolve().name
         app = create_app(runtime, name, metrics=metrics, limits=limits, control=control)

@@ -867,6 +867,11 @@ def _limit_options(f: Callable) -> Callable:
 )
 @click.option("--bank-root", type=click.Path(file_okay=False), help="Banks may be loaded only from under this folder.")
 @click.option(
+    "--verify-key",
+    type=click.Path(dir_okay=False),
+    help="Public key (PEM) the bundle's signature must verify against (forgetrt sign); a changed bundle is refused.",
+)
+@click.option(
     "--state-dir",
     type=click.Path(file_okay=False),
     help="Audit log of bank changes and the served bank's state (restored on restart).",
@@ -881,6 +886,7 @@ def serve_cmd(
     pixel_policy: str,
     admin_token_file,
     bank_root,
+    verify_key,
     state_dir,
     **kw: Any,
 ) -> None:
@@ -900,7 +906,35 @@ def serve_cmd(
             f"--bank-root and --state-dir take effect with an admin token (--admin-token-file or {TOKEN_ENV})"
         )
     config = _runtime_config(kw, batching=_batching(kw), pixel_policy=pixel_policy)
-    serve(bundle_dir, config, options, host=host, port=port, model_name=model_name, limits=limits, control=control)
+    serve(
+        bundle_dir,
+        config,
+        options,
+        host=host,
+        port=port,
+        model_name=model_name,
+        limits=limits,
+        control=control,
+        verify_key=verify_key,
+    )
+
+
+@cli.command("sign")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--key", "key", type=click.Path(dir_okay=False), required=True, help="Elliptic-curve private key (PEM).")
+@click.option("--password-env", help="Environment variable holding the key's password, if it is encrypted.")
+def sign_cmd(bundle_dir: str, key: str, password_env: str | None) -> None:
+    """Sign BUNDLE (every file) with OpenSSF model-signing; `serve --verify-key PUB` then refuses it if it changes."""
+    import os
+
+    from forgetrt.runtime.bundle import Bundle
+    from forgetrt.runtime.signing import sign_bundle
+
+    Bundle.load(bundle_dir)  # only a bundle that loads is worth signing
+    password = os.environ.get(password_env) if password_env else None
+    if password_env and password is None:
+        raise InvalidInputError(f"environment variable {password_env} is not set")
+    click.echo(f"signed: {sign_bundle(bundle_dir, key, password)}")
 
 
 @cli.command("infer")
