@@ -308,6 +308,26 @@ class Bundle:
         bundle.check_graph()
         return bundle
 
+    def _check_classifier(self) -> None:
+        """The PyTorch classifier shipped beside the graph (if any) is the fingerprinted model (no torch needed)."""
+        if not self.has_torch_classifier:
+            return
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        from .files import weights_fingerprint
+
+        manifest = self.classifier_manifest()
+        try:
+            fp = weights_fingerprint(load(self.read(CLASSIFIER_WEIGHTS)))
+        except (SafetensorError, ValueError) as e:
+            raise CorruptArtifactError(f"cannot read {self.path / CLASSIFIER_WEIGHTS}: {e}") from e
+        if not (fp == manifest.fingerprint == self.fingerprint):
+            raise MismatchError(
+                f"bundle {self.path}: the classifier's weights ({fp[:16]}…), its manifest "
+                f"({manifest.fingerprint[:16]}…) and the bundle ({self.fingerprint[:16]}…) do not name the same model"
+            )
+
     def vector_hashes(self) -> dict[str, str]:
         """sha256 of each vector's float32 bytes in ``vectors.safetensors`` (selectable and mandatory)."""
         tensors = self._tensors()
@@ -349,6 +369,7 @@ class Bundle:
                 f"bundle {self.path} has mandatory vectors but its graph lets a caller override forget_bank (which "
                 "could cancel them): re-export it"
             )
+        self._check_classifier()
         mask = numpy_helper.to_array(inits["forget_guard_mask"]) if "forget_guard_mask" in inits else np.zeros(0)
         if sorted(np.flatnonzero(mask < 0).tolist()) != sorted(m.guard_classes):
             raise MismatchError(

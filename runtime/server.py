@@ -247,7 +247,7 @@ def _tensors(req: dict, binary: bytes, max_elements: int) -> dict[str, np.ndarra
             raise InvalidInputError(
                 f"input {name!r}: shape must be a list of at most 8 dimensions in [0, 2^31), got {str(shape)[:100]}"
             )
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise InvalidInputError(
                 f"input {name!r}: unsupported datatype {str(dtype)[:40]!r}; valid: {', '.join(_DTYPES)}"
             )
@@ -570,7 +570,7 @@ def create_app(
                 request, ServerLimits(max_body_bytes=64 << 10, body_timeout_s=limits.body_timeout_s)
             )
             req, _ = _parse_request(body or b"{}", None, 8)
-            params = req.get("parameters") or {}
+            params = req.get("parameters", {})
             if not isinstance(params, dict):
                 raise InvalidInputError("'parameters' must be an object")
             if params.get("bank") is None:
@@ -600,6 +600,10 @@ def create_app(
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled %s on %s: %s", type(exc).__name__, request.url.path, exc)
+        return _error(500, "internal server error")
+
     routes = [
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
@@ -614,7 +618,7 @@ def create_app(
         Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
         Route("/metrics", prom),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
     return _Counted(app, metrics)  # type: ignore[return-value]
 
 
@@ -667,6 +671,15 @@ def _guarded_protocol(limits: ServerLimits):
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:  # malformed HTTP (bad request line, oversized headers)
+            body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            self.transport.close()
 
     return GuardedH11Protocol
 

@@ -1,0 +1,174 @@
+"""The command line never prints a traceback: each failure is one line and a typed exit code (2 for bad
+input, 3 for artifacts, 4 for an unavailable backend), and outputs are checked before long work starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from forgetrt.runtime.files import sha256_file
+from forgetrt.tools.cli import cli
+
+
+def run(*args, env=None):
+    r = CliRunner().invoke(cli, [str(a) for a in args], env=env)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    return r
+
+
+@pytest.fixture
+def corrupt_bundle(digits_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(digits_bundle, b)
+    (b / "model.onnx").write_bytes(b"\x08\x07" + b"\xff" * 64)
+    rec = json.loads((b / "bundle.json").read_text())
+    rec["files"]["model.onnx"] = sha256_file(b / "model.onnx")
+    (b / "bundle.json").write_text(json.dumps(rec))
+    return b
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["serve", "{b}", "--device", "cpu"],
+        ["parity", "{b}", "--device", "cpu"],
+        ["infer", "{b}", "--image", "{img}", "--device", "cpu"],
+        ["bench", "{b}", "--device", "cpu", "--duration", "0.1"],
+        ["backends", "{b}", "--device", "cpu"],
+        ["export", "triton", "--bundle", "{b}", "--repo", "{t}/repo"],
+        ["sign", "{b}", "--key", "{t}/k.pem"],
+    ],
+)
+def test_a_corrupt_graph_is_a_clean_error_everywhere(corrupt_bundle, tmp_path, cmd):
+    img = tmp_path / "x.npy"
+    np.save(img, np.zeros((1, 8, 8), np.float32))
+    argv = [a.format(b=corrupt_bundle, img=img, t=tmp_path) for a in cmd]
+    r = run(*argv)
+    assert r.exit_code == 3 and "not a readable ONNX model" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "args, code, msg",
+    [
+        (["serve", "{bundle}", "--port", "70000"], 2, "70000"),
+        (["serve", "{bundle}", "--max-body-bytes", "0", "--device", "cpu"], 2, "must be >= 1"),
+        (["serve", "{bundle}", "--body-timeout-s", "nan", "--device", "cpu"], 2, "must be > 0 seconds"),
+        (["serve", "{bundle}", "--admin-token-file", "{t}/missing", "--device", "cpu"], 3, "token file not found"),
+        (["serve", "{bundle}", "--verify-key", "{t}/missing.pub", "--device", "cpu"], 3, "public key not found"),
+        (
+            ["export", "onnx", "--model", "{model}", "--bank", "{bank}", "--out", "{t}/o", "--opset", "99"],
+            2,
+            "opset must be between",
+        ),
+        (["export", "onnx", "--model", "{model}", "--bank", "{bank}", "--out", "{t}/afile/o"], 3, "not a folder"),
+        (
+            ["export", "onnx", "--model", "{model}", "--bank", "{bank}", "--out", "{t}/o", "--cancel-threshold", "2"],
+            2,
+            "2",
+        ),
+        (
+            ["export", "onnx", "--model", "{model}", "--bank", "{bank}", "--out", "{t}/o", "--guard"],
+            2,
+            "give --mandatory",
+        ),
+        (["train-model", "--arch", "digits-cnn", "--out", "{t}/afile/m"], 3, "not a folder"),
+        (["train-model", "--arch", "digits-cnn", "--out", "{t}/afile"], 2, "is a file"),
+        (
+            ["train-vector", "--model", "{model}", "--each-class", "--bank", "{t}/afile/b", "--epochs", "1"],
+            3,
+            "not a folder",
+        ),
+        (
+            [
+                "train-vector",
+                "--model",
+                "{model}",
+                "--forget-classes",
+                "1",
+                "--name",
+                "x",
+                "--bank",
+                "{t}/b",
+                "--distill-temperature",
+                "inf",
+            ],
+            2,
+            "temperature",
+        ),
+        (
+            [
+                "train-vector",
+                "--model",
+                "{model}",
+                "--forget-classes",
+                "1",
+                "--name",
+                "x",
+                "--bank",
+                "{t}/b",
+                "--calibrate",
+                "retrain-proxy",
+            ],
+            2,
+            "is for data subsets",
+        ),
+        (
+            [
+                "unlearn-baseline",
+                "--method",
+                "ft",
+                "--model",
+                "{model}",
+                "--forget-classes",
+                "1",
+                "--out",
+                "{t}/afile/u",
+            ],
+            3,
+            "not a folder",
+        ),
+        (["eval", "--model", "{model}", "--forget-fraction", "0.1", "--mask-forgotten"], 2, "class-wise forget spec"),
+        (
+            ["compose", "--bank", "{bank}", "--name", "c", "--weights", "forget-0=1", "--init", "zero"],
+            2,
+            "--init applies to --learn",
+        ),
+        (["parity", "{bundle}", "--backends", "tensorrt", "--device", "cpu"], 4, "TensorRT is not installed"),
+        (["bench", "{bundle}", "--json", "{t}", "--device", "cpu"], 2, "is a directory"),
+        (["infer", "{bundle}", "--image", "{t}/afile", "--device", "cpu"], 2, "cannot read image"),
+    ],
+)
+def test_bad_input_is_one_typed_line(digits_bundle, digits_model_dir, digits_bank, tmp_path, args, code, msg):
+    (tmp_path / "afile").write_text("not a folder")
+    argv = [a.format(bundle=digits_bundle, model=digits_model_dir, bank=digits_bank[0], t=tmp_path) for a in args]
+    r = run(*argv)
+    assert r.exit_code == code and msg in r.output, r.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()  # nothing started, nothing half-written
+
+
+def test_a_corrupt_cache_file_is_discarded_and_rebuilt(tmp_path, monkeypatch):
+    """A decoded-data cache that went bad (truncated, garbage) is rebuilt, never trusted or fatal."""
+    from PIL import Image
+
+    from forgetrt.train.data import cache_dir, load_data
+
+    root = tmp_path / "mini"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(10):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "0.png")
+    monkeypatch.setenv("FORGETRT_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_data(f"cifar10:{root}")
+    (cached,) = (cache_dir() / "datasets").glob("cifar10-*.npz")
+    for garbage in (cached.read_bytes()[:100], b"not a zip at all", b""):
+        cached.write_bytes(garbage)
+        again = load_data(f"cifar10:{root}")
+        np.testing.assert_array_equal(again.x_train, first.x_train)
+        assert cached.stat().st_size > 1000  # rewritten

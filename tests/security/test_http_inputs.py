@@ -1,0 +1,252 @@
+"""Every malformed or hostile request gets a JSON 4xx (never a 500 or plain text), is counted in /metrics,
+and the server keeps answering good requests correctly."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+IMG = np.full((1, 1, 8, 8), 0.5, np.float32)
+
+
+def _img(**over):
+    t = {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": IMG.ravel().tolist()}
+    t.update(over)
+    return t
+
+
+def _body(inputs=None, **extra):
+    return json.dumps({"inputs": [_img()] if inputs is None else inputs, **extra}).encode()
+
+
+def _coeffs(rows, shape=None, dtype="FP32"):
+    rows = np.asarray(rows, np.float32)
+    return {"name": "coeffs", "shape": shape or list(rows.shape), "datatype": dtype, "data": rows.ravel().tolist()}
+
+
+BAD_JSON = [
+    b"",
+    b"{",
+    b"[",
+    b"nul",
+    b'{"inputs": [}',
+    b"\xff\xfe",
+    b'{"a": 1,}',
+    b"{'inputs': []}",
+    b"123abc",
+    b'"\\ud800"',
+]
+NOT_OBJECT = [b"[]", b"1", b'"text"', b"null", b"true"]
+INPUTS = [
+    {},
+    {"inputs": None},
+    {"inputs": []},
+    {"inputs": {}},
+    {"inputs": "image"},
+    {"inputs": [1]},
+    {"inputs": [None]},
+    {"inputs": [[]]},
+    {"inputs": [_img(name=None)]},
+    {"inputs": [_img(name=5)]},
+    {"inputs": [_img(), _img()]},
+    {"inputs": [_img(name="other")]},
+    {"inputs": [_img(name="coeffs")]},
+    {"inputs": [_img(shape=None)]},
+    {"inputs": [_img(shape="1,1,8,8")]},
+    {"inputs": [_img(shape=[1, 1, 8, -8])]},
+    {"inputs": [_img(shape=[True, 1, 8, 8])]},
+    {"inputs": [_img(shape=[1.0, 1, 8, 8])]},
+    {"inputs": [_img(shape=[2**40, 1, 8, 8])]},
+    {"inputs": [_img(shape=[2**31 - 1] * 8)]},
+    {"inputs": [_img(shape=[1] * 9)]},
+    {"inputs": [_img(shape=[1, 1, 8, 8, 1])]},
+    {"inputs": [_img(shape=[64])]},
+    {"inputs": [_img(datatype="FP8")]},
+    {"inputs": [_img(datatype=None)]},
+    {"inputs": [_img(datatype=["FP32"])]},
+    {"inputs": [_img(data=None)]},
+    {"inputs": [_img(data="abc")]},
+    {"inputs": [_img(data=[[1, 2], [3]])]},
+    {"inputs": [_img(data=[0.5] * 63)]},
+    {"inputs": [_img(data=[10**400] + [0] * 63)]},
+    {"inputs": [_img(data=[{"a": 1}] * 64)]},
+    {"inputs": [_img(data=[2.0] * 64)]},
+    {"inputs": [_img(data=[-0.5] * 64)]},
+    {"inputs": [_img(datatype="INT64", data=[1] * 64)]},
+    {"inputs": [_img(datatype="UINT8", data=[300] * 64)]},
+    {"inputs": [_img(shape=[1, 8, 8], data=[0.5] * 64)]},
+    {"inputs": [_img(shape=[0, 1, 8, 8], data=[])]},
+    {"inputs": [_img(shape=[1, 3, 8, 8], data=[0.5] * 192)]},
+    {"inputs": [_img(shape=[65, 1, 8, 8], data=[0.5] * 65 * 64)]},
+    {"inputs": [_img(parameters="x")]},
+    {"inputs": [_img(), _coeffs([[0] * 8])]},
+    {"inputs": [_img(), _coeffs([[0] * 9], dtype="FP64")]},
+    {"inputs": [_img(), _coeffs([0] * 9)]},
+    {"inputs": [_img(), _coeffs([[0] * 9, [0] * 9])]},
+    {"inputs": [_img(), _coeffs([[5.0] + [0] * 8])]},
+    {"inputs": [_img(), _coeffs([[0] * 9])], "parameters": {"forget": ["forget-1"]}},
+    {"inputs": [_img(), _img(name="extra")]},
+    {"inputs": [_img()] * 9},
+]
+PARAMS = [
+    "x",
+    1,
+    [],
+    {"forget": 5},
+    {"forget": True},
+    {"forget": [1, 2]},
+    {"forget": [None]},
+    {"forget": {"forget-1": "1"}},
+    {"forget": {"forget-1": None}},
+    {"forget": {"forget-1": True}},
+    {"forget": {"forget-1": [1]}},
+    {"forget": {"forget-1": 1e39}},
+    {"forget": {"forget-1": -1e39}},
+    {"forget": {"forget-1": 3.0}},
+    {"forget": {"nope": 1.0}},
+    {"forget": ["forget-9"]},
+    {"forget": ["forget-1", "forget-1"]},
+    {"forget": "{bad json"},
+    {"forget": "[" * 5000 + "]" * 5000},
+    {"forget": '{"forget-1": "x"}'},
+    {"forget": "nope,forget-1"},
+    {"policy": 5},
+    {"policy": ["eu"]},
+    {"policy": "nope"},
+    {"policy": "forget-1"},
+    {"forget": ["forget-1"], "policy": "eu"},
+    {"binary_data_output": "true"},
+    {"binary_data_output": 1},
+]
+FIELDS = [
+    {"id": 5},
+    {"id": ["a"]},
+    {"id": {"a": 1}},
+    {"id": True},
+    {"id": 1.5},
+    {"outputs": "logits"},
+    {"outputs": [1]},
+    {"outputs": [{"name": "nope"}]},
+    {"outputs": [{"name": None}]},
+    {"outputs": [{"name": "logits", "parameters": "x"}]},
+    {"outputs": [{"name": "logits", "parameters": {"binary_data": "yes"}}]},
+    {"outputs": [{"name": "logits"}, {"name": "probs"}]},
+    {"outputs": {}},
+]
+
+
+def _binary_cases():
+    raw = IMG.tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    hl = "inference-header-content-length"
+    cases = [(head + raw, {hl: v}) for v in ("x", "-1", "0", str(len(head) + len(raw) + 1), "1e3", "")]
+    cases.append((head + raw + b"\0" * 8, {hl: str(len(head))}))
+    cases.append((head + raw[:-4], {hl: str(len(head))}))
+    for size in (-1, True, "256", 2.5, 10**30, 12):
+        h = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 1, 8, 8],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": size},
+                    }
+                ]
+            }
+        ).encode()
+        cases.append((h + raw, {hl: str(len(h))}))
+    nan = np.full((1, 1, 8, 8), np.nan, np.float32).tobytes()
+    cases.append((head + nan, {hl: str(len(head))}))
+    inf = np.full((1, 1, 8, 8), np.inf, np.float32).tobytes()
+    cases.append((head + inf, {hl: str(len(head))}))
+    return cases
+
+
+CASES = (
+    [(b, {}) for b in BAD_JSON]
+    + [(b, {}) for b in NOT_OBJECT]
+    + [(json.dumps(c).encode(), {}) for c in INPUTS]
+    + [(_body(parameters=p), {}) for p in PARAMS]
+    + [(_body(**f), {}) for f in FIELDS]
+    + _binary_cases()
+    + [(b"[" * d + b"]" * d, {}) for d in (33, 1000, 200_000)]
+    + [
+        (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}),
+        (b'{"inputs": [' + b'{"a":' * 40 + b"1" + b"}" * 40 + b"]}", {}),
+    ]
+    + [
+        (_body(parameters={"forget": "x" * 300_000}), {}),
+        (json.dumps({"inputs": [_img(name="n" * 500_000)]}).encode(), {}),
+    ]
+    + [
+        (
+            b'{"inputs": [{"name": "image", "shape": [1,1,8,8], "datatype": "FP32", "data": [NaN'
+            + b",0.5" * 63
+            + b"]}]}",
+            {},
+        )
+    ]
+    + [
+        (
+            b'{"inputs": [{"name": "image", "shape": [1,1,8,8], "datatype": "FP32", "data": [Infinity'
+            + b",0.5" * 63
+            + b"]}]}",
+            {},
+        )
+    ]
+)
+
+
+@pytest.mark.parametrize("body, headers", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_malformed_request_is_a_counted_json_4xx(live, body, headers):
+    r = httpx.post(f"{live.url}/v2/models/digits/infer", content=body, headers=headers, timeout=10)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json") and "error" in r.json()
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/nope", 404),
+        ("GET", "/v2/models/digits/infer", 405),
+        ("PUT", "/v2/models/digits/infer", 405),
+        ("DELETE", "/v2/repository/models/digits/load", 405),
+        ("POST", "/v2/models/other/infer", 404),
+        ("POST", "/v2/models/digits/versions/2/infer", 404),
+        ("GET", "/v2/models/other", 404),
+        ("GET", "/v2/models/" + "x" * 5000, 404),
+        ("POST", "/v2/health/live", 405),
+        ("GET", "/v2/models/digits/versions/1/ready/extra", 404),
+    ],
+)
+def test_routing_errors_are_json(live, method, path, status):
+    r = httpx.request(method, f"{live.url}{path}", content=b"{}", timeout=10)
+    assert r.status_code == status and "error" in r.json()
+
+
+def test_failures_are_counted_and_the_server_still_serves(live, torch_reference):
+    httpx.post(f"{live.url}/v2/models/digits/infer", content=b"{", timeout=10)
+    text = httpx.get(f"{live.url}/metrics", timeout=10).text
+    assert 'forgetrt_http_responses_total{route="/v2/models/{model}/infer",status="400"}' in text
+    assert 'status="404"' in text and 'status="405"' in text
+    assert 'forgetrt_request_failures_total{error="InvalidInputError"}' in text
+    body = _body(parameters={"forget": {"forget-3": 1.0}}, id="ok-1")
+    r = httpx.post(f"{live.url}/v2/models/digits/infer", content=body, timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "ok-1"
+    want = torch_reference(IMG, np.eye(9, dtype=np.float32)[3][None])
+    np.testing.assert_allclose(np.asarray(r.json()["outputs"][0]["data"]).reshape(1, 10), want, atol=1e-5, rtol=0)

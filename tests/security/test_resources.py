@@ -1,0 +1,185 @@
+"""Bounded resources: body size before reading, streamed bodies, header and body time limits, the
+connection cap, the in-flight cap, malformed HTTP, and a JSON 500 for what nobody expected."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+INFER = "/v2/models/digits/infer"
+
+
+def _head(path: str, length: int | None = None, extra: str = "") -> bytes:
+    cl = f"content-length: {length}\r\n" if length is not None else ""
+    return f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{cl}{extra}\r\n".encode()
+
+
+def _status(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1]) if resp.startswith(b"HTTP/1.1 ") else 0
+
+
+def _json_body(resp: bytes) -> dict:
+    return json.loads(resp.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("declared", [(1 << 20) + 1, 10 << 30, 10**18])
+def test_content_length_over_the_limit_is_refused_before_reading(live, declared):
+    t0 = time.perf_counter()
+    resp = live.raw(_head(INFER, declared))  # no body is sent at all
+    assert _status(resp) == 413 and "over the limit" in _json_body(resp)["error"]
+    assert time.perf_counter() - t0 < 2
+
+
+def test_streamed_body_stops_at_the_limit(live):
+    chunk = b"x" * 65536
+    data = _head(INFER, None, "transfer-encoding: chunked\r\n")
+    data += b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"  # 1.25 MiB
+    resp = live.raw(data)
+    assert _status(resp) == 413
+
+
+@pytest.mark.parametrize("partial", [b"", b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\n", b"GE"])
+def test_slow_or_idle_headers_are_cut_off(live, partial):
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+        s.sendall(partial)
+        time.sleep(1.6)  # the header limit is 1 s
+        s.settimeout(2)
+        try:
+            got = s.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""  # closed by the server without a response
+
+
+def test_slow_body_gets_408(live):
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+        s.sendall(_head(INFER, 100) + b'{"inputs": ')
+        time.sleep(1.5)  # the body limit is 1 s
+        s.settimeout(3)
+        resp = s.recv(65536)
+    assert _status(resp) == 408 and "did not arrive" in _json_body(resp)["error"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST /v2 HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (70 << 10) + b"\r\n\r\n",
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: -5\r\n\r\n",
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+    ],
+)
+def test_malformed_http_gets_a_json_4xx(live, raw):
+    resp = live.raw(raw)
+    assert 400 <= _status(resp) < 500 and "error" in _json_body(resp), resp[:200]
+
+
+def test_connection_cap(live):
+    socks = []
+    try:
+        for _ in range(45):  # the cap is 40 (this test's own connections included)
+            socks.append(socket.create_connection(("127.0.0.1", live.port), timeout=5))
+        time.sleep(0.3)
+        refused = 0
+        for s in socks[-5:]:
+            s.settimeout(2)
+            try:
+                data = s.recv(4096)
+            except (TimeoutError, ConnectionResetError):
+                data = b""
+            if data.startswith(b"HTTP/1.1 503"):
+                refused += 1
+                assert b"too many open connections" in data
+        assert refused >= 1
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.3)
+    assert httpx.get(f"{live.url}/v2/health/ready", timeout=5).status_code == 200  # serving again
+
+
+def test_in_flight_cap_answers_429_before_reading(digits_bundle):
+    from forgetrt.runtime import Runtime, RuntimeConfig
+    from forgetrt.runtime.limits import ServerLimits
+    from forgetrt.runtime.server import create_app
+
+    from .conftest import Live
+
+    limits = ServerLimits(max_inflight=2, body_timeout_s=5.0, header_timeout_s=5.0)
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
+    srv = Live(create_app(rt, "digits", limits=limits), limits)
+    holders = []
+    try:
+        for _ in range(2):  # two requests whose bodies trickle in hold both slots
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.sendall(_head(INFER, 1000) + b'{"inputs": ')
+            holders.append(s)
+        time.sleep(0.3)
+        r = httpx.post(f"{srv.url}{INFER}", content=b"{}", timeout=5)
+        assert r.status_code == 429 and "in flight" in r.json()["error"]
+    finally:
+        for s in holders:
+            s.close()
+        srv.close()
+        rt.close()
+
+
+def test_a_big_body_does_not_hold_up_small_ones(live):
+    """A body near the limit is parsed off the event loop: a small request meanwhile is answered quickly."""
+    # 800 images parse (off the loop) and are then refused as over the batch limit
+    big = json.dumps(
+        {"inputs": [{"name": "image", "shape": [800, 1, 8, 8], "datatype": "FP32", "data": [0.1234567] * 51200}]}
+    ).encode()
+    assert 500_000 < len(big) < (1 << 20)
+    done = []
+
+    def send_big():
+        done.append(httpx.post(f"{live.url}{INFER}", content=big, timeout=20).status_code)
+
+    threads = [threading.Thread(target=send_big) for _ in range(4)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    r = httpx.get(f"{live.url}/v2/health/ready", timeout=10)
+    small = time.perf_counter() - t0
+    for t in threads:
+        t.join()
+    assert r.status_code == 200 and done == [400] * 4
+    assert small < 2.0
+
+
+def test_an_unexpected_failure_is_a_json_500(digits_bundle):
+    from forgetrt.runtime import Runtime, RuntimeConfig
+    from forgetrt.runtime.limits import ServerLimits
+    from forgetrt.runtime.server import ServerMetrics, create_app
+
+    from .conftest import Live
+
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
+
+    async def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    rt.infer_async = broken  # a bug nobody anticipated, not a client's mistake
+    metrics = ServerMetrics()
+    srv = Live(create_app(rt, "digits", metrics=metrics), ServerLimits())
+    try:
+        body = json.dumps(
+            {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+        )
+        r = httpx.post(f"{srv.url}{INFER}", content=body, timeout=5)
+        assert r.status_code == 500 and r.json() == {"error": "internal server error"}
+        assert 'status="500"' in httpx.get(f"{srv.url}/metrics", timeout=5).text
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        assert rt.infer(x).logits.shape == (1, 10)  # the runtime itself is fine
+    finally:
+        srv.close()
+        rt.close()
