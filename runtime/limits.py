@@ -34,11 +34,20 @@ class ServerLimits:
         default=256, metadata={"help": "Requests being read, parsed or computed; beyond, 429 before the body is read."}
     )
     max_json_depth: int = field(default=64, metadata={"help": "Deepest JSON nesting accepted in a request."})
+    parse_workers: int = field(
+        default=1,
+        metadata={
+            "help": "Processes that parse request JSON of 1 MiB or more and encode answers of 65,536 or more "
+            "logits, so they do not hold other clients up (Python's JSON holds the GIL); 0 uses a thread."
+        },
+    )
 
     def __post_init__(self) -> None:
         for k in ("max_body_bytes", "max_header_bytes", "max_connections", "max_inflight", "max_json_depth"):
             if int(getattr(self, k)) < 1:
                 raise InvalidInputError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if int(self.parse_workers) < 0:
+            raise InvalidInputError(f"parse_workers must be >= 0, got {self.parse_workers}")
         for k in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             v = float(getattr(self, k))
             if not (math.isfinite(v) and v > 0):

@@ -23,9 +23,11 @@ any bad request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +59,10 @@ __all__ = ["create_app", "serve", "ServerMetrics", "ServerLimits", "uvicorn_conf
 
 log = logging.getLogger("forgetrt.server")
 HEADER_LEN = "inference-header-content-length"
-#: bodies this large or larger are parsed on a worker thread, so other clients are not held up
+#: JSON this large or larger is parsed (and logits this many or more are encoded) in a worker process:
+#: Python's json holds the GIL, so on a thread it would still stall every other client
 OFFLOAD_BYTES = 1 << 20
+OFFLOAD_VALUES = 1 << 16
 
 
 class TooLarge(InvalidInputError):
@@ -71,6 +75,59 @@ class BodyTimeout(InvalidInputError):
 
 class Overloaded(QueueFullError):
     """429: too many requests in flight."""
+
+
+class WorkerLost(ForgetRTError):
+    """503: the process parsing a large body died (out of memory, killed); the request can be retried."""
+
+
+class _Offloader:
+    """Runs the pure-Python work of large bodies (JSON parsing, array building, JSON encoding) in
+    ``workers`` spawned processes, so the event loop keeps serving other clients meanwhile; with 0 workers
+    it runs on a thread (the GIL is then held for the whole parse). Created on first use."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: Any = None
+        self._lock = threading.Lock()
+        self.jobs = 0  # how many ran in a worker (for tests and debugging)
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                # spawn: the server process holds engine threads, which fork would copy half-alive
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def start(self) -> None:
+        """Spawn the workers now (a server calls this at startup, so the first large body does not pay it)."""
+        if self.workers:
+            self._get().submit(int)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        if self.workers == 0:
+            return await asyncio.to_thread(fn, *args)
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._get()
+        self.jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise WorkerLost("the worker parsing this request died (out of memory?); retry it") from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _version() -> str:
@@ -147,6 +204,7 @@ _STATUS = [
     (BodyTimeout, 408),
     (TooLarge, 413),
     (RuntimeClosedError, 503),
+    (WorkerLost, 503),
     (EngineError, 500),
     (ControlDisabled, 403),
     (Unauthorized, 401),
@@ -199,6 +257,20 @@ def _json_depth_ok(text: bytes, limit: int) -> bool:
         elif ch in (b"]", b"}"):
             depth -= 1
     return True
+
+
+def _json_bytes(body: bytes, header_len: str | None) -> int:
+    """How many bytes of the body are JSON (all of it, or the binary extension's header)."""
+    try:
+        return len(body) if header_len is None else min(len(body), max(0, int(header_len)))
+    except ValueError:
+        return len(body)
+
+
+def _encode_json(resp: dict, logits: np.ndarray) -> bytes:
+    """The JSON response with the logits as its output's data (what JSONResponse would render)."""
+    resp["outputs"][0]["data"] = logits.reshape(-1).tolist()
+    return json.dumps(resp, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _parse_request(body: bytes, header_len: str | None, max_depth: int = 64) -> tuple[dict, bytes]:
@@ -458,6 +530,7 @@ def create_app(
         log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
     inflight = {"n": 0}
     load_lock = asyncio.Lock()
+    offload = _Offloader(limits.parse_workers)
 
     def _model_or_404(request: Request) -> JSONResponse | None:
         name = request.path_params["model"]
@@ -524,8 +597,8 @@ def create_app(
         try:
             body = await _read_body(request, limits)
             header_len = request.headers.get(HEADER_LEN)
-            if len(body) >= OFFLOAD_BYTES:  # big bodies are parsed off the event loop
-                parsed = await asyncio.to_thread(_parse_infer, body, header_len, spec, limits)
+            if _json_bytes(body, header_len) >= OFFLOAD_BYTES:  # big JSON is parsed off the event loop
+                parsed = await offload.run(_parse_infer, body, header_len, spec, limits)
             else:
                 parsed = _parse_infer(body, header_len, spec, limits)
             result = await runtime.infer_async(parsed.images, parsed.forget, coeffs=parsed.coeffs)
@@ -554,9 +627,14 @@ def create_app(
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(resp).encode()
             return Response(head + raw, media_type="application/octet-stream", headers={HEADER_LEN: str(len(head))})
-        out["data"] = logits.reshape(-1).tolist()
         log.debug("infer %d images in %.2f ms", len(logits), 1e3 * (time.perf_counter() - t0))
-        return JSONResponse(resp)
+        if logits.size >= OFFLOAD_VALUES:
+            try:
+                encoded = await offload.run(_encode_json, resp, logits)
+            except WorkerLost as e:
+                return _failed(e)
+            return Response(encoded, media_type="application/json")
+        return Response(_encode_json(resp, logits), media_type="application/json")
 
     async def repo_index(request: Request) -> Response:
         return JSONResponse([{"name": model_name, "version": "1", "state": "READY"}])
@@ -618,7 +696,17 @@ def create_app(
         Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
         Route("/metrics", prom),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await asyncio.to_thread(offload.start)
+        yield
+        await asyncio.to_thread(offload.close)
+
+    app = Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan
+    )
+    app.state.offload = offload
     return _Counted(app, metrics)  # type: ignore[return-value]
 
 
