@@ -9,7 +9,9 @@ Endpoints: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/NAME
 Bounded (:class:`ServerLimits`): a body over the limit is refused with 413 from its Content-Length,
 before it is read, and a streamed body stops at the limit; headers and bodies have time limits (408);
 connections are capped; JSON nesting is bounded; when more requests are in flight than the limit, new
-ones get 429 before their body is read; large bodies are parsed off the event loop.
+ones get 429 before their body is read; JSON bodies of 1 MiB or more are parsed (and large answers
+encoded) in a spawned worker process (``ServerLimits.parse_workers``), off the event loop and its GIL, so a
+script that builds the app must do so under ``if __name__ == "__main__":`` (or use ``parse_workers=0``).
 
 The composition comes as a ``coeffs`` input tensor [N, K], or by name in the request's
 ``parameters``: ``{"forget": {"forget-3": 1.0}}`` (a mapping, a list of names, or either as a JSON
