@@ -135,8 +135,12 @@ class BankSnapshot:
                 raise unknown("vector", name, self.names)
             try:
                 w = float(w)
+            except OverflowError:
+                raise InvalidInputError(
+                    f"weight for {name!r} must be a finite float32; got an integer too large"
+                ) from None
             except (TypeError, ValueError):
-                raise InvalidInputError(f"weight for {name!r} must be a number, got {w!r}") from None
+                raise InvalidInputError(f"weight for {name!r} must be a number, got {type(w).__name__}") from None
             if not math.isfinite(w) or abs(w) > _F32_MAX:
                 raise InvalidInputError(f"weight for {name!r} must be a finite float32, got {w}")
             if self.coeff_range is not None and not (self.coeff_range[0] <= w <= self.coeff_range[1]):

@@ -111,11 +111,15 @@ class ControlPlane:
             raise InvalidInputError("parameters.bank must be a bank folder name relative to the bank root")
         assert self.bank_root is not None
         refused = BankLoadRefused(f"bank {raw!r} not found under the bank root")
-        if os.path.isabs(raw):
+        # '..' is refused before anything is resolved: resolving it would test paths outside the root
+        # (an existence oracle); a name is a plain relative path of folder names
+        parts = raw.replace("\\", "/").split("/")
+        if os.path.isabs(raw) or any(part in ("", ".", "..") for part in parts):
             raise refused
         try:
+            raw.encode("utf-8")
             path = (self.bank_root / raw).resolve(strict=True)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):
             raise refused from None
         if not path.is_relative_to(self.bank_root) or not (path / MANIFEST_FILE).is_file():
             raise refused

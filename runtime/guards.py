@@ -4,7 +4,7 @@ A bundle's mandatory vectors δ_m are added to every request; the selectable vec
 coefficients the request chooses (inside the bundle's coefficient range). If some allowed combination
 Σ c_k v_k comes close to −δ_m, a request could undo the mandatory forgetting with allowed inputs. This
 module measures that: the smallest relative residual ‖δ_m + Σ c_k v_k‖₂ / ‖δ_m‖₂ over the allowed
-coefficients (bounded least squares, FISTA on the K×K Gram matrix), plus the cosine of every selectable
+coefficients (exact bounded-variable least squares, scipy's BVLS), plus the cosine of every selectable
 vector with every mandatory one (duplicates and near-duplicates). Export refuses a selectable set whose
 residual is under the bundle's threshold, and the runtime refuses a hot swap that would produce one.
 
@@ -50,23 +50,16 @@ class Cancellation:
     coefficients: np.ndarray  # the minimizing coefficients, in selectable order
     max_cosine: float  # largest |cos| between a selectable and a mandatory vector
     worst_pair: tuple[str, str] | None  # (selectable, mandatory) names of that cosine
+    converged: bool = True  # False: the solver stopped early and the residual is not proven (refused)
 
 
-def _box_least_squares(a: np.ndarray, b: np.ndarray, lo: float, hi: float, iters: int = 3000) -> np.ndarray:
-    """argmin over c in [lo, hi]^K of ‖aᵀc + b‖², by accelerated projected gradient on the Gram matrix."""
-    g = a @ a.T
-    h = a @ b
-    lipschitz = float(np.linalg.eigvalsh(g).max()) if len(g) else 0.0
-    c = np.clip(np.zeros(len(g)), lo, hi)
-    if lipschitz <= 0:
-        return c
-    y, t = c.copy(), 1.0
-    for _ in range(iters):
-        c_next = np.clip(y - (g @ y + h) / lipschitz, lo, hi)
-        t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        y = c_next + ((t - 1) / t_next) * (c_next - c)
-        c, t = c_next, t_next
-    return c
+def _box_least_squares(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, bool]:
+    """argmin over c in [lo, hi]^K of ‖aᵀc + b‖², exactly (scipy's bounded-variable least squares, an
+    active-set method on ``a`` itself, not its Gram matrix), and whether it converged."""
+    from scipy.optimize import lsq_linear
+
+    res = lsq_linear(a.T, -b, bounds=(lo, hi), method="bvls", tol=1e-12, max_iter=max(100, 20 * len(a)))
+    return np.clip(res.x, lo, hi), bool(res.status > 0)
 
 
 def cancellation(
@@ -83,11 +76,12 @@ def cancellation(
     b = np.asarray(mandatory, np.float64).ravel()
     norm = float(np.linalg.norm(b))
     if norm == 0 or len(a) == 0:
-        return Cancellation(1.0, np.zeros(len(a)), 0.0, None)
+        return Cancellation(1.0, np.zeros(len(a)), 0.0, None, True)
+    converged = True
     if coeff_range is None:
         c = -np.linalg.lstsq(a.T, b, rcond=None)[0]
     else:
-        c = _box_least_squares(a, b, float(coeff_range[0]), float(coeff_range[1]))
+        c, converged = _box_least_squares(a, b, float(coeff_range[0]), float(coeff_range[1]))
     residual = float(np.linalg.norm(a.T @ c + b) / norm)
     max_cos, pair = 0.0, None
     an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -99,7 +93,7 @@ def cancellation(
         if cos[i] > max_cos:
             max_cos = float(cos[i])
             pair = (selectable_names[i] if i < len(selectable_names) else str(i), mname)
-    return Cancellation(residual, c, max_cos, pair)
+    return Cancellation(residual, c, max_cos, pair, converged)
 
 
 def check_cancellation(
@@ -121,6 +115,11 @@ def check_cancellation(
             f"selectable vector {res.worst_pair[0]!r} near-duplicates mandatory vector {res.worst_pair[1]!r} "
             f"(|cos| {res.max_cosine:.3f} >= {NEAR_DUPLICATE_COSINE}): "
             "a negative weight on it would cancel the mandatory one"
+        )
+    if not res.converged:
+        raise MismatchError(
+            "could not establish that the selectable vectors cannot cancel the mandatory δ (the bounded "
+            "least-squares solve did not converge; the vectors are badly conditioned): refused"
         )
     if res.residual < threshold:
         weights = ", ".join(

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -195,8 +196,16 @@ class ServerMetrics:
         self.batch_requests.observe(n_requests)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _json(obj: Any) -> bytes:
+    """Compact JSON, ASCII only (a lone surrogate from a client's string cannot break the encoding)."""
+    return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    if status in (408, 413):  # the rest of the body is not worth reading: close once answered
+        headers.setdefault("connection", "close")
+    return Response(_json({"error": message}), status_code=status, headers=headers, media_type="application/json")
 
 
 _STATUS = [
@@ -234,29 +243,20 @@ _DTYPES = {
 }
 
 
-def _json_depth_ok(text: bytes, limit: int) -> bool:
-    """Whether the nesting of brackets (outside strings) stays within ``limit``; a scan in C, not Python:
-    only the bracket and quote bytes are visited."""
-    import re
+#: a whole JSON string (escapes included) or one bracket: the scan below skips strings in C
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
 
-    depth, in_str, escaped = 0, False, False
-    for m in re.finditer(rb'[\[\]{}"\\]', text):
+
+def _json_depth_ok(text: str, limit: int) -> bool:
+    """Whether the nesting of brackets outside strings stays within ``limit``, before the parser recurses."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
         ch = m.group()
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == b"\\":
-                escaped = True
-            elif ch == b'"':
-                in_str = False
-            continue
-        if ch == b'"':
-            in_str = True
-        elif ch in (b"[", b"{"):
+        if ch == "[" or ch == "{":
             depth += 1
             if depth > limit:
                 return False
-        elif ch in (b"]", b"}"):
+        elif ch == "]" or ch == "}":
             depth -= 1
     return True
 
@@ -272,24 +272,27 @@ def _json_bytes(body: bytes, header_len: str | None) -> int:
 def _encode_json(resp: dict, logits: np.ndarray) -> bytes:
     """The JSON response with the logits as its output's data (what JSONResponse would render)."""
     resp["outputs"][0]["data"] = logits.reshape(-1).tolist()
-    return json.dumps(resp, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return _json(resp)
 
 
 def _parse_request(body: bytes, header_len: str | None, max_depth: int = 64) -> tuple[dict, bytes]:
     if header_len is not None:
-        try:
-            n = int(header_len)
-        except ValueError:
-            raise InvalidInputError(f"{HEADER_LEN} must be an integer, got {header_len!r}") from None
+        if not re.fullmatch(r"[0-9]{1,12}", header_len):
+            raise InvalidInputError(f"{HEADER_LEN} must be a decimal integer, got {header_len[:40]!r}")
+        n = int(header_len)
         if not 0 < n <= len(body):
             raise InvalidInputError(f"{HEADER_LEN} is {n} but the body has {len(body)} bytes")
         head, rest = body[:n], body[n:]
     else:
         head, rest = body, b""
-    if not _json_depth_ok(head, max_depth):
+    try:  # JSON on the wire is UTF-8 (RFC 8259); other encodings would also hide brackets from the scan
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"request JSON must be UTF-8: {str(e)[:200]}") from None
+    if not _json_depth_ok(text, max_depth):
         raise InvalidInputError(f"request JSON is nested deeper than {max_depth} levels")
     try:
-        req = json.loads(head)
+        req = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         raise InvalidInputError(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(req, dict):
@@ -350,8 +353,12 @@ def _tensors(req: dict, binary: bytes, max_elements: int) -> dict[str, np.ndarra
             if data is None:
                 raise InvalidInputError(f"input {name!r} has neither data nor binary_data_size")
             try:
-                arr = np.asarray(data, dtype=np_dtype)
-            except (TypeError, ValueError, OverflowError) as e:
+                arr = np.asarray(data)
+                # numbers only: numpy would also turn "0.5" or true into FP32, and 0.5 into INT32 (as 0)
+                if arr.dtype.kind not in ("f", "i", "u") or (np.dtype(np_dtype).kind in "iu" and arr.dtype.kind == "f"):
+                    raise TypeError(f"values of the wrong kind ({arr.dtype.kind!r} data)")
+                arr = _cast_checked(arr, np.dtype(np_dtype))
+            except (TypeError, ValueError, OverflowError, FloatingPointError) as e:
                 raise InvalidInputError(f"input {name!r}: data is not {dtype}: {str(e)[:200]}") from None
             if arr.size != count:
                 raise InvalidInputError(f"input {name!r}: {arr.size} values do not fill shape {shape}")
@@ -360,6 +367,28 @@ def _tensors(req: dict, binary: bytes, max_elements: int) -> dict[str, np.ndarra
     if offset != len(binary):
         raise InvalidInputError(f"{len(binary) - offset} unexpected trailing bytes after the binary inputs")
     return out
+
+
+def _cast_checked(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` as ``dtype``, refusing values the type cannot hold (numpy would wrap or overflow silently)."""
+    if dtype.kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise OverflowError(f"values outside [{info.min}, {info.max}]")
+    with np.errstate(over="ignore"):
+        out = arr.astype(dtype)
+    if dtype.kind == "f" and arr.dtype.kind == "f" and arr.size and not np.isfinite(out).all():
+        if np.isfinite(arr).all():
+            raise OverflowError(f"values beyond the range of {dtype.name}")
+    return out
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates (\ud800) are valid JSON escapes but not text
+        return False
+    return True
 
 
 def _forget_param(params: Any) -> Any:
@@ -379,7 +408,7 @@ def _forget_param(params: Any) -> Any:
         if text.startswith(("{", "[")):
             try:
                 forget = json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:  # ValueError: also integers past Python's digit limit
                 raise InvalidInputError(f"'forget' is not valid JSON: {str(e)[:200]}") from None
         else:
             forget = [s.strip() for s in text.split(",") if s.strip()]
@@ -413,8 +442,8 @@ def _parse_infer(body: bytes, header_len: str | None, spec, limits: ServerLimits
     if spec.image_name not in tensors:
         raise InvalidInputError(f"input {spec.image_name!r} is required")
     rid = req.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise InvalidInputError("'id' must be a string")
+    if rid is not None and (not isinstance(rid, str) or not _is_unicode(rid) or len(rid) > 1024):
+        raise InvalidInputError("'id' must be a string of valid Unicode, at most 1024 characters")
     params = req.get("parameters")
     forget = _forget_param(params)
     binary_out = False
@@ -708,11 +737,12 @@ def create_app(
     app = Starlette(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error}, lifespan=lifespan
     )
+    app.router.redirect_slashes = False  # no 307 to a client-named Host: a trailing slash is a JSON 404
     app.state.offload = offload
     return _Counted(app, metrics)  # type: ignore[return-value]
 
 
-def _guarded_protocol(limits: ServerLimits):
+def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None):
     """uvicorn's h11 protocol with a header time limit and a connection cap (uvicorn has neither): a
     connection that has not completed a request's headers within ``header_timeout_s`` (from connecting,
     or from its previous response) is closed, and one over ``max_connections`` gets a 503 and is closed."""
@@ -728,6 +758,8 @@ def _guarded_protocol(limits: ServerLimits):
             super().connection_made(transport)
             self._header_timer = None
             if len(self.connections) > limits.max_connections:
+                if metrics is not None:
+                    metrics.responses.labels(route="(connection cap)", status="503").inc()
                 transport.write(busy)
                 transport.close()
                 return
@@ -763,6 +795,8 @@ def _guarded_protocol(limits: ServerLimits):
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:  # malformed HTTP (bad request line, oversized headers)
+            if metrics is not None:
+                metrics.responses.labels(route="(malformed HTTP)", status="400").inc()
             body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
             self.transport.write(
                 b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -785,7 +819,7 @@ def uvicorn_config(
         host=host,
         port=port,
         log_level=log_level,
-        http=_guarded_protocol(limits),
+        http=_guarded_protocol(limits, getattr(app, "metrics", None)),
         timeout_keep_alive=int(math.ceil(limits.keep_alive_s)),
         h11_max_incomplete_event_size=limits.max_header_bytes,
     )

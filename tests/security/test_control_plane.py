@@ -99,6 +99,37 @@ def test_paths_outside_the_root_or_not_banks_are_one_404(live, bank):
         assert "parameters.bank" in msg
 
 
+def test_dot_dot_is_refused_before_resolving_so_nothing_outside_is_probed(live, bank_root):
+    """Resolving '..' would test every component on the way (/etc/passwd/.. fails, /etc/.. does not): a
+    load that passes outside the root must fail the same way whether what it passes exists or not."""
+    root = bank_root.name
+    outside = next(p for p in bank_root.parent.iterdir() if p.name.startswith("outside"))
+    probes = [
+        f"../{root}/v2",  # back into the root: still refused
+        f"../{outside.name}/evil/../../{root}/v2",  # passes through something that exists
+        f"../no-such-folder/../{root}/v2",  # passes through something that does not
+        "v2/../v2",
+        "../../../etc/passwd/../../" + root + "/v2",
+    ]
+    for bank in probes:
+        r = _load(live, bank)
+        assert r.status_code == 404 and r.json()["error"] == f"bank {bank!r} not found under the bank root"
+    assert _load(live, "nested/v3").status_code == 200  # plain names inside still load
+    assert _load(live, "v2").status_code == 200
+
+
+@pytest.mark.parametrize("bank", ["\ud800", "v2/\udfff", "\ud800/.."])
+def test_bank_names_that_are_not_text_are_refused_cleanly(live, bank):
+    # a lone surrogate, as JSON's \\u escape delivers it
+    r = httpx.post(
+        f"{live.url}{LOAD}",
+        content=json.dumps({"parameters": {"bank": bank}}).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 404 and "not found under the bank root" in r.json()["error"]
+
+
 @pytest.mark.parametrize("bank", [5, None, ["v2"], {"a": "v2"}, True, ""])
 def test_bank_parameter_must_be_a_name(live, bank):
     r = httpx.post(

@@ -90,6 +90,9 @@ INPUTS = [
     {"inputs": [_img(), _coeffs([[0] * 9])], "parameters": {"forget": ["forget-1"]}},
     {"inputs": [_img(), _img(name="extra")]},
     {"inputs": [_img()] * 9},
+    {"inputs": [_img(data=["0.5"] * 64)]},  # numbers only: numpy would read the strings as floats
+    {"inputs": [_img(data=[True] * 64)]},
+    {"inputs": [_img(), _coeffs([[0] * 9], dtype="INT32") | {"data": [0.5] + [0] * 8}]},
 ]
 PARAMS = [
     "x",
@@ -120,6 +123,8 @@ PARAMS = [
     {"forget": ["forget-1"], "policy": "eu"},
     {"binary_data_output": "true"},
     {"binary_data_output": 1},
+    {"forget": {"forget-1": 10**400}},  # an integer no float holds
+    {"forget": '{"forget-1": ' + "1" * 5000 + "}"},  # past Python's integer digit limit
 ]
 FIELDS = [
     {"id": 5},
@@ -135,6 +140,8 @@ FIELDS = [
     {"outputs": [{"name": "logits", "parameters": {"binary_data": "yes"}}]},
     {"outputs": [{"name": "logits"}, {"name": "probs"}]},
     {"outputs": {}},
+    {"id": "\ud800"},  # a lone surrogate: valid JSON escape, not text
+    {"id": "x" * 2000},
 ]
 
 
@@ -153,7 +160,10 @@ def _binary_cases():
         }
     ).encode()
     hl = "inference-header-content-length"
-    cases = [(head + raw, {hl: v}) for v in ("x", "-1", "0", str(len(head) + len(raw) + 1), "1e3", "")]
+    cases = [
+        (head + raw, {hl: v})
+        for v in ("x", "-1", "0", str(len(head) + len(raw) + 1), "1e3", "", f"+{len(head)}", "1_00")
+    ]
     cases.append((head + raw + b"\0" * 8, {hl: str(len(head))}))
     cases.append((head + raw[:-4], {hl: str(len(head))}))
     for size in (-1, True, "256", 2.5, 10**30, 12):
@@ -193,6 +203,14 @@ CASES = (
         (_body(parameters={"forget": "x" * 300_000}), {}),
         (json.dumps({"inputs": [_img(name="n" * 500_000)]}).encode(), {}),
     ]
+    + [  # JSON in UTF-16: a character whose bytes contain '"' would hide the nesting from a byte scan
+        (
+            ('{"inputs": [' + json.dumps(_img()) + '], "y": "\u2200", "x": ' + "[" * 500 + "]" * 500 + "}").encode(enc),
+            {},
+        )
+        for enc in ("utf-16", "utf-16-le", "utf-32")
+    ]
+    + [(b'{"id": "a\\", "inputs": [' + json.dumps(_img()).encode() + b'], "x": ' + b"[" * 40 + b"]" * 40 + b"}", {})]
     + [
         (
             b'{"inputs": [{"name": "image", "shape": [1,1,8,8], "datatype": "FP32", "data": [NaN'
@@ -232,10 +250,14 @@ def test_malformed_request_is_a_counted_json_4xx(live, body, headers):
         ("GET", "/v2/models/" + "x" * 5000, 404),
         ("POST", "/v2/health/live", 405),
         ("GET", "/v2/models/digits/versions/1/ready/extra", 404),
+        ("POST", "/v2/models/digits/infer/", 404),  # no redirect (to a Host the client names)
+        ("GET", "/v2/", 404),
+        ("GET", "/metrics/", 404),
+        ("PUT", "/v2/repository/models/digits/load/", 404),
     ],
 )
 def test_routing_errors_are_json(live, method, path, status):
-    r = httpx.request(method, f"{live.url}{path}", content=b"{}", timeout=10)
+    r = httpx.request(method, f"{live.url}{path}", content=b"{}", headers={"host": "evil.example"}, timeout=10)
     assert r.status_code == status and "error" in r.json()
 
 
@@ -250,3 +272,43 @@ def test_failures_are_counted_and_the_server_still_serves(live, torch_reference)
     assert r.status_code == 200 and r.json()["id"] == "ok-1"
     want = torch_reference(IMG, np.eye(9, dtype=np.float32)[3][None])
     np.testing.assert_allclose(np.asarray(r.json()["outputs"][0]["data"]).reshape(1, 10), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "datatype, data, ok",
+    [
+        ("FP32", [0.5, 1], True),
+        ("FP32", [1, 2], True),  # integers are numbers
+        ("FP32", ["0.5", "1"], False),
+        ("FP32", [True, False], False),
+        ("FP32", [1e39, 0], False),  # beyond float32
+        ("FP64", [1e39, 0], True),
+        ("INT32", [1, 2], True),
+        ("INT32", [0.5, 1], False),  # would truncate to 0
+        ("INT32", [2**31, 0], False),  # would wrap
+        ("UINT8", [255, 0], True),
+        ("UINT8", [256, 0], False),
+        ("UINT8", [-1, 0], False),
+        ("INT64", [2**63, 0], False),
+        ("FP16", [70000.0, 0], False),
+    ],
+)
+def test_data_must_be_numbers_the_datatype_holds(datatype, data, ok):
+    from forgetrt.runtime.errors import InvalidInputError
+    from forgetrt.runtime.server import _tensors
+
+    req = {"inputs": [{"name": "x", "shape": [2], "datatype": datatype, "data": data}]}
+    if ok:
+        np.testing.assert_array_equal(_tensors(req, b"", 100)["x"], np.asarray(data))
+    else:
+        with pytest.raises(InvalidInputError, match="data is not"):
+            _tensors(req, b"", 100)
+
+
+def test_the_depth_scan_skips_strings_with_escapes():
+    from forgetrt.runtime.server import _json_depth_ok
+
+    assert not _json_depth_ok('{"a": "x\\n", "b": [[[[1]]]]}', 4)  # an escape inside a string
+    assert _json_depth_ok('{"a": "x\\n", "b": [[[1]]]}', 4)
+    assert not _json_depth_ok('{"a": "\\\\", "b": [[[[]]]]}', 4)  # an escaped backslash ends the string
+    assert _json_depth_ok('{"a": "[[[[[[[[[[\\"]]]"}', 1)  # brackets and escaped quotes inside a string

@@ -58,6 +58,24 @@ def test_export_refuses_selectable_vectors_that_cancel_the_mandatory_one(
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("scale", [10.0, 3000.0, 1e5])
+def test_badly_conditioned_pairs_cannot_hide_a_cancellation(digits_bank, scale):
+    """Two huge, nearly opposite vectors whose sum is -δ_mandatory: an iterative solver stopped early
+    reported a residual of 0.96 at scale 3000 (an attacker's bank got through); the exact solve finds 0."""
+    from forgetrt.runtime.bank import VectorBank
+    from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD, cancellation, check_cancellation
+
+    d9 = VectorBank.load(digits_bank[0]).get("forget-9").astype(np.float64)
+    rng = np.random.default_rng(1)
+    r = rng.normal(0, 1, d9.shape)
+    r -= (r.ravel() @ d9.ravel()) / (d9.ravel() @ d9.ravel()) * d9  # perpendicular to δ9
+    r *= scale * np.linalg.norm(d9) / np.linalg.norm(r)
+    pair = np.stack([-d9 / 2 + r, -d9 / 2 - r]).astype(np.float32)
+    assert cancellation(pair, d9, (0.0, 1.0)).residual < 0.05
+    with pytest.raises(MismatchError, match="can cancel"):
+        check_cancellation(pair, d9, (0.0, 1.0), DEFAULT_CANCEL_THRESHOLD, selectable_names=("evil-a", "evil-b"))
+
+
 def test_a_combination_is_harmless_where_the_range_forbids_cancelling_it(attack_bank, digits_model_dir, tmp_path):
     """half-a + half-b = δ9 cancels only with negative coefficients; a range of [0, 1] forbids them."""
     from forgetrt.export.onnx_export import export_onnx

@@ -36,6 +36,23 @@ def test_content_length_over_the_limit_is_refused_before_reading(live, declared)
     assert time.perf_counter() - t0 < 2
 
 
+def test_a_refused_body_closes_the_connection(live):
+    """After the 413 the server closes the connection rather than reading and discarding the body."""
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+        s.sendall(_head(INFER, 10 << 30))
+        resp = b""
+        while b"\r\n\r\n" not in resp:
+            resp += s.recv(4096)
+        assert _status(resp) == 413 and b"connection: close" in resp.lower()
+        sent, t0 = 0, time.perf_counter()
+        try:
+            while time.perf_counter() - t0 < 3:
+                sent += s.send(b"x" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert time.perf_counter() - t0 < 3 and sent < 64 << 20  # the peer went away
+
+
 def test_streamed_body_stops_at_the_limit(live):
     chunk = b"x" * 65536
     data = _head(INFER, None, "transfer-encoding: chunked\r\n")
@@ -78,8 +95,17 @@ def test_slow_body_gets_408(live):
     ],
 )
 def test_malformed_http_gets_a_json_4xx(live, raw):
+    before = _counted(live, "(malformed HTTP)", "400")
     resp = live.raw(raw)
     assert 400 <= _status(resp) < 500 and "error" in _json_body(resp), resp[:200]
+    if _status(resp) == 400:  # answered by the HTTP layer, before any route: counted all the same
+        assert _counted(live, "(malformed HTTP)", "400") >= before + 1
+
+
+def _counted(live, route: str, status: str) -> float:
+    text = httpx.get(f"{live.url}/metrics", timeout=5).text
+    key = f'forgetrt_http_responses_total{{route="{route}",status="{status}"}} '
+    return next((float(line[len(key) :]) for line in text.splitlines() if line.startswith(key)), 0.0)
 
 
 def test_connection_cap(live):
@@ -104,6 +130,7 @@ def test_connection_cap(live):
             s.close()
     time.sleep(0.3)
     assert httpx.get(f"{live.url}/v2/health/ready", timeout=5).status_code == 200  # serving again
+    assert _counted(live, "(connection cap)", "503") >= refused  # refused before any route, still counted
 
 
 def test_in_flight_cap_answers_429_before_reading(digits_bundle):
