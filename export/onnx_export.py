@@ -37,7 +37,7 @@ from forgetrt.runtime.bundle import (
     write_bundle,
 )
 from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError, InvalidInputError, MismatchError, unknown
-from forgetrt.runtime.files import atomic_write_bytes, ensure_writable_dir, read_json, sha256_file
+from forgetrt.runtime.files import atomic_write_bytes, ensure_writable_dir, ensure_writable_file, read_json, sha256_file
 from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD, check_cancellation
 from forgetrt.runtime.model_folder import MODEL_MANIFEST, MODEL_WEIGHTS, load_model
 
@@ -83,12 +83,36 @@ def read_policies(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     return pol
 
 
+def _policy_weights(name: str, weights: Any, coeff_range: tuple[float, float] | None) -> dict[str, float]:
+    """A policy's weights: finite numbers inside the coefficient range (a policy no request could use is refused)."""
+    if not isinstance(weights, Mapping):
+        raise InvalidInputError(f"policy {name!r} must map vector names to weights")
+    out = {}
+    for n, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise InvalidInputError(f"policy {name!r}: the weight of {n!r} must be a number, got {str(w)[:40]!r}")
+        try:
+            w = float(w)
+        except OverflowError:
+            raise InvalidInputError(f"policy {name!r}: the weight of {n!r} is not a finite number") from None
+        if not math.isfinite(w):
+            raise InvalidInputError(f"policy {name!r}: the weight of {n!r} is not a finite number")
+        if coeff_range is not None and not coeff_range[0] <= w <= coeff_range[1]:
+            raise InvalidInputError(
+                f"policy {name!r}: the weight {w} of {n!r} is outside the coefficient range {list(coeff_range)}"
+            )
+        out[str(n)] = w
+    return out
+
+
 def export_classifier(
     model_dir: str | os.PathLike, out: str | os.PathLike, *, banks: Sequence[str | os.PathLike] = (), opset: int = 17
 ) -> dict[str, Any]:
     """Write the bare classifier as ONNX and record its sha256 in each bank (which must match the model)."""
     from .torch_onnx import classifier_to_onnx
 
+    check_opset(opset)
+    ensure_writable_file(out, "classifier ONNX file")
     model, info = load_model(model_dir, "cpu")
     opened = []
     for b in banks:
@@ -144,7 +168,7 @@ def export_onnx(
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
     check_opset(opset)
-    ensure_writable_dir(Path(out).parent, "bundle's parent folder")
+    ensure_writable_dir(out, "bundle folder")  # a file, device or pipe there is refused, never replaced
     bank = VectorBank.load(bank_dir)
     mandatory = {str(k): float(v) for k, v in (mandatory or {}).items()}
     bad = [k for k, v in mandatory.items() if not (math.isfinite(v) and v != 0)]
@@ -170,7 +194,7 @@ def export_onnx(
         raise InvalidInputError("no selectable vector left to export")
     if len(set(names)) != len(names):
         raise InvalidInputError(f"vector names repeat: {names}")
-    policies = {str(k): {str(n): float(w) for n, w in v.items()} for k, v in (policies or {}).items()}
+    policies = {str(k): _policy_weights(str(k), v, coeff_range) for k, v in (policies or {}).items()}
     for pname, weights in policies.items():
         bad = [n for n in weights if n not in names]
         if bad:

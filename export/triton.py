@@ -18,6 +18,7 @@ from typing import Any
 from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bundle import Bundle
 from forgetrt.runtime.errors import ArtifactError, InvalidInputError, unknown
+from forgetrt.runtime.files import ensure_writable_dir
 
 __all__ = ["export_triton", "TRITON_BACKENDS"]
 
@@ -113,6 +114,9 @@ parameters {{
     dest = repo / name
     if dest.exists() and not overwrite:
         raise ArtifactError(f"{dest} already exists; pass --overwrite to replace it")
+    if (dest.exists() or dest.is_symlink()) and (dest.is_symlink() or not dest.is_dir()):
+        raise ArtifactError(f"{dest} exists and is not a folder: --overwrite replaces only a model folder")
+    ensure_writable_dir(repo, "Triton model repository")
     repo.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:

@@ -28,6 +28,7 @@ import numpy as np
 from .bank import VectorEntry
 from .errors import ArtifactError, CorruptArtifactError, MismatchError
 from .files import atomic_write, atomic_write_json, read_json, sha256_file
+from .guards import GUARD_LOGIT
 from .iospec import IOSpec
 from .model_folder import ModelManifest
 
@@ -133,29 +134,39 @@ class BundleManifest:
                 opset=int(d.get("opset", 0)),
                 mandatory=_finite_weights(d.get("mandatory") or {}, where),
                 coeff_range=(float(cr[0]), float(cr[1])) if cr else None,
-                policies={
-                    str(p): {str(n): float(w) for n, w in ws.items()} for p, ws in (d.get("policies") or {}).items()
-                },
+                policies={str(p): _finite_weights(ws, where, "policy") for p, ws in (d.get("policies") or {}).items()},
                 bank_entries={str(n): VectorEntry.from_dict(e, n) for n, e in (d.get("bank_entries") or {}).items()},
                 classifier_onnx_sha256=d.get("classifier_onnx_sha256"),
                 parity=dict(d.get("parity") or {}),
                 tensorrt=TensorRTBuild(**{_LEGACY_TRT_KEYS.get(k, k): v for k, v in trt.items()}) if trt else None,
                 guard_classes=tuple(int(c) for c in d.get("guard_classes") or ()),
-                cancel_threshold=None if d.get("cancel_threshold") is None else float(d["cancel_threshold"]),
+                cancel_threshold=_threshold(d.get("cancel_threshold"), where),
                 files={str(k): str(v) for k, v in (d.get("files") or {}).items()},
             )
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
             if isinstance(e, CorruptArtifactError):
                 raise
             raise CorruptArtifactError(f"{where} is malformed: {e!r}") from e
 
 
-def _finite_weights(raw: Any, where: str) -> dict[str, float]:
-    out = {str(k): float(v) for k, v in dict(raw).items()}
+def _finite_weights(raw: Any, where: str, what: str = "mandatory") -> dict[str, float]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()
+    ):
+        raise CorruptArtifactError(f"{where}: {what} weights must be a mapping of names to numbers")
+    out = {str(k): float(v) for k, v in raw.items()}
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
-        raise CorruptArtifactError(f"{where}: mandatory weights of {bad} are not finite")
+        raise CorruptArtifactError(f"{where}: {what} weights of {bad} are not finite")
     return out
+
+
+def _threshold(raw: Any, where: str) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 <= float(raw) <= 1:
+        raise CorruptArtifactError(f"{where}: cancel_threshold must be a number in [0, 1], got {str(raw)[:40]}")
+    return float(raw)
 
 
 def _plain_name(name: str) -> bool:
@@ -221,7 +232,12 @@ class Bundle:
         """The PyTorch classifier's model manifest, or None for a grafted bundle."""
         if not self.has_torch_classifier:
             return None
-        return ModelManifest.from_dict(json.loads(self.read(CLASSIFIER_JSON)), f"{self.path / CLASSIFIER_JSON}")
+        where = f"{self.path / CLASSIFIER_JSON}"
+        try:
+            raw = json.loads(self.read(CLASSIFIER_JSON))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CorruptArtifactError(f"{where} is not valid JSON: {str(e)[:200]}") from None
+        return ModelManifest.from_dict(raw, where)
 
     def load_classifier(self, device: Any = "cpu"):
         """The bundle's PyTorch classifier in eval mode (imports torch), fingerprint-checked against the
@@ -346,6 +362,8 @@ class Bundle:
             model = onnx.load(str(self.onnx_path), load_external_data=False)
         except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and others without a common base
             raise CorruptArtifactError(f"{self.onnx_path} is not a readable ONNX model: {type(e).__name__}") from e
+        if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
+            raise CorruptArtifactError(f"{self.onnx_path} keeps tensors in external files: a bundle is self-contained")
         meta = {p.key: p.value for p in model.metadata_props}
         m = self.manifest
         want = graph_metadata(m, self.vector_hashes())
@@ -370,11 +388,95 @@ class Bundle:
                 "could cancel them): re-export it"
             )
         self._check_classifier()
-        mask = numpy_helper.to_array(inits["forget_guard_mask"]) if "forget_guard_mask" in inits else np.zeros(0)
-        if sorted(np.flatnonzero(mask < 0).tolist()) != sorted(m.guard_classes):
-            raise MismatchError(
-                f"bundle {self.path}: the graph's output guard is not the manifest's {list(m.guard_classes)}"
+        mask = numpy_helper.to_array(inits["forget_guard_mask"]) if "forget_guard_mask" in inits else None
+        if m.guard_classes:
+            want_mask = np.zeros(m.iospec.num_classes, np.float32)
+            want_mask[list(m.guard_classes)] = GUARD_LOGIT
+            if mask is None or mask.dtype != np.float32 or not np.array_equal(mask, want_mask):
+                raise MismatchError(
+                    f"bundle {self.path}: the graph's output guard is not the manifest's {list(m.guard_classes)} "
+                    f"at {GUARD_LOGIT:g}"
+                )
+        elif mask is not None:
+            raise MismatchError(f"bundle {self.path}: the graph has an output guard its manifest does not record")
+        if m.coeff_range is not None:
+            lo, hi = (
+                numpy_helper.to_array(inits[n]) if n in inits else None for n in ("forget_coeff_lo", "forget_coeff_hi")
             )
+            if lo is None or hi is None or (float(lo), float(hi)) != tuple(float(np.float32(v)) for v in m.coeff_range):
+                raise MismatchError(f"bundle {self.path}: the graph's coefficient clip is not {list(m.coeff_range)}")
+        problem = _prefix_wiring_problem(model, m)
+        if problem:
+            raise MismatchError(f"bundle {self.path}: the graph's forget prefix is not wired as exported: {problem}")
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset != m.opset:
+            raise MismatchError(f"bundle {self.path}: {BUNDLE_FILE} says opset {m.opset}, the graph {opset}")
+
+
+def _prefix_wiring_problem(model: Any, m: BundleManifest) -> str | None:
+    """What is wrong with how the forget prefix and guard are wired into ``model`` (None: as export wires
+    them). Initializers are compared elsewhere; this checks that they are the ones used, and that nothing
+    reaches the classifier around them (the raw image, the unmasked logits, a second producer)."""
+    from onnx import numpy_helper
+
+    spec = m.iospec
+    g = model.graph
+    init_names = [i.name for i in g.initializer]
+    if len(set(init_names)) != len(init_names):
+        return "an initializer name repeats"
+    if any(i.data_location == 1 for i in g.initializer):  # onnx.TensorProto.EXTERNAL
+        return "an initializer lives in an external file"
+    want_inputs = [spec.image_name, spec.coeffs_name] + ([] if m.mandatory else ["forget_bank"])
+    if sorted(i.name for i in g.input) != sorted(want_inputs):
+        return f"graph inputs {[i.name for i in g.input]}, expected {want_inputs}"
+    if [o.name for o in g.output] != [spec.output_name]:
+        return f"graph outputs {[o.name for o in g.output]}, expected [{spec.output_name!r}]"
+    coeffs = spec.coeffs_name
+    want = []
+    if m.coeff_range is not None:
+        want.append(("forget_clip", "Clip", [coeffs, "forget_coeff_lo", "forget_coeff_hi"], ["forget_coeffs_clipped"]))
+        coeffs = "forget_coeffs_clipped"
+    perturbed = "forget_perturbed" if m.mandatory else "forget_input"
+    want += [
+        ("forget_matmul", "MatMul", [coeffs, "forget_bank"], ["forget_delta_flat"]),
+        ("forget_reshape", "Reshape", ["forget_delta_flat", "forget_delta_shape"], ["forget_delta"]),
+        ("forget_input_add", "Add", [spec.image_name, "forget_delta"], [perturbed]),
+    ]
+    if m.mandatory:
+        want.append(("forget_mandatory_add", "Add", ["forget_perturbed", "forget_mandatory"], ["forget_input"]))
+    if m.guard_classes:
+        want.append(("forget_guard_add", "Add", ["forget_unguarded_logits", "forget_guard_mask"], [spec.output_name]))
+    by_name: dict[str, list[Any]] = {}
+    producers: dict[str, int] = {}
+    consumers: dict[str, list[str]] = {}
+    for node in g.node:
+        by_name.setdefault(node.name, []).append(node)
+        for o in node.output:
+            producers[o] = producers.get(o, 0) + 1
+        for i in node.input:
+            consumers.setdefault(i, []).append(node.name)
+    for name, op, ins, outs in want:
+        nodes = by_name.get(name, [])
+        if len(nodes) != 1 or nodes[0].op_type != op or list(nodes[0].input) != ins or list(nodes[0].output) != outs:
+            return f"node {name} is not {op}({', '.join(ins)}) -> {', '.join(outs)}"
+        for o in outs:
+            if producers.get(o) != 1:
+                return f"{o} has {producers.get(o, 0)} producers"
+    if any(o in set(init_names) for o in producers):
+        return "a node overwrites an initializer"
+    only = {spec.image_name: "forget_input_add", "forget_delta": "forget_input_add"}
+    if m.mandatory:
+        only["forget_perturbed"] = "forget_mandatory_add"
+    for tensor, node_name in only.items():
+        if consumers.get(tensor, []) != [node_name]:
+            return f"{tensor} is read by {consumers.get(tensor, [])}, only {node_name} may read it"
+    if not consumers.get("forget_input"):
+        return "the classifier does not read forget_input"
+    shape_init = next((i for i in g.initializer if i.name == "forget_delta_shape"), None)
+    shape = numpy_helper.to_array(shape_init) if shape_init is not None else np.zeros(0)
+    if shape.tolist() != [-1, *spec.shape]:
+        return f"forget_delta_shape is {shape.tolist()}, expected {[-1, *spec.shape]}"
+    return None
 
 
 def vector_sha256(v: np.ndarray) -> str:
@@ -382,9 +484,22 @@ def vector_sha256(v: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(v, np.float32).tobytes()).hexdigest()
 
 
+#: manifest fields that change after export (recorded results, added engines, file hashes): not bound
+_UNBOUND_FIELDS = ("files", "parity", "tensorrt", "opset", "schema_version", "kind")
+
+
+def manifest_digest(m: BundleManifest) -> str:
+    """sha256 of everything the manifest says about what the bundle computes (every field but
+    :data:`_UNBOUND_FIELDS`), in the form a reload gives (so ints and floats hash alike)."""
+    d = BundleManifest.from_dict(m.to_dict()).to_dict()
+    bound = {k: v for k, v in d.items() if k not in _UNBOUND_FIELDS}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def graph_metadata(m: BundleManifest, hashes: dict[str, str]) -> dict[str, str]:
     """What export writes into the graph's ``metadata_props`` and loading compares with the manifest."""
     return {
+        "forgetrt.manifest_sha256": manifest_digest(m),
         "forgetrt.bundle_id": m.bundle_id,
         "forgetrt.vectors": ",".join(m.vectors),
         "forgetrt.model_fingerprint": m.model_fingerprint,
@@ -402,6 +517,8 @@ def write_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
+    if (out.exists() or out.is_symlink()) and (out.is_symlink() or not out.is_dir()):
+        raise ArtifactError(f"{out} exists and is not a folder: --overwrite replaces only a bundle folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from .bank import MANIFEST_FILE, VectorBank
-from .errors import ArtifactError, InvalidInputError, UnknownNameError
+from .errors import ArtifactError, ForgetRTError, InvalidInputError, UnknownNameError
 from .files import atomic_write_json, read_json
 from .runtime import Runtime
 
-__all__ = ["ControlPlane", "TOKEN_ENV", "BankLoadRefused", "Unauthorized", "ControlDisabled"]
+__all__ = ["ControlPlane", "TOKEN_ENV", "BankLoadRefused", "Unauthorized", "ControlDisabled", "RecordError"]
 
 TOKEN_ENV = "FORGETRT_ADMIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -42,6 +42,10 @@ class ControlDisabled(InvalidInputError):
 
 class Unauthorized(InvalidInputError):
     """A missing or wrong credential: 401."""
+
+
+class RecordError(ForgetRTError):
+    """The audit log or state file could not be written: the change is not made (500, the server's fault)."""
 
 
 class BankLoadRefused(UnknownNameError):
@@ -69,6 +73,10 @@ class ControlPlane:
         object.__setattr__(self, "bank_root", Path(self.bank_root).resolve())
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "_lock", threading.Lock())
+        try:  # a change that cannot be recorded is not made: find out now, not at the first load
+            self._check_writable()
+        except OSError as e:
+            raise ArtifactError(f"state dir {self.state_dir} cannot hold the audit log and state: {e}") from None
 
     @property
     def enabled(self) -> bool:
@@ -89,7 +97,11 @@ class ControlPlane:
             p = Path(token_file)
             if not p.is_file():
                 raise ArtifactError(f"admin token file not found: {p}")
-            token = p.read_text().strip().splitlines()[0].strip() if p.read_text().strip() else ""
+            try:
+                text = p.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"cannot read the admin token file {p}: {type(e).__name__}") from None
+            token = text.splitlines()[0].strip() if text else ""
         else:
             token = (env if env is not None else os.environ).get(TOKEN_ENV) or None
         return cls(
@@ -126,6 +138,17 @@ class ControlPlane:
         return path
 
     # ------------------------------------------------------------------ record
+    def _check_writable(self) -> None:
+        """Raise OSError unless the audit log can be appended to and the state file replaced."""
+        assert self.state_dir is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "audit.jsonl", "a"):
+            pass
+        atomic_write_json(self.state_dir / ".state-probe.json", {})
+        (self.state_dir / ".state-probe.json").unlink()
+        if (self.state_dir / "state.json").exists() and not (self.state_dir / "state.json").is_file():
+            raise IsADirectoryError(f"{self.state_dir / 'state.json'} is not a file")
+
     def _audit(self, entry: dict[str, Any]) -> None:
         assert self.state_dir is not None
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -140,17 +163,28 @@ class ControlPlane:
         with self._lock:  # type: ignore[attr-defined]
             record: dict[str, Any] = {"caller": caller, "action": "load", "bank": str(raw)}
             try:
+                self._check_writable()
+            except OSError as e:
+                raise RecordError(f"the bank change cannot be recorded ({type(e).__name__}); nothing changed") from e
+            try:
                 path = self.resolve_bank(raw)
                 rel = path.relative_to(self.bank_root).as_posix()  # type: ignore[arg-type]
                 bank = VectorBank.load(path)  # verified against its manifest's tensors hash
+                before = runtime.snapshot
                 state = runtime.reload_bank(bank)
             except Exception as e:
                 self._audit({**record, "outcome": "refused", "error": type(e).__name__})
                 raise
             sha = bank.vectors_sha256
             record.update(bank=rel, vectors_sha256=sha, version=state.version, outcome="ok")
-            self._audit(record)
-            atomic_write_json(self.state_dir / "state.json", {"bank": rel, "vectors_sha256": sha})  # type: ignore[operator]
+            try:
+                self._audit(record)
+                atomic_write_json(self.state_dir / "state.json", {"bank": rel, "vectors_sha256": sha})  # type: ignore[operator]
+            except OSError as e:  # not recorded: not served either (a restart would silently undo it)
+                runtime.revert_to(before, label=f"rollback: could not record loading {rel}")
+                raise RecordError(
+                    f"the bank change could not be recorded ({type(e).__name__}); rolled back to the previous bank"
+                ) from e
             return {"version": state.version, "vectors": list(state.names), "bank": rel, "vectors_sha256": sha}
 
     def restore(self, runtime: Runtime) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from .errors import ArtifactError, CorruptArtifactError
 
 __all__ = [
     "ensure_writable_dir",
+    "ensure_writable_file",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -88,6 +89,16 @@ def weights_fingerprint(state: Mapping[str, np.ndarray]) -> str:
         h.update(repr(tuple(a.shape)).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Check, before work starts, that file ``path`` can be (re)written: nothing but a regular file may
+    be there, and its folder (or the nearest existing ancestor) must take a file. Creates nothing."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and (path.is_symlink() or not path.is_file()):
+        raise ArtifactError(f"{what} {path} exists and is not a regular file")
+    ensure_writable_dir(path.parent, f"{what}'s folder")
+    return path
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:

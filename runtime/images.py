@@ -26,8 +26,8 @@ __all__ = ["load_images"]
 def _npy(path: str, spec: IOSpec) -> np.ndarray:
     try:
         a = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"cannot read {path}: {e}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise InvalidInputError(f"cannot read {path}: {str(e) or type(e).__name__}") from None
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or tuple(a.shape[1:]) != tuple(spec.shape):
@@ -50,8 +50,8 @@ def _encoded(path: str, spec: IOSpec) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("L" if c == 1 else "RGB").resize((w, h))
             a = np.asarray(im, np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise InvalidInputError(f"cannot read image {path}: {e}") from None
+    except (OSError, UnidentifiedImageError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise InvalidInputError(f"cannot read image {path}: {str(e) or type(e).__name__}") from None
     lo, hi = spec.input_range
     a = lo + a * (hi - lo)
     return (a[None] if c == 1 else a.transpose(2, 0, 1))[None].astype(np.float32)

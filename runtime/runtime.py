@@ -320,6 +320,12 @@ class Runtime:
                 raise InvalidInputError(f"bank {path} has no selectable vector")
             return self._install(tuple(names), bank.stack(names), s.policies, str(Path(path)))
 
+    def revert_to(self, snapshot: BankSnapshot, *, label: str = "revert") -> BankSnapshot:
+        """Serve ``snapshot``'s vectors and policies again, as a new version (e.g. to undo a change that
+        could not be recorded)."""
+        with self._swap_lock:
+            return self._install(snapshot.names, snapshot.matrix, snapshot.policies, label)
+
     # Each change reads the current snapshot and installs its successor under the (reentrant) swap
     # lock, so two concurrent changes never build on the same snapshot and lose one of them.
 

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .control import BankLoadRefused, ControlDisabled, ControlPlane, Unauthorized
+from .control import BankLoadRefused, ControlDisabled, ControlPlane, RecordError, Unauthorized
 from .errors import (
     ArtifactError,
     DeadlineExceededError,
@@ -217,6 +217,7 @@ _STATUS = [
     (RuntimeClosedError, 503),
     (WorkerLost, 503),
     (EngineError, 500),
+    (RecordError, 500),
     (ControlDisabled, 403),
     (Unauthorized, 401),
     (BankLoadRefused, 404),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import SIGNATURE_FILE
-from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, MismatchError
+from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, InvalidInputError, MismatchError
 
 __all__ = ["sign_bundle", "verify_bundle", "SIGNATURE_FILE"]
 
@@ -59,6 +59,8 @@ def sign_bundle(bundle: str | os.PathLike, private_key: str | os.PathLike, passw
         ms.signing.Config().use_elliptic_key_signer(private_key=key, password=password).set_hashing_config(
             _hashing(ms)
         ).sign(folder, sig)
+    except AttributeError as e:  # model-signing assumes an EC key (reads its curve)
+        raise InvalidInputError(f"cannot sign with {key}: not an elliptic-curve private key ({e})") from e
     except (ValueError, TypeError, OSError) as e:
         raise CorruptArtifactError(f"cannot sign {folder} with {key}: {str(e).splitlines()[0][:300]}") from e
     return sig

@@ -84,6 +84,23 @@ EDITS = {
     "kind": lambda r: r.__setitem__("kind", "something"),
     "iospec": lambda r: r["iospec"].__setitem__("shape", [1, 9, 9]),
     "not an object": lambda r: r.clear(),
+    # fields that only the manifest records: bound through the graph's digest of the manifest
+    "cancel threshold 0": lambda r: r.__setitem__("cancel_threshold", 0.0),
+    "cancel threshold NaN": lambda r: r.__setitem__("cancel_threshold", float("nan")),
+    "cancel threshold -1": lambda r: r.__setitem__("cancel_threshold", -1),
+    "policy weight zeroed": lambda r: r["policies"].__setitem__(next(iter(r["policies"])), {"forget-3": 0.0}),
+    "policy to another vector": lambda r: r["policies"].__setitem__(next(iter(r["policies"])), {"forget-4": 1.0}),
+    "policy weight not a number": lambda r: r["policies"].__setitem__(next(iter(r["policies"])), {"forget-3": "1"}),
+    "input range widened": lambda r: r["iospec"].__setitem__("input_range", [-1000.0, 1000.0]),
+    "labels swapped": lambda r: r["iospec"].__setitem__("labels", list(reversed(r["iospec"]["labels"]))),
+    "normalization": lambda r: r["iospec"].__setitem__("mean", [0.0]),
+    "bank entry": lambda r: next(iter(r["bank_entries"].values())).__setitem__(
+        "forgets", {"kind": "class", "classes": [5]}
+    ),
+    "model verified": lambda r: r.__setitem__("model_verified", not r["model_verified"]),
+    "arch": lambda r: r.__setitem__("arch", "resnet18-cifar"),
+    "opset": lambda r: r.__setitem__("opset", r["opset"] - 1),
+    "opset overflow": lambda r: r.__setitem__("opset", float("inf")),
 }
 
 
@@ -162,6 +179,98 @@ def test_graph_metadata_edited_is_refused(digits_bundle, tmp_path, key):
     onnx.save(m, str(b / "model.onnx"))
     _rehash(b, "model.onnx")
     with pytest.raises(MismatchError, match=key.replace(".", r"\.")):
+        Bundle.load(b)
+
+
+@pytest.fixture(scope="module")
+def guarded_bundle(tmp_path_factory, digits_bank, digits_model_dir):
+    """forget-9 mandatory with the output guard, the other nine selectable in [0, 1]."""
+    from forgetrt.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("guarded") / "b"
+    export_onnx(
+        digits_bank[0],
+        out,
+        model_dir=digits_model_dir,
+        vectors=[f"forget-{c}" for c in range(9)],
+        mandatory={"forget-9": 1.0},
+        coeff_range=(0.0, 1.0),
+        guard=True,
+    )
+    return out
+
+
+def _zero_init(m, like: str, name: str):
+    from onnx import numpy_helper
+
+    src = next(i for i in m.graph.initializer if i.name == like)
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(src)), name))
+
+
+def _set_init(m, name: str, value):
+    from onnx import numpy_helper
+
+    i = next(i for i in m.graph.initializer if i.name == name)
+    i.CopyFrom(numpy_helper.from_array(np.asarray(value, numpy_helper.to_array(i).dtype), name))
+
+
+def _node(m, name):
+    return next(n for n in m.graph.node if n.name == name)
+
+
+def _rewire_mandatory(m):
+    _zero_init(m, "forget_mandatory", "zero_mandatory")
+    _node(m, "forget_mandatory_add").input[1] = "zero_mandatory"
+
+
+def _rewire_guard(m):
+    _zero_init(m, "forget_guard_mask", "zero_mask")
+    _node(m, "forget_guard_add").input[1] = "zero_mask"
+
+
+def _skip_prefix(m):
+    for n in m.graph.node:  # the classifier reads the raw image instead of the perturbed one
+        if not n.name.startswith("forget_"):
+            n.input[:] = ["image" if i == "forget_input" else i for i in n.input]
+
+
+def _mandatory_as_input(m):
+    from onnx import TensorProto, helper
+
+    m.graph.input.append(helper.make_tensor_value_info("forget_mandatory", TensorProto.FLOAT, [1, 1, 8, 8]))
+
+
+def _duplicate_initializer(m):
+    _zero_init(m, "forget_mandatory", "forget_mandatory")
+
+
+GRAPH_EDITS = {
+    "guard mask weakened": lambda m: _set_init(m, "forget_guard_mask", np.where(np.arange(10) == 9, -1e-6, 0.0)),
+    "guard mask on another class": lambda m: _set_init(m, "forget_guard_mask", np.where(np.arange(10) == 8, -1e9, 0.0)),
+    "guard rewired": _rewire_guard,
+    "mandatory rewired": _rewire_mandatory,
+    "prefix skipped": _skip_prefix,
+    "clip widened": lambda m: _set_init(m, "forget_coeff_hi", 1e6),
+    "clip removed": lambda m: _node(m, "forget_clip").input.__setitem__(1, "forget_coeff_hi"),
+    "mandatory as an input": _mandatory_as_input,
+    "duplicate initializer": _duplicate_initializer,
+    "delta shape": lambda m: _set_init(m, "forget_delta_shape", [-1, 1, 64, 1]),
+}
+
+
+@pytest.mark.parametrize("edit", list(GRAPH_EDITS))
+def test_a_rewired_or_edited_graph_rehashed_is_refused(guarded_bundle, tmp_path, edit):
+    """Editing model.onnx and re-hashing it in bundle.json: every value the prefix and guard use is compared
+    and every wire checked, so the runtime never serves a graph that drops what its manifest promises."""
+    import onnx
+
+    b = _copy(guarded_bundle, tmp_path)
+    Bundle.load(b)  # the honest copy loads
+    m = onnx.load(str(b / "model.onnx"))
+    GRAPH_EDITS[edit](m)
+    onnx.save(m, str(b / "model.onnx"))
+    _rehash(b, "model.onnx")
+    with pytest.raises(MismatchError):
         Bundle.load(b)
 
 

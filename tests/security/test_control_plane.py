@@ -183,6 +183,71 @@ def test_the_token_has_rules(tmp_path, bank_root):
         ControlPlane.from_files(token_file=tmp_path / "missing")
 
 
+def test_a_token_file_that_is_not_text_is_a_typed_error(tmp_path, bank_root):
+    from forgetrt.runtime.control import ControlPlane
+
+    (tmp_path / "tok").write_bytes(b"\xff\xfe" * 20)
+    with pytest.raises(ArtifactError, match="cannot read the admin token file"):
+        ControlPlane.from_files(token_file=tmp_path / "tok", bank_root=bank_root, state_dir=tmp_path / "s")
+
+
+def test_a_state_dir_that_cannot_be_written_is_refused_at_start(tmp_path, bank_root):
+    from forgetrt.runtime.control import ControlPlane
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="cannot hold the audit log"):
+        ControlPlane(TOKEN, bank_root, tmp_path / "file")  # a file, not a folder
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "audit.jsonl").mkdir()
+    with pytest.raises(ArtifactError, match="cannot hold the audit log"):
+        ControlPlane(TOKEN, bank_root, tmp_path / "s")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_change_that_cannot_be_recorded_is_not_served(digits_bundle, digits_bank, tmp_path, monkeypatch, when):
+    """The audit log or state file failing (before or after the swap) leaves the previous bank serving."""
+    import numpy as np
+
+    import forgetrt.runtime.control as control_mod
+    from forgetrt.runtime import Runtime, RuntimeConfig, VectorBank
+    from forgetrt.runtime.control import ControlPlane, RecordError
+
+    bank = VectorBank.load(digits_bank[0])  # the bundle's vectors plus one more: a visible change
+    extra = np.random.default_rng(0).normal(0, 0.01, bank.get("forget-0").shape).astype(np.float32)
+    bank.add("extra", extra, forgets={"kind": "class", "classes": [1]}, recipe={"method": "test"})
+    bank.save(tmp_path / "root" / "v2")
+    control = ControlPlane(TOKEN, tmp_path / "root", tmp_path / "state")
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
+    try:
+        names, matrix = rt.snapshot.names, np.array(rt.snapshot.matrix)
+        x = np.full((1, 1, 8, 8), 0.5, np.float32)
+        want = rt.infer(x, [names[0]]).logits
+        if when == "before":
+            (tmp_path / "state" / "audit.jsonl").unlink()
+            (tmp_path / "state" / "audit.jsonl").mkdir()
+        else:
+            real = control_mod.atomic_write_json
+
+            def failing(path, obj):
+                if path.name == "state.json":
+                    raise OSError(28, "No space left on device")
+                return real(path, obj)
+
+            monkeypatch.setattr(control_mod, "atomic_write_json", failing)
+        with pytest.raises(RecordError, match="nothing changed" if when == "before" else "rolled back"):
+            control.load_bank(rt, "v2", "test")
+        assert rt.snapshot.names == names and np.array_equal(rt.snapshot.matrix, matrix)
+        np.testing.assert_array_equal(rt.infer(x, [names[0]]).logits, want)
+        assert not (tmp_path / "state" / "state.json").exists()
+        monkeypatch.undo()
+        if when == "before":
+            (tmp_path / "state" / "audit.jsonl").rmdir()
+        control.load_bank(rt, "v2", "test")  # recordable again: the same change goes through
+        assert "extra" in rt.snapshot.names and (tmp_path / "state" / "state.json").is_file()
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize("damage", ["missing-bank", "changed-bank", "malformed-state"])
 def test_the_server_refuses_to_start_on_an_unclear_bank_state(digits_bundle, digits_bank, tmp_path, damage):
     import shutil
