@@ -38,22 +38,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 FORGETRT_CACHE_DIR=${FORGETRT_CACHE_DIR
 T0=$SECONDS
 exec > >(tee "$OUT/suite.log") 2>&1
 
-left() { echo $((TOTAL - (SECONDS - T0))); }
-step() {  # step NAME LIMIT CMD...: run CMD under min(LIMIT, time left), log its status, never abort the suite
-  local name=$1 limit=$2
-  shift 2
-  local l
-  l=$(left)
-  ((limit > l)) && limit=$l
-  if ((limit < 10)); then
-    echo "== SKIP $name: ${l}s left"
-    return 0
-  fi
-  echo "== [$((SECONDS - T0))s] $name (limit ${limit}s)"
-  timeout "$limit" "$@"
-  local rc=$?
-  echo "== [$((SECONDS - T0))s] $name: exit $rc"
-}
+. "$(dirname "$0")/suite_lib.sh"  # left, step
 
 echo "== $(date -u) gpu_suite on $(hostname)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true

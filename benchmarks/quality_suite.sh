@@ -39,21 +39,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 FORGETRT_CACHE_DIR=${FORGETRT_CACHE_DIR
 T0=$SECONDS
 exec > >(tee "$OUT/quality-call$CALL.log") 2>&1
 
-left() { echo $((TOTAL - (SECONDS - T0))); }
-step() {  # step NAME LIMIT CMD...: run CMD under min(LIMIT, time left), log its status, never abort the suite
-  local name=$1 limit=$2
-  shift 2
-  local l
-  l=$(left)
-  ((limit > l)) && limit=$l
-  if ((limit < 10)); then
-    echo "== SKIP $name: ${l}s left"
-    return 0
-  fi
-  echo "== [$((SECONDS - T0))s] $name (limit ${limit}s)"
-  timeout "$limit" "$@"
-  echo "== [$((SECONDS - T0))s] $name: exit $?"
-}
+. "$(dirname "$0")/suite_lib.sh"  # left, step
 
 echo "== $(date -u) quality_suite call $CALL on $(hostname)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
