@@ -114,9 +114,7 @@ parameters {{
     dest = repo / name
     if dest.exists() and not overwrite:
         raise ArtifactError(f"{dest} already exists; pass --overwrite to replace it")
-    if (dest.exists() or dest.is_symlink()) and (dest.is_symlink() or not dest.is_dir()):
-        raise ArtifactError(f"{dest} exists and is not a folder: --overwrite replaces only a model folder")
-    ensure_writable_dir(repo, "Triton model repository")
+    ensure_writable_dir(dest, "Triton model folder")  # --overwrite replaces a folder, nothing else
     repo.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:

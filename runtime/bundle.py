@@ -27,7 +27,7 @@ import numpy as np
 
 from .bank import VectorEntry
 from .errors import ArtifactError, CorruptArtifactError, MismatchError
-from .files import atomic_write, atomic_write_json, read_json, sha256_file
+from .files import atomic_write, atomic_write_json, ensure_writable_dir, read_json, sha256_file
 from .guards import GUARD_LOGIT
 from .iospec import IOSpec
 from .model_folder import ModelManifest
@@ -424,8 +424,6 @@ def _prefix_wiring_problem(model: Any, m: BundleManifest) -> str | None:
     init_names = [i.name for i in g.initializer]
     if len(set(init_names)) != len(init_names):
         return "an initializer name repeats"
-    if any(i.data_location == 1 for i in g.initializer):  # onnx.TensorProto.EXTERNAL
-        return "an initializer lives in an external file"
     want_inputs = [spec.image_name, spec.coeffs_name] + ([] if m.mandatory else ["forget_bank"])
     if sorted(i.name for i in g.input) != sorted(want_inputs):
         return f"graph inputs {[i.name for i in g.input]}, expected {want_inputs}"
@@ -517,8 +515,7 @@ def write_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ArtifactError(f"bundle folder {out} already exists; pass --overwrite to replace it")
-    if (out.exists() or out.is_symlink()) and (out.is_symlink() or not out.is_dir()):
-        raise ArtifactError(f"{out} exists and is not a folder: --overwrite replaces only a bundle folder")
+    ensure_writable_dir(out, "bundle folder")  # --overwrite replaces a folder, never a file, device or pipe
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -201,10 +201,9 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    headers = dict(headers or {})
-    if status in (408, 413):  # the rest of the body is not worth reading: close once answered
-        headers.setdefault("connection", "close")
+def _error(status: int, message: str, headers: dict[str, str] | None = None, *, close: bool = False) -> Response:
+    """A JSON error; ``close``: close the connection once answered (the rest of its body is not read)."""
+    headers = {**(headers or {}), "connection": "close"} if close else headers
     return Response(_json({"error": message}), status_code=status, headers=headers, media_type="application/json")
 
 
@@ -617,7 +616,7 @@ def create_app(
         status = _status_for(e)
         metrics.requests.labels(status=str(status)).inc()
         metrics.failures.labels(error=type(e).__name__).inc()
-        return _error(status, str(e))
+        return _error(status, str(e), close=isinstance(e, (TooLarge, BodyTimeout)))
 
     async def infer(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
@@ -692,7 +691,7 @@ def create_app(
         except ForgetRTError as e:
             status = _status_for(e)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            return _error(status, str(e), headers)
+            return _error(status, str(e), headers, close=isinstance(e, (TooLarge, BodyTimeout)))
         metrics.bank_version.set(res["version"])
         return JSONResponse(
             {
