@@ -175,7 +175,7 @@ def _bare_session(rt: Runtime):
 
 def run_bench(rt: Runtime, cfg: BenchConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Benchmark every grid point; returns one self-describing record per point."""
-    from tqdm.auto import tqdm
+    from .logs import progress as _progress
 
     env = _environment(rt)
     rng = np.random.default_rng(cfg.seed)
@@ -188,7 +188,7 @@ def run_bench(rt: Runtime, cfg: BenchConfig, *, progress: bool = True) -> list[d
         )
     bare = _bare_session(rt) if cfg.compare_bare else None
     records = []
-    for b, c, a in tqdm(grid, desc="bench", unit="point", disable=not progress):
+    for b, c, a in _progress(iterable=grid, desc="bench", unit="point", disable=True if not progress else None):
         reqs = _requests(rt, b, a, cfg.mix, rng)
         call = (lambda x, f: rt.infer(x, f)) if c == 1 else (lambda x, f: rt.submit(x, f).result())
         if cfg.warmup:

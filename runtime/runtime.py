@@ -267,13 +267,18 @@ class Runtime:
         label: str,
         *,
         matrix_changed: bool = True,
+        version: int | None = None,
+        dry_run: bool = False,
     ) -> BankSnapshot:
         """Publish a new snapshot, once every backend has said it can serve it (else MismatchError,
-        and the old snapshot keeps serving)."""
+        and the old snapshot keeps serving). ``version``: the new snapshot's version (a cluster's bank
+        generation; it must exceed the current one); ``dry_run``: run every check, publish nothing."""
         with self._swap_lock:
             old = self._state
+            if version is not None and version <= old.version:
+                raise InvalidInputError(f"bank version {version} does not follow the served version {old.version}")
             try:
-                version = old.version + 1
+                version = old.version + 1 if version is None else version
                 matrix_version = version if matrix_changed else old.matrix_version
                 new = BankSnapshot(
                     version, names, matrix, policies, old.coeff_range, old.mandatory, label, matrix_version
@@ -292,6 +297,8 @@ class Runtime:
                 )
             for b in self.backends:
                 b.check_bank(new)
+            if dry_run:
+                return new
             self._state = new  # atomic reference swap: in-flight requests keep their snapshot
             log.info("bank version %d installed (%d vectors, %s)", new.version, new.k, label)
             return new
@@ -304,9 +311,18 @@ class Runtime:
             )
         return v.reshape(-1)
 
-    def reload_bank(self, path: str | os.PathLike | VectorBank, *, vectors: list[str] | None = None) -> BankSnapshot:
+    def reload_bank(
+        self,
+        path: str | os.PathLike | VectorBank,
+        *,
+        vectors: list[str] | None = None,
+        version: int | None = None,
+        dry_run: bool = False,
+    ) -> BankSnapshot:
         """Serve the vectors of bank folder ``path`` (or of a loaded :class:`VectorBank`; same model,
-        checked) without rebuilding the engine."""
+        checked) without rebuilding the engine. ``version`` sets the new snapshot's version (it must
+        exceed the served one: a cluster's bank generation); ``dry_run`` checks everything and serves
+        nothing (the snapshot that would be served is returned)."""
         bank = path if isinstance(path, VectorBank) else VectorBank.load(path)  # I/O and hashing outside the lock
         path = bank.path or "(bank)"
         bank.check_model(self.bundle.fingerprint, self.iospec, what=f"bundle {self.bundle.path}")
@@ -318,7 +334,9 @@ class Runtime:
                 raise InvalidInputError(f"vectors {clash} are mandatory in this bundle and cannot be selectable")
             if not names:
                 raise InvalidInputError(f"bank {path} has no selectable vector")
-            return self._install(tuple(names), bank.stack(names), s.policies, str(Path(path)))
+            return self._install(
+                tuple(names), bank.stack(names), s.policies, str(Path(path)), version=version, dry_run=dry_run
+            )
 
     def revert_to(self, snapshot: BankSnapshot, *, label: str = "revert") -> BankSnapshot:
         """Serve ``snapshot``'s vectors and policies again, as a new version (e.g. to undo a change that
@@ -370,6 +388,10 @@ class Runtime:
             return self._install(s.names, s.matrix, policies, f"remove policy {name}", matrix_changed=False)
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def pending(self) -> int:
         return self._batcher.pending()
 

@@ -32,6 +32,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,10 @@ class BodyTimeout(InvalidInputError):
 
 class Overloaded(QueueFullError):
     """429: too many requests in flight."""
+
+
+class NotAdmitted(ForgetRTError):
+    """503: this server may not answer now (a cluster replica whose bank lease lapsed); retry (elsewhere)."""
 
 
 class WorkerLost(ForgetRTError):
@@ -215,6 +220,7 @@ _STATUS = [
     (TooLarge, 413),
     (RuntimeClosedError, 503),
     (WorkerLost, 503),
+    (NotAdmitted, 503),
     (EngineError, 500),
     (RecordError, 500),
     (ControlDisabled, 403),
@@ -544,6 +550,16 @@ class _Counted:
             self.metrics.responses.labels(route=path, status=str(status["code"])).inc()
 
 
+INSTANCE_HEADER = "x-forgetrt-instance"
+ENGINE_FAILURES_UNREADY = 3  # failed batches in a row after which readiness turns false (until a probe passes)
+
+
+@dataclass
+class _Health:
+    loading: str | None = None  # the bank being loaded
+    engine_failures: int = 0  # failed engine batches since the last success
+
+
 def create_app(
     runtime: Runtime,
     model_name: str,
@@ -551,15 +567,22 @@ def create_app(
     metrics: ServerMetrics | None = None,
     limits: ServerLimits = ServerLimits(),
     control: ControlPlane = ControlPlane(),
+    admission: Callable[[], str | None] | None = None,
+    instance: str | None = None,
 ) -> Starlette:
     """The ASGI app; ``metrics`` should be the one whose ``observe_batch`` the runtime was loaded with.
-    With an enabled ``control`` plane, the bank its state file names is restored first (or this raises)."""
+    With an enabled ``control`` plane, the bank its state file names is restored first (or this raises).
+    ``admission``: called before each inference and readiness check; a reason (str) refuses the request
+    with 503 and makes the server unready (a cluster replica uses it to stop serving a stale bank).
+    ``instance``: this server's id among several (a replica), sent as ``x-forgetrt-instance`` with each answer."""
+    extra_headers = {INSTANCE_HEADER: instance} if instance else {}
     metrics = metrics or ServerMetrics()
     spec = runtime.iospec
     restored = control.restore(runtime)
     if restored:
         log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
     inflight = {"n": 0}
+    health = _Health()
     load_lock = asyncio.Lock()
     offload = _Offloader(limits.parse_workers)
 
@@ -575,7 +598,28 @@ def create_app(
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
 
+    async def _readiness() -> str | None:
+        """Why this server should not get traffic now (None: ready). After repeated engine failures one
+        probe image is run; its success makes the server ready again."""
+        if runtime.closed:
+            return "the runtime is shut down"
+        if admission is not None and (why := admission()) is not None:
+            return why
+        if health.loading:
+            return f"loading bank {health.loading!r}"
+        if health.engine_failures >= ENGINE_FAILURES_UNREADY:
+            probe = np.full((1, *spec.shape), spec.input_range[0], np.float32)
+            try:
+                await runtime.infer_async(probe)
+            except ForgetRTError as e:
+                return f"the engine is failing ({health.engine_failures} failed batches in a row; probe: {e})"
+            health.engine_failures = 0
+        return None
+
     async def ready(request: Request) -> Response:
+        why = await _readiness()
+        if why is not None:
+            return JSONResponse({"ready": False, "reason": why}, status_code=503)
         return JSONResponse({"ready": True})
 
     async def server_meta(request: Request) -> Response:
@@ -610,17 +654,24 @@ def create_app(
     async def model_ready(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
+        why = await _readiness()
+        if why is not None:
+            return JSONResponse({"name": model_name, "ready": False, "reason": why}, status_code=503)
         return JSONResponse({"name": model_name, "ready": True})
 
     def _failed(e: ForgetRTError) -> JSONResponse:
         status = _status_for(e)
         metrics.requests.labels(status=str(status)).inc()
         metrics.failures.labels(error=type(e).__name__).inc()
+        if isinstance(e, EngineError):
+            health.engine_failures += 1
         return _error(status, str(e), close=isinstance(e, (TooLarge, BodyTimeout)))
 
     async def infer(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
+        if admission is not None and (why := admission()) is not None:
+            return _failed(NotAdmitted(why))
         if inflight["n"] >= limits.max_inflight:
             return _failed(Overloaded(f"over {limits.max_inflight} requests in flight; retry later"))
         inflight["n"] += 1
@@ -637,6 +688,7 @@ def create_app(
             return _failed(e)
         finally:
             inflight["n"] -= 1
+        health.engine_failures = 0
         logits = np.ascontiguousarray(result.logits, np.float32)
         out = {"name": spec.output_name, "datatype": "FP32", "shape": list(logits.shape)}
         resp: dict[str, Any] = {
@@ -657,15 +709,17 @@ def create_app(
             raw = logits.tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(resp).encode()
-            return Response(head + raw, media_type="application/octet-stream", headers={HEADER_LEN: str(len(head))})
+            return Response(
+                head + raw, media_type="application/octet-stream", headers={HEADER_LEN: str(len(head)), **extra_headers}
+            )
         log.debug("infer %d images in %.2f ms", len(logits), 1e3 * (time.perf_counter() - t0))
         if logits.size >= OFFLOAD_VALUES:
             try:
                 encoded = await offload.run(_encode_json, resp, logits)
             except WorkerLost as e:
                 return _failed(e)
-            return Response(encoded, media_type="application/json")
-        return Response(_encode_json(resp, logits), media_type="application/json")
+            return Response(encoded, media_type="application/json", headers=extra_headers)
+        return Response(_encode_json(resp, logits), media_type="application/json", headers=extra_headers)
 
     async def repo_index(request: Request) -> Response:
         return JSONResponse([{"name": model_name, "version": "1", "state": "READY"}])
@@ -687,7 +741,11 @@ def create_app(
             client = request.client
             caller = f"{client.host}:{client.port}" if client else "unknown"
             async with load_lock:  # one change at a time; loading and hashing run off the event loop
-                res = await asyncio.to_thread(control.load_bank, runtime, params["bank"], caller)
+                health.loading = str(params["bank"])[:200]
+                try:
+                    res = await asyncio.to_thread(control.load_bank, runtime, params["bank"], caller)
+                finally:
+                    health.loading = None
         except ForgetRTError as e:
             status = _status_for(e)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -700,6 +758,7 @@ def create_app(
                 "vectors": res["vectors"],
                 "bank": res["bank"],
                 "vectors_sha256": res["vectors_sha256"],
+                **({"replicas_confirmed": res["replicas_confirmed"]} if "replicas_confirmed" in res else {}),
             }
         )
 
@@ -819,6 +878,7 @@ def uvicorn_config(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=None,  # the process's logging (forgetrt --log-level/--log-format) stays in charge
         http=_guarded_protocol(limits, getattr(app, "metrics", None)),
         timeout_keep_alive=int(math.ceil(limits.keep_alive_s)),
         h11_max_incomplete_event_size=limits.max_header_bytes,

@@ -24,9 +24,11 @@ from forgetrt.runtime.backends import DEVICES, backend_names, list_backends
 from forgetrt.runtime.batcher import BatchingConfig
 from forgetrt.runtime.bench import MIXES, BenchConfig
 from forgetrt.runtime.control import TOKEN_ENV
+from forgetrt.runtime.deploy import ClusterConfig, ScaleConfig
 from forgetrt.runtime.errors import ForgetRTError, InvalidInputError
 from forgetrt.runtime.guards import DEFAULT_CANCEL_THRESHOLD
 from forgetrt.runtime.limits import ServerLimits
+from forgetrt.runtime.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from forgetrt.runtime.runtime import PIXEL_POLICIES
 from forgetrt.train.data import DATA_KINDS, ForgetSpec
 from forgetrt.train.recipes import BASELINES, PRESETS, VectorRecipe
@@ -34,8 +36,38 @@ from forgetrt.train.recipes import BASELINES, PRESETS, VectorRecipe
 __all__ = ["cli", "main"]
 
 
+# which install extra brings each optional top-level module a command may import
+EXTRAS = {
+    "torch": "train",
+    "torchvision": "train",
+    "sklearn": "train",
+    "matplotlib": "train",
+    "onnxruntime": "cpu",
+    "tensorrt": "trt",
+    "model_signing": "sign",
+    "OpenSSL": "sign",
+    "ray": "ray",
+}
+
+
+def missing_extra_message(e: ModuleNotFoundError, command: str | None) -> str | None:
+    """'forgetrt train-model needs the train extra: ...' for a module an extra provides, else None."""
+    top = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    what = f"forgetrt {command}" if command else "this command"
+    if extra == "cpu":
+        return (
+            f"{what} needs onnxruntime: pip install 'forgetrt[cpu]' (or 'forgetrt[gpu]' for the CUDA "
+            "execution provider; never both)"
+        )
+    return f"{what} needs the '{extra}' extra ({top} is not installed): pip install 'forgetrt[{extra}]'"
+
+
 class _Group(click.Group):
-    """Maps every ForgetRTError raised by a subcommand to a clean ClickException with its exit code."""
+    """Maps every ForgetRTError raised by a subcommand to a clean ClickException with its exit code, and a
+    missing optional dependency to the extra that installs it."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -43,6 +75,13 @@ class _Group(click.Group):
         except ForgetRTError as e:
             err = click.ClickException(str(e))
             err.exit_code = e.exit_code
+            raise err from e
+        except ModuleNotFoundError as e:
+            msg = missing_extra_message(e, ctx.invoked_subcommand)
+            if msg is None:
+                raise
+            err = click.ClickException(msg)
+            err.exit_code = 4  # as BackendUnavailableError: something to install
             raise err from e
 
 
@@ -216,12 +255,31 @@ def _echo_json(obj: Any) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="forgetrt")
-def cli() -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(list(LOG_LEVELS)),
+    default="info",
+    show_default=True,
+    envvar="FORGETRT_LOG_LEVEL",
+    show_envvar=True,
+    help="Level of the log on stderr (the server's, uvicorn's and the library's).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(list(LOG_FORMATS)),
+    default="text",
+    show_default=True,
+    envvar="FORGETRT_LOG_FORMAT",
+    show_envvar=True,
+    help="'json': one JSON object per line, for log collectors. Progress bars are drawn only on a terminal.",
+)
+def cli(log_level: str, log_format: str) -> None:
     """ForgetRT: train forget vectors for a frozen classifier, compose them, evaluate unlearning.
 
     Typical flow: train-model -> train-vector (--each-class) -> compose -> eval. `forgetrt demo`
     runs all of it on sklearn's digits in about a minute.
     """
+    configure_logging(log_level, log_format)
 
 
 @cli.command("models")
@@ -844,14 +902,20 @@ def _runtime_config(kw: dict[str, Any], *, batching: BatchingConfig | None = Non
 
 
 _LIMIT_OPTIONS = _dataclass_options(ServerLimits)
+_SCALE_OPTIONS = _dataclass_options(ScaleConfig)
+_CLUSTER_OPTIONS = _dataclass_options(ClusterConfig)
+
+
+def _ray_options(f: Callable) -> Callable:
+    return _apply(f, _SCALE_OPTIONS + _CLUSTER_OPTIONS)
 
 
 def _limit_options(f: Callable) -> Callable:
     return _apply(f, _LIMIT_OPTIONS)
 
 
-@cli.command("serve")
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@cli.command("serve", context_settings={"auto_envvar_prefix": "FORGETRT_SERVE", "show_default": True})
+@click.argument("bundle_dir", type=click.Path(file_okay=False), envvar="FORGETRT_SERVE_BUNDLE")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
@@ -878,6 +942,17 @@ def _limit_options(f: Callable) -> Callable:
 )
 @_backend_options
 @_limit_options
+@click.option(
+    "--ray",
+    "ray",
+    is_flag=True,
+    help="Serve on Ray Serve: replicas (GPUs as resources), autoscaling, cluster-wide bank changes (needs the "
+    "'ray' extra; README: Scale out).",
+)
+@click.option(
+    "--ray-address", help="Ray cluster to join ('auto': the one `ray start` made here); default: a local one."
+)
+@_ray_options
 def serve_cmd(
     bundle_dir: str,
     host: str,
@@ -888,16 +963,18 @@ def serve_cmd(
     bank_root,
     verify_key,
     state_dir,
+    ray: bool,
+    ray_address: str | None,
     **kw: Any,
 ) -> None:
     """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics. Changing the
-    served bank needs an admin token, a bank root and a state folder (see README: Security)."""
-    import logging
+    served bank needs an admin token, a bank root and a state folder (see README: Security).
 
+    Every option can also come from the environment: FORGETRT_SERVE_<OPTION> (dashes as underscores, e.g.
+    FORGETRT_SERVE_PORT=8080), and the bundle from FORGETRT_SERVE_BUNDLE; a flag on the command line wins."""
     from forgetrt.runtime.control import ControlPlane
     from forgetrt.runtime.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     options = _pop_backend_options(kw)
     limits = ServerLimits(**{f.name: v for f, _ in _LIMIT_OPTIONS if (v := kw.pop(f.name, None)) is not None})
     control = ControlPlane.from_files(token_file=admin_token_file, bank_root=bank_root, state_dir=state_dir)
@@ -905,7 +982,26 @@ def serve_cmd(
         raise InvalidInputError(
             f"--bank-root and --state-dir take effect with an admin token (--admin-token-file or {TOKEN_ENV})"
         )
+    scale = {f.name: v for f, _ in _SCALE_OPTIONS if (v := kw.pop(f.name, None)) is not None}
+    cluster = {f.name: v for f, _ in _CLUSTER_OPTIONS if (v := kw.pop(f.name, None)) is not None}
+    if not ray and (scale or cluster or ray_address):
+        raise InvalidInputError(f"--{next(iter([*scale, *cluster, 'ray_address'])).replace('_', '-')} needs --ray")
     config = _runtime_config(kw, batching=_batching(kw), pixel_policy=pixel_policy)
+    if ray:
+        return _serve_ray(
+            bundle_dir,
+            config,
+            options,
+            ScaleConfig(**scale),
+            ClusterConfig(**cluster),
+            limits=limits,
+            control=control,
+            host=host,
+            port=port,
+            model_name=model_name,
+            verify_key=verify_key,
+            ray_address=ray_address,
+        )
     serve(
         bundle_dir,
         config,
@@ -916,7 +1012,43 @@ def serve_cmd(
         limits=limits,
         control=control,
         verify_key=verify_key,
+        log_level=click.get_current_context().find_root().params["log_level"],
     )
+
+
+for _p in serve_cmd.params:  # every serve option can come from the environment (containers)
+    _p.show_envvar = True
+
+
+def _serve_ray(bundle_dir, config, options, scale_cfg, cluster_cfg, *, control, ray_address, **kw: Any) -> None:
+    """Deploy on Ray Serve, then hold until Ctrl-C or SIGTERM and delete the deployment."""
+    import signal
+    import threading
+
+    from forgetrt.runtime.deploy import deploy, shutdown
+
+    url = deploy(
+        bundle_dir,
+        config,
+        options,
+        scale=scale_cfg,
+        cluster=cluster_cfg,
+        token=control.token,
+        bank_root=None if control.bank_root is None else str(control.bank_root),
+        state_dir=None if control.state_dir is None else str(control.state_dir),
+        ray_address=ray_address,
+        **kw,
+    )
+    click.echo(f"serving on {url} with Ray Serve ({scale_cfg}); Ctrl-C stops")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
 
 
 @cli.command("sign")

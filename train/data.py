@@ -305,7 +305,7 @@ def _decode_many(blobs: list[bytes]) -> np.ndarray:
 
 def _assemble(items: list[tuple[str, str, str, bytes]], source: Path) -> dict[str, np.ndarray]:
     """items: (split, class, member name, encoded bytes) -> arrays, decoding in parallel."""
-    from tqdm.auto import tqdm
+    from forgetrt.runtime.logs import progress
 
     if not items:
         raise DataError(f"no images under train/<class>/ or test/<class>/ in {source}")
@@ -321,7 +321,7 @@ def _assemble(items: list[tuple[str, str, str, bytes]], source: Path) -> dict[st
     chunks = [blobs[i : i + chunk] for i in range(0, len(blobs), chunk)]
     workers = max(1, min(len(chunks), os.cpu_count() or 1))
     decoded: list[np.ndarray] = []
-    with tqdm(total=len(blobs), desc="decode images", unit="img", leave=False) as bar:
+    with progress(total=len(blobs), desc="decode images", unit="img", leave=False) as bar:
         if workers == 1:
             for c in chunks:
                 decoded.append(_decode_many(c))

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from forgetrt.runtime.architectures import create_model
 from forgetrt.runtime.errors import InvalidInputError, unknown
 from forgetrt.runtime.iospec import IOSpec
+from forgetrt.runtime.logs import progress
 
 from .data import Dataset
 from .recipes import TrainConfig
@@ -180,7 +180,7 @@ def fit(
     )
     t0 = time.perf_counter()
     loss_val = float("nan")
-    with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False) as bar:
+    with progress(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False) as bar:
         for _epoch in range(cfg.epochs):
             correct, seen = 0, 0
             for i, idx in enumerate(_batches(len(data), min(cfg.batch_size, len(data)), gen, drop_last=True)):

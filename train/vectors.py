@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.runtime.logs import progress
 
 from .data import Dataset, ForgetSpec
 from .loops import DeviceData, _channels_last, augment_batch
@@ -150,7 +150,7 @@ def _optimize(
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
-    with tqdm(total=r.epochs * sampler.steps, desc=desc, unit="step", leave=False) as bar:
+    with progress(total=r.epochs * sampler.steps, desc=desc, unit="step", leave=False) as bar:
         for _ in range(r.epochs):
             # running counts stay on the device; reading them every step would stall the GPU pipeline
             counts = torch.zeros(4, device=device)

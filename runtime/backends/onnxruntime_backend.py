@@ -14,7 +14,7 @@ from ..compose import BankSnapshot
 from ..errors import CorruptArtifactError, InvalidInputError, MismatchError
 from .base import Backend, BackendEntry
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "ort_cuda_available"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeOptions", "ort_cuda_available", "ort_distributions"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,33 @@ def _with_bank_input(path) -> bytes:
     return model.SerializeToString()
 
 
+def ort_distributions() -> list[str]:
+    """The installed distributions that provide the ``onnxruntime`` package (more than one shadow each other)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(dist)
+    return found
+
+
+_BOTH_BUILDS = (
+    "both onnxruntime and onnxruntime-gpu are installed and one shadows the other; keep one: "
+    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'forgetrt[gpu]' (or 'forgetrt[cpu]')"
+)
+
+
 def _available(bundle: Bundle, device: str, options: OnnxRuntimeOptions) -> str | None:
     if importlib.util.find_spec("onnxruntime") is None:
-        return "onnxruntime is not installed"
+        return "onnxruntime is not installed (pip install 'forgetrt[cpu]', or 'forgetrt[gpu]' for CUDA)"
     if device == "cuda" and not ort_cuda_available():
-        return "onnxruntime has no CUDAExecutionProvider (install 'forgetrt[gpu]')"
+        if len(ort_distributions()) > 1:
+            return _BOTH_BUILDS
+        return "onnxruntime has no CUDAExecutionProvider (pip install 'forgetrt[gpu]' in place of 'forgetrt[cpu]')"
     return None
 
 

@@ -1,0 +1,253 @@
+"""Scale-out on Ray Serve (runtime/deploy.py): two CPU replicas on a local Ray instance behind Ray's HTTP
+proxy, the KServe v2 routes, a cluster-wide hot swap under load (nothing sent after the acknowledgement
+is answered with the old bank), a replica killed under load (its replacement serves the acknowledged
+bank), and the coordinator's lease protocol on its own (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from forgetrt.runtime.deploy import BankCoordinator, ClusterConfig, ScaleConfig
+from forgetrt.runtime.errors import InvalidInputError
+
+TOKEN = "cluster-admin-token-0123456789"
+APP = "forgetrt-test"
+
+
+# --------------------------------------------------------------------------- the protocol, without Ray
+
+
+def test_ack_waits_for_replicas_on_the_old_bank_until_they_apply_or_their_lease_lapses(tmp_path):
+    async def scenario():
+        c = BankCoordinator(str(tmp_path), lease_s=0.4)
+        assert (await c.poll("a", 0, 0))["lease_for"] == 0
+        assert (await c.poll("b", 0, 0))["lease_for"] == 0
+
+        async def replica_a_applies():  # a long-polls, sees the change, applies it, polls again
+            st = await c.poll("a", 0, 5.0)
+            assert st["generation"] == 1
+            await asyncio.sleep(0.05)
+            assert (await c.poll("a", 1, 0))["lease_for"] == 1
+
+        task = asyncio.create_task(replica_a_applies())
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        res = await c.propose("v2", "abc", "test")  # b never answers: the ack waits for b's lease to lapse
+        waited = time.monotonic() - t0
+        await task
+        return res, waited
+
+    res, waited = asyncio.run(scenario())
+    assert res["generation"] == 1 and res["replicas_confirmed"] == ["a"]
+    assert 0.3 < waited < 2.0, waited
+    # a replica on an older generation gets no lease: it must apply first
+    c2 = BankCoordinator(str(tmp_path), lease_s=1.0)  # restarted: restores generation 1 from the state dir
+    assert c2.state() == {"generation": 1, "bank": "v2", "vectors_sha256": "abc"}
+    assert asyncio.run(c2.poll("late", 0, 0))["lease_for"] is None
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [a["outcome"] for a in audit] == ["published", "acknowledged"]
+    assert audit[1]["replicas"] == 1
+
+
+def test_scale_and_cluster_configs_are_checked():
+    with pytest.raises(InvalidInputError):
+        ScaleConfig(replicas=0)
+    with pytest.raises(InvalidInputError):
+        ScaleConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(InvalidInputError):
+        ClusterConfig(lease_s=1.0, poll_s=1.0)
+    auto = ScaleConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=8, gpus_per_replica=1)
+    opts = auto.deployment_options()
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert opts["ray_actor_options"]["num_gpus"] == 1 and "num_replicas" not in opts
+    assert ScaleConfig(replicas=3).deployment_options()["num_replicas"] == 3
+
+
+# --------------------------------------------------------------------------- a local Ray cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(digits_bundle, digits_bank, tmp_path_factory):
+    pytest.importorskip("ray.serve", reason="needs the 'ray' extra")
+    import httpx
+    import ray
+
+    from forgetrt.runtime import RuntimeConfig
+    from forgetrt.runtime.deploy import deploy, shutdown
+
+    root = tmp_path_factory.mktemp("cluster-banks")
+    shutil.copytree(digits_bank[0], root / "v2")
+    shutil.copytree(digits_bank[0], root / "v3")
+    state = tmp_path_factory.mktemp("cluster-state")
+    ray.init(num_cpus=4, include_dashboard=False, namespace="forgetrt", log_to_driver=False)
+    port = _free_port()
+    try:
+        url = deploy(
+            str(digits_bundle),
+            RuntimeConfig(backend="onnxruntime", device="cpu"),
+            {"threads": 1},
+            scale=ScaleConfig(replicas=2, cpus_per_replica=0.5),
+            cluster=ClusterConfig(lease_s=2.0, poll_s=0.5),
+            port=port,
+            app_name=APP,
+            token=TOKEN,
+            bank_root=str(root),
+            state_dir=str(state),
+        )
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield {"client": client, "url": url, "root": root, "state": state, "ray": ray}
+    finally:
+        try:
+            shutdown(APP)
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _body(forget: str = "forget-3", seed: int = 0) -> dict:
+    x = np.random.default_rng(seed).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
+    return {
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.ravel().tolist()}],
+        "parameters": {"forget": forget},
+    }
+
+
+def _load(cluster, bank: str, token: str = TOKEN):
+    return cluster["client"].post(
+        "/v2/repository/models/digits/load",
+        json={"parameters": {"bank": bank}},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+def test_replicas_answer_the_kserve_routes_with_the_runtimes_logits(cluster, digits_bundle):
+    from forgetrt.runtime import Runtime, RuntimeConfig
+
+    c = cluster["client"]
+    assert c.get("/v2/health/ready").json() == {"ready": True}
+    meta = c.get("/v2/models/digits").json()
+    assert meta["name"] == "digits" and meta["outputs"][0]["shape"] == [-1, 10]
+    seen, versions = set(), set()
+    with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu")) as rt:
+        for i in range(24):
+            body = _body(seed=i)
+            r = c.post("/v2/models/digits/infer", json=body)
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-forgetrt-instance"])
+            versions.add(r.json()["parameters"]["bank_version"])
+            x = np.asarray(body["inputs"][0]["data"], np.float32).reshape(1, 1, 8, 8)
+            want = rt.infer(x, ["forget-3"]).logits
+            np.testing.assert_allclose(np.asarray(r.json()["outputs"][0]["data"]).reshape(1, 10), want, atol=1e-5)
+    assert len(seen) == 2, seen  # both replicas served
+    assert len(versions) == 1
+    r = c.post("/v2/models/nope/infer", json=_body())
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_bank_changes_are_refused_without_the_token_or_outside_the_root(cluster):
+    assert _load(cluster, "v2", token="wrong-token-wrong-token").status_code == 401
+    r = _load(cluster, "../v2")
+    assert r.status_code == 404 and "error" in r.json()
+    r = _load(cluster, "missing")
+    assert r.status_code == 404
+    audit = [json.loads(x) for x in (cluster["state"] / "audit.jsonl").read_text().splitlines()]
+    assert any(a["outcome"] == "refused" and a["bank"] == "missing" for a in audit)
+
+
+def _load_generator(cluster, stop: threading.Event, out: list, seed: int) -> None:
+    import httpx
+
+    with httpx.Client(base_url=cluster["url"], timeout=30) as c:
+        i = 0
+        while not stop.is_set():
+            t_send = time.monotonic()
+            try:
+                r = c.post("/v2/models/digits/infer", json=_body(seed=seed * 1000 + i))
+                version = r.json().get("parameters", {}).get("bank_version") if r.status_code == 200 else None
+                out.append((t_send, r.status_code, version, r.headers.get("x-forgetrt-instance"), r.text[:200]))
+            except httpx.HTTPError as e:
+                out.append((t_send, -1, None, None, repr(e)))
+            i += 1
+
+
+def _under_load(cluster, action, *, clients: int = 3, before_s: float = 0.5, after_s: float = 1.5):
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_load_generator, args=(cluster, stop, results, k)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(before_s)
+        value = action()
+        t_done = time.monotonic()
+        time.sleep(after_s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    return value, t_done, results
+
+
+def test_hot_swap_under_load_reaches_every_replica_before_it_is_acknowledged(cluster):
+    before = cluster["client"].get("/v2/models/digits").json()  # noqa: F841 - routes warm
+    resp, t_ack, results = _under_load(cluster, lambda: _load(cluster, "v2"))
+    assert resp.status_code == 200, resp.text
+    new = resp.json()["bank_version"]
+    assert new >= 1
+    after = [r for r in results if r[0] > t_ack]
+    assert len(after) > 10 and len(results) > 20
+    assert all(r[1] == 200 for r in results), [r for r in results if r[1] != 200][:3]
+    assert {r[2] for r in after} == {new}, sorted({(r[2], r[3]) for r in after})
+    assert len({r[3] for r in after}) == 2  # both replicas answered after the change, both with it
+    coord = cluster["ray"].get_actor(f"{APP}-bank-coordinator", namespace="forgetrt")
+    leases = cluster["ray"].get(coord.replicas.remote())
+    assert {v["generation"] for v in leases.values()} == {new}
+
+
+def test_a_killed_replica_is_replaced_and_its_successor_serves_the_acknowledged_bank(cluster):
+    ray = cluster["ray"]
+    resp = _load(cluster, "v3")
+    assert resp.status_code == 200, resp.text
+    acked = resp.json()["bank_version"]
+    replicas = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP}")
+    ]
+    assert len(replicas) == 2, replicas
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+
+    _, t_kill, results = _under_load(cluster, lambda: ray.kill(victim, no_restart=True), after_s=1.0)
+    # in flight on the killed replica: an error answer (never a wrong one, never a hang); the rest 200
+    ok = [r for r in results if r[1] == 200]
+    assert ok and {r[2] for r in ok} == {acked}
+    failed = [r for r in results if r[1] != 200]
+    assert len(failed) <= 3 * 2, failed  # at most the requests in flight on the killed replica
+    # Ray Serve starts a replacement; it must come up on the acknowledged bank, not the bundle's
+    deadline = time.monotonic() + 60
+    instances = set()
+    while time.monotonic() < deadline:
+        r = cluster["client"].post("/v2/models/digits/infer", json=_body())
+        if r.status_code == 200:
+            assert r.json()["parameters"]["bank_version"] == acked
+            instances.add(r.headers["x-forgetrt-instance"])
+        live = [
+            a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP}")
+        ]
+        if len(instances) >= 2 and len(live) == 2 and replicas[0]["name"] not in {a["name"] for a in live}:
+            break
+        time.sleep(0.1)
+    assert len(instances) >= 2, instances
