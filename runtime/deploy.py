@@ -258,15 +258,11 @@ class ClusterControl(ControlPlane):
             bank = VectorBank.load(path)
             snapshot = runtime.reload_bank(bank, dry_run=True)  # every replica runs these same checks
         except ForgetRTError as e:
-            self.coordinator.audit.remote(
-                {
-                    "caller": caller,
-                    "action": "load",
-                    "bank": str(raw)[:200],
-                    "outcome": "refused",
-                    "error": type(e).__name__,
-                }
-            )
+            refused = {"caller": caller, "action": "load", "bank": str(raw)[:200], "outcome": "refused"}
+            try:  # recorded before the client hears of it, as on one server
+                ray.get(self.coordinator.audit.remote({**refused, "error": type(e).__name__}), timeout=10)
+            except Exception as audit_error:  # noqa: BLE001 - the refusal stands; say it went unrecorded
+                log.warning("refused bank change %r could not be audited: %s", str(raw)[:200], audit_error)
             raise
         res = ray.get(self.coordinator.propose.remote(rel, bank.vectors_sha256, f"{caller} via {self.replica}"))
         return {

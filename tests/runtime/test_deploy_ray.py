@@ -251,3 +251,29 @@ def test_a_killed_replica_is_replaced_and_its_successor_serves_the_acknowledged_
             break
         time.sleep(0.1)
     assert len(instances) >= 2, instances
+
+
+def test_replicas_cut_off_from_the_coordinator_stop_serving_within_a_lease(cluster):
+    """Last (it breaks the cluster): with the coordinator gone no bank change can be acknowledged, and a
+    replica that cannot hear about one must not keep answering: 503 with a reason once its lease lapses."""
+    ray = cluster["ray"]
+    coord = ray.get_actor(f"{APP}-bank-coordinator", namespace="forgetrt")
+    ray.kill(coord, no_restart=True)
+    t0 = time.monotonic()
+    deadline = t0 + 15
+    while time.monotonic() < deadline:
+        r = cluster["client"].post("/v2/models/digits/infer", json=_body())
+        if r.status_code == 503:
+            break
+        assert r.status_code == 200
+        time.sleep(0.05)
+    assert r.status_code == 503 and "bank lease" in r.json()["error"], r.text
+    # both replicas: every answer refused, readiness false, all within the lease plus a poll's slack
+    codes = []
+    while time.monotonic() < deadline and codes[-6:] != [503] * 6:
+        codes.append(cluster["client"].get("/v2/health/ready").status_code)
+        codes.append(cluster["client"].post("/v2/models/digits/infer", json=_body()).status_code)
+    assert codes[-6:] == [503] * 6, codes
+    assert time.monotonic() - t0 < 2.0 + 2.0
+    ready = cluster["client"].get("/v2/health/ready")
+    assert ready.status_code == 503 and "bank lease" in ready.json()["reason"]
