@@ -66,6 +66,7 @@ def progress(**kwargs: Any) -> Any:
     it off everywhere."""
     from tqdm.auto import tqdm
 
-    off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    asked = kwargs.pop("disable", None)  # True: off; None: the terminal decides
+    off = asked is True or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     kwargs.setdefault("file", sys.stderr)
-    return tqdm(disable=True if off else kwargs.pop("disable", None), **kwargs)
+    return tqdm(disable=True if off else None, **kwargs)

@@ -134,6 +134,7 @@ def test_progress_bars_draw_only_on_a_terminal(monkeypatch):
     bar = progress(total=3, file=Tty())
     assert not bar.disable
     bar.close()
+    assert progress(total=3, file=Tty(), disable=True).disable  # a caller's explicit off wins
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert progress(total=3, file=Tty()).disable
 
