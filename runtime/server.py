@@ -33,7 +33,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +44,22 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .control import BankLoadRefused, ControlDisabled, ControlPlane, RecordError, Unauthorized
-from .errors import (
-    ArtifactError,
-    DeadlineExceededError,
-    EngineError,
-    ForgetRTError,
-    InvalidInputError,
-    QueueFullError,
-    RuntimeClosedError,
-    UnknownNameError,
-)
+from .control import ControlPlane
+from .errors import ForgetRTError, InvalidInputError
 from .limits import ServerLimits
 from .runtime import Runtime, RuntimeConfig
+from .service import (
+    EXTENSIONS,
+    BodyTimeout,
+    InferCall,
+    ModelService,
+    TooLarge,
+    UnknownModel,
+    WorkerLost,
+    parse_output_parameters,
+    parse_request_parameters,
+    status_for,
+)
 
 __all__ = ["create_app", "serve", "ServerMetrics", "ServerLimits", "uvicorn_config"]
 
@@ -67,26 +69,6 @@ HEADER_LEN = "inference-header-content-length"
 #: Python's json holds the GIL, so on a thread it would still stall every other client
 OFFLOAD_BYTES = 1 << 20
 OFFLOAD_VALUES = 1 << 16
-
-
-class TooLarge(InvalidInputError):
-    """413: the body is over the limit."""
-
-
-class BodyTimeout(InvalidInputError):
-    """408: the body did not arrive in time."""
-
-
-class Overloaded(QueueFullError):
-    """429: too many requests in flight."""
-
-
-class NotAdmitted(ForgetRTError):
-    """503: this server may not answer now (a cluster replica whose bank lease lapsed); retry (elsewhere)."""
-
-
-class WorkerLost(ForgetRTError):
-    """503: the process parsing a large body died (out of memory, killed); the request can be retried."""
 
 
 class _Offloader:
@@ -185,6 +167,7 @@ class ServerMetrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
+        self.executions = 0  # engine calls (Triton's execution_count)
         self.bank_version = Gauge("forgetrt_bank_version", "Bank version being served", registry=self.registry)
         self.responses = Counter(
             "forgetrt_http_responses_total",
@@ -194,6 +177,7 @@ class ServerMetrics:
         )
 
     def observe_batch(self, n_requests: int, n_images: int, queue_s: Any, compute_s: float, ok: bool) -> None:
+        self.executions += 1
         for q in queue_s:
             self.queue.observe(q)
         self.compute.observe(compute_s)
@@ -212,29 +196,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, *, 
     return Response(_json({"error": message}), status_code=status, headers=headers, media_type="application/json")
 
 
-_STATUS = [
-    (Overloaded, 429),
-    (QueueFullError, 429),
-    (DeadlineExceededError, 408),
-    (BodyTimeout, 408),
-    (TooLarge, 413),
-    (RuntimeClosedError, 503),
-    (WorkerLost, 503),
-    (NotAdmitted, 503),
-    (EngineError, 500),
-    (RecordError, 500),
-    (ControlDisabled, 403),
-    (Unauthorized, 401),
-    (BankLoadRefused, 404),
-    (UnknownNameError, 400),
-    (InvalidInputError, 400),
-    (ArtifactError, 400),
-    (ForgetRTError, 400),
-]
-
-
-def _status_for(e: ForgetRTError) -> int:
-    return next(code for cls, code in _STATUS if isinstance(e, cls))
+_status_for = status_for
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -275,10 +237,16 @@ def _json_bytes(body: bytes, header_len: str | None) -> int:
         return len(body)
 
 
-def _encode_json(resp: dict, logits: np.ndarray) -> bytes:
-    """The JSON response with the logits as its output's data (what JSONResponse would render)."""
-    resp["outputs"][0]["data"] = logits.reshape(-1).tolist()
+def _encode_json(resp: dict, data: np.ndarray) -> bytes:
+    """The JSON response with ``data`` as its output's data (what JSONResponse would render)."""
+    flat = data.reshape(-1)
+    resp["outputs"][0]["data"] = [v.decode() for v in flat] if data.dtype == object else flat.tolist()
     return _json(resp)
+
+
+def _bytes_tensor(data: np.ndarray) -> bytes:
+    """The binary form of a BYTES tensor: each element as a 4-byte little-endian length and its bytes."""
+    return b"".join(len(v).to_bytes(4, "little") + v for v in data.reshape(-1))
 
 
 def _parse_request(body: bytes, header_len: str | None, max_depth: int = 64) -> tuple[dict, bytes]:
@@ -397,49 +365,8 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _forget_param(params: Any) -> Any:
-    if params is None:
-        return None
-    if not isinstance(params, dict):
-        raise InvalidInputError("request 'parameters' must be an object")
-    forget, policy = params.get("forget"), params.get("policy")
-    if forget is not None and policy is not None:
-        raise InvalidInputError("give 'forget' or 'policy', not both")
-    if policy is not None:
-        if not isinstance(policy, str):
-            raise InvalidInputError("'policy' must be a string")
-        return policy
-    if isinstance(forget, str):
-        text = forget.strip()
-        if text.startswith(("{", "[")):
-            try:
-                forget = json.loads(text)
-            except (ValueError, RecursionError) as e:  # ValueError: also integers past Python's digit limit
-                raise InvalidInputError(f"'forget' is not valid JSON: {str(e)[:200]}") from None
-        else:
-            forget = [s.strip() for s in text.split(",") if s.strip()]
-    if forget is not None and not isinstance(forget, (dict, list)):
-        raise InvalidInputError("'forget' must be a mapping name -> weight or a list of names")
-    if isinstance(forget, list) and not all(isinstance(n, str) for n in forget):
-        raise InvalidInputError("'forget' as a list must hold vector names")
-    if isinstance(forget, dict) and not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) for w in forget.values()
-    ):
-        raise InvalidInputError("'forget' as a mapping must map vector names to numbers")
-    return forget
-
-
-@dataclass
-class _Parsed:
-    images: np.ndarray
-    coeffs: np.ndarray | None
-    forget: Any
-    request_id: str | None
-    binary_out: bool
-
-
-def _parse_infer(body: bytes, header_len: str | None, spec, limits: ServerLimits) -> _Parsed:
-    """Everything a request says, validated (runs on a worker thread for large bodies)."""
+def _parse_infer(body: bytes, header_len: str | None, spec, limits: ServerLimits) -> InferCall:
+    """Everything a request says, validated (runs in a worker process for large bodies)."""
     req, binary = _parse_request(body, header_len, limits.max_json_depth)
     tensors = _tensors(req, binary, limits.max_body_bytes)
     unknown_inputs = sorted(set(tensors) - {spec.image_name, spec.coeffs_name})
@@ -450,42 +377,18 @@ def _parse_infer(body: bytes, header_len: str | None, spec, limits: ServerLimits
     rid = req.get("id")
     if rid is not None and (not isinstance(rid, str) or not _is_unicode(rid) or len(rid) > 1024):
         raise InvalidInputError("'id' must be a string of valid Unicode, at most 1024 characters")
-    params = req.get("parameters")
-    forget = _forget_param(params)
-    binary_out = False
-    if isinstance(params, dict) and "binary_data_output" in params:
-        if not isinstance(params["binary_data_output"], bool):
-            raise InvalidInputError("'binary_data_output' must be true or false")
-        binary_out = params["binary_data_output"]
+    params = parse_request_parameters(req.get("parameters"))
     outputs = req.get("outputs")
+    requested = None
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise InvalidInputError("'outputs' must be a list of objects")
+        requested = []
         for o in outputs:
-            if o.get("name") != spec.output_name:
-                raise InvalidInputError(f"unknown output {str(o.get('name'))[:60]!r}; valid: {spec.output_name}")
-            op = o.get("parameters") or {}
-            if not isinstance(op, dict):
-                raise InvalidInputError("an output's parameters must be an object")
-            if "binary_data" in op:
-                if not isinstance(op["binary_data"], bool):
-                    raise InvalidInputError("an output's binary_data must be true or false")
-                binary_out = binary_out or op["binary_data"]
-    coeffs = tensors.get(spec.coeffs_name)
-    if coeffs is not None:
-        if forget is not None:
-            raise InvalidInputError("give the composition either as the coeffs input or in parameters, not both")
-        if coeffs.dtype != np.float32 or coeffs.ndim != 2:
-            raise InvalidInputError(f"input {spec.coeffs_name!r} must be FP32 [N, K]")
-    images = tensors[spec.image_name]
-    if images.ndim != 4:
-        raise InvalidInputError(
-            f"input {spec.image_name!r} must have shape [N, {', '.join(map(str, spec.shape))}], "
-            f"got {list(images.shape)}"
-        )
-    if coeffs is not None and coeffs.shape[0] != images.shape[0]:
-        raise InvalidInputError(f"coeffs has {coeffs.shape[0]} rows for {images.shape[0]} images")
-    return _Parsed(images, coeffs, forget, rid, binary_out)
+            if not isinstance(o.get("name"), str):
+                raise InvalidInputError("each requested output needs a name")
+            requested.append(parse_output_parameters(o["name"], o.get("parameters")))
+    return InferCall(tensors[spec.image_name], tensors.get(spec.coeffs_name), params, requested, rid)
 
 
 async def _read_body(request: Request, limits: ServerLimits) -> bytes:
@@ -551,13 +454,30 @@ class _Counted:
 
 
 INSTANCE_HEADER = "x-forgetrt-instance"
-ENGINE_FAILURES_UNREADY = 3  # failed batches in a row after which readiness turns false (until a probe passes)
+#: Content-Encoding values a request body may use (the body limit applies to the decoded size too)
+ENCODINGS = ("gzip", "deflate", "identity")
 
 
-@dataclass
-class _Health:
-    loading: str | None = None  # the bank being loaded
-    engine_failures: int = 0  # failed engine batches since the last success
+def _decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The request body with its Content-Encoding undone, refused once it inflates past ``limit``."""
+    enc = (encoding or "identity").strip().lower()
+    if enc == "identity":
+        return body
+    if enc not in ENCODINGS:
+        raise InvalidInputError(f"unsupported Content-Encoding {enc[:40]!r}; valid: {', '.join(ENCODINGS)}")
+    import zlib
+
+    d = zlib.decompressobj(zlib.MAX_WBITS | 16 if enc == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
+        out += d.flush()
+    except zlib.error as e:
+        raise InvalidInputError(f"the request body is not valid {enc}: {str(e)[:120]}") from None
+    if len(out) > limit:
+        raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
+    return out
 
 
 def create_app(
@@ -569,157 +489,132 @@ def create_app(
     control: ControlPlane = ControlPlane(),
     admission: Callable[[], str | None] | None = None,
     instance: str | None = None,
+    service: ModelService | None = None,
 ) -> Starlette:
     """The ASGI app; ``metrics`` should be the one whose ``observe_batch`` the runtime was loaded with.
     With an enabled ``control`` plane, the bank its state file names is restored first (or this raises).
     ``admission``: called before each inference and readiness check; a reason (str) refuses the request
     with 503 and makes the server unready (a cluster replica uses it to stop serving a stale bank).
-    ``instance``: this server's id among several (a replica), sent as ``x-forgetrt-instance`` with each answer."""
+    ``instance``: this server's id among several (a replica), sent as ``x-forgetrt-instance`` with each answer.
+    ``service``: the :class:`ModelService` to share with another front end (gRPC); made here if not given."""
     extra_headers = {INSTANCE_HEADER: instance} if instance else {}
     metrics = metrics or ServerMetrics()
     spec = runtime.iospec
     restored = control.restore(runtime)
     if restored:
         log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
-    inflight = {"n": 0}
-    health = _Health()
-    load_lock = asyncio.Lock()
+    svc = service or ModelService(
+        runtime, model_name, limits=limits, control=control, admission=admission, instance=instance, metrics=metrics
+    )
     offload = _Offloader(limits.parse_workers)
 
     def _model_or_404(request: Request) -> JSONResponse | None:
-        name = request.path_params["model"]
-        if name != model_name:
-            return _error(404, f"unknown model {name[:100]!r}; this server serves {model_name!r}")
-        version = request.path_params.get("version")
-        if version is not None and version != "1":
-            return _error(404, f"unknown version {version[:40]!r} of model {model_name!r}; valid: 1")
+        try:
+            svc.check_model(request.path_params["model"], request.path_params.get("version"))
+        except UnknownModel as e:
+            return _error(404, str(e))
         return None
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
 
-    async def _readiness() -> str | None:
-        """Why this server should not get traffic now (None: ready). After repeated engine failures one
-        probe image is run; its success makes the server ready again."""
-        if runtime.closed:
-            return "the runtime is shut down"
-        if admission is not None and (why := admission()) is not None:
-            return why
-        if health.loading:
-            return f"loading bank {health.loading!r}"
-        if health.engine_failures >= ENGINE_FAILURES_UNREADY:
-            probe = np.full((1, *spec.shape), spec.input_range[0], np.float32)
-            try:
-                await runtime.infer_async(probe)
-            except ForgetRTError as e:
-                return f"the engine is failing ({health.engine_failures} failed batches in a row; probe: {e})"
-            health.engine_failures = 0
-        return None
-
     async def ready(request: Request) -> Response:
-        why = await _readiness()
+        why = await svc.readiness()
         if why is not None:
             return JSONResponse({"ready": False, "reason": why}, status_code=503)
         return JSONResponse({"ready": True})
 
     async def server_meta(request: Request) -> Response:
-        return JSONResponse(
-            {"name": "forgetrt", "version": _version(), "extensions": ["binary_tensor_data", "model_repository"]}
-        )
+        return JSONResponse({"name": "forgetrt", "version": _version(), "extensions": list(EXTENSIONS)})
 
     async def model_meta(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
-        bank = runtime.snapshot
-        return JSONResponse(
-            {
-                "name": model_name,
-                "versions": ["1"],
-                "platform": f"forgetrt_{runtime.backend_name}",
-                "inputs": [
-                    {"name": spec.image_name, "datatype": "FP32", "shape": [-1, *spec.shape]},
-                    {"name": spec.coeffs_name, "datatype": "FP32", "shape": [-1, bank.k]},
-                ],
-                "outputs": [{"name": spec.output_name, "datatype": "FP32", "shape": [-1, spec.num_classes]}],
-                "parameters": {
-                    "bank_version": bank.version,
-                    "vectors": ",".join(bank.names),
-                    "policies": ",".join(bank.policies),
-                    "mandatory": ",".join(bank.mandatory),
-                    "bundle_id": runtime.bundle.bundle_id,
-                },
-            }
-        )
+        return JSONResponse(svc.metadata())
+
+    async def model_config(request: Request) -> Response:
+        if (err := _model_or_404(request)) is not None:
+            return err
+        return JSONResponse(svc.config())
+
+    async def model_stats(request: Request) -> Response:
+        if "model" in request.path_params and (err := _model_or_404(request)) is not None:
+            return err
+        return JSONResponse(svc.statistics())
 
     async def model_ready(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
-        why = await _readiness()
+        why = await svc.readiness()
         if why is not None:
             return JSONResponse({"name": model_name, "ready": False, "reason": why}, status_code=503)
         return JSONResponse({"name": model_name, "ready": True})
 
     def _failed(e: ForgetRTError) -> JSONResponse:
         status = _status_for(e)
-        metrics.requests.labels(status=str(status)).inc()
-        metrics.failures.labels(error=type(e).__name__).inc()
-        if isinstance(e, EngineError):
-            health.engine_failures += 1
+        svc.count_failure(e, status)
         return _error(status, str(e), close=isinstance(e, (TooLarge, BodyTimeout)))
 
     async def infer(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
-        if admission is not None and (why := admission()) is not None:
-            return _failed(NotAdmitted(why))
-        if inflight["n"] >= limits.max_inflight:
-            return _failed(Overloaded(f"over {limits.max_inflight} requests in flight; retry later"))
-        inflight["n"] += 1
+        try:
+            svc.admit()
+        except ForgetRTError as e:
+            return _failed(e)
+        svc.inflight += 1  # reading and parsing count as in flight too
         t0 = time.perf_counter()
         try:
             body = await _read_body(request, limits)
+            body = _decode_body(body, request.headers.get("content-encoding"), limits.max_body_bytes)
             header_len = request.headers.get(HEADER_LEN)
             if _json_bytes(body, header_len) >= OFFLOAD_BYTES:  # big JSON is parsed off the event loop
-                parsed = await offload.run(_parse_infer, body, header_len, spec, limits)
+                call = await offload.run(_parse_infer, body, header_len, spec, limits)
             else:
-                parsed = _parse_infer(body, header_len, spec, limits)
-            result = await runtime.infer_async(parsed.images, parsed.forget, coeffs=parsed.coeffs)
+                call = _parse_infer(body, header_len, spec, limits)
         except ForgetRTError as e:
             return _failed(e)
         finally:
-            inflight["n"] -= 1
-        health.engine_failures = 0
-        logits = np.ascontiguousarray(result.logits, np.float32)
-        out = {"name": spec.output_name, "datatype": "FP32", "shape": list(logits.shape)}
+            svc.inflight -= 1
+        try:
+            outcome = await svc.infer(call)
+        except ForgetRTError as e:
+            return _failed(e)
+        req_out = outcome.request
+        data = outcome.classes if outcome.classes is not None else outcome.logits
+        out: dict[str, Any] = {
+            "name": outcome.output_name,
+            "datatype": "BYTES" if outcome.classes is not None else "FP32",
+            "shape": list(data.shape),
+        }
         resp: dict[str, Any] = {
             "model_name": model_name,
             "model_version": "1",
             "parameters": {
-                "bank_version": result.bank_version,
-                "queue_us": round(result.queue_us, 1),
-                "compute_us": round(result.compute_us, 1),
+                "bank_version": outcome.bank_version,
+                "queue_us": round(outcome.queue_us, 1),
+                "compute_us": round(outcome.compute_us, 1),
             },
             "outputs": [out],
         }
-        if parsed.request_id is not None:
-            resp["id"] = parsed.request_id
-        metrics.requests.labels(status="200").inc()
-        metrics.bank_version.set(runtime.snapshot.version)
-        if parsed.binary_out:
-            raw = logits.tobytes()
+        if call.request_id is not None:
+            resp["id"] = call.request_id
+        binary = req_out.binary if req_out.binary is not None else bool(call.params.binary_data_output)
+        if binary:
+            raw = _bytes_tensor(data) if data.dtype == object else data.tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(resp).encode()
             return Response(
                 head + raw, media_type="application/octet-stream", headers={HEADER_LEN: str(len(head)), **extra_headers}
             )
-        log.debug("infer %d images in %.2f ms", len(logits), 1e3 * (time.perf_counter() - t0))
-        if logits.size >= OFFLOAD_VALUES:
+        log.debug("infer %d images in %.2f ms", len(outcome.logits), 1e3 * (time.perf_counter() - t0))
+        if data.size >= OFFLOAD_VALUES:
             try:
-                encoded = await offload.run(_encode_json, resp, logits)
+                encoded = await offload.run(_encode_json, resp, data)
             except WorkerLost as e:
                 return _failed(e)
             return Response(encoded, media_type="application/json", headers=extra_headers)
-        return Response(_encode_json(resp, logits), media_type="application/json", headers=extra_headers)
+        return Response(_encode_json(resp, data), media_type="application/json", headers=extra_headers)
 
     async def repo_index(request: Request) -> Response:
         return JSONResponse([{"name": model_name, "version": "1", "state": "READY"}])
@@ -728,7 +623,7 @@ def create_app(
         if (err := _model_or_404(request)) is not None:
             return err
         try:
-            control.authorize(request.headers.get("authorization"))
+            svc.control.authorize(request.headers.get("authorization"))  # before reading anything
             body = await _read_body(
                 request, ServerLimits(max_body_bytes=64 << 10, body_timeout_s=limits.body_timeout_s)
             )
@@ -736,31 +631,14 @@ def create_app(
             params = req.get("parameters", {})
             if not isinstance(params, dict):
                 raise InvalidInputError("'parameters' must be an object")
-            if params.get("bank") is None:
-                return JSONResponse({"name": model_name, "bank_version": runtime.snapshot.version})
             client = request.client
             caller = f"{client.host}:{client.port}" if client else "unknown"
-            async with load_lock:  # one change at a time; loading and hashing run off the event loop
-                health.loading = str(params["bank"])[:200]
-                try:
-                    res = await asyncio.to_thread(control.load_bank, runtime, params["bank"], caller)
-                finally:
-                    health.loading = None
+            res = await svc.load_bank(request.headers.get("authorization"), params.get("bank"), caller)
         except ForgetRTError as e:
             status = _status_for(e)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             return _error(status, str(e), headers, close=isinstance(e, (TooLarge, BodyTimeout)))
-        metrics.bank_version.set(res["version"])
-        return JSONResponse(
-            {
-                "name": model_name,
-                "bank_version": res["version"],
-                "vectors": res["vectors"],
-                "bank": res["bank"],
-                "vectors_sha256": res["vectors_sha256"],
-                **({"replicas_confirmed": res["replicas_confirmed"]} if "replicas_confirmed" in res else {}),
-            }
-        )
+        return JSONResponse(res)
 
     async def prom(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -780,6 +658,11 @@ def create_app(
         Route("/v2/models/{model}/versions/{version}", model_meta),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/config", model_config),
+        Route("/v2/models/{model}/versions/{version}/config", model_config),
+        Route("/v2/models/stats", model_stats),
+        Route("/v2/models/{model}/stats", model_stats),
+        Route("/v2/models/{model}/versions/{version}/stats", model_stats),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repo_index, methods=["POST"]),
@@ -798,6 +681,7 @@ def create_app(
     )
     app.router.redirect_slashes = False  # no 307 to a client-named Host: a trailing slash is a JSON 404
     app.state.offload = offload
+    app.state.service = svc
     return _Counted(app, metrics)  # type: ignore[return-value]
 
 

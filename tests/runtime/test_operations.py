@@ -18,7 +18,8 @@ from forgetrt.runtime import Runtime, RuntimeConfig
 from forgetrt.runtime.control import ControlPlane
 from forgetrt.runtime.errors import EngineError, UnknownNameError
 from forgetrt.runtime.logs import JsonFormatter, configure_logging, progress
-from forgetrt.runtime.server import ENGINE_FAILURES_UNREADY, create_app
+from forgetrt.runtime.server import create_app
+from forgetrt.runtime.service import ENGINE_FAILURES_UNREADY
 from forgetrt.tools.cli import cli
 
 TOKEN = "operations-token-0123456789"

@@ -121,8 +121,21 @@ PARAMS = [
     {"policy": "nope"},
     {"policy": "forget-1"},
     {"forget": ["forget-1"], "policy": "eu"},
-    {"binary_data_output": "true"},
+    {"binary_data_output": "yes"},
     {"binary_data_output": 1},
+    {"forget": "forget-1=abc"},
+    {"forget": "forget-1=inf"},
+    {"forget": "forget-1=nan"},
+    {"forget": "=1"},
+    {"forget": "forget-1=1,forget-1=0.5"},
+    {"forget": "forget-1=3"},  # outside the bundle's coefficient range
+    {"forget": " , "},
+    {"priority": 3},
+    {"timeout": -1},
+    {"timeout": "10"},
+    {"timeout": 1.5},
+    {"sequence_id": 7},
+    {"an_unknown_parameter": 1},
     {"forget": {"forget-1": 10**400}},  # an integer no float holds
     {"forget": '{"forget-1": ' + "1" * 5000 + "}"},  # past Python's integer digit limit
 ]
@@ -139,6 +152,11 @@ FIELDS = [
     {"outputs": [{"name": "logits", "parameters": "x"}]},
     {"outputs": [{"name": "logits", "parameters": {"binary_data": "yes"}}]},
     {"outputs": [{"name": "logits"}, {"name": "probs"}]},
+    {"outputs": [{"name": "logits"}, {"name": "logits"}]},
+    {"outputs": [{"name": "logits", "parameters": {"classification": 11}}]},  # more classes than the model has
+    {"outputs": [{"name": "logits", "parameters": {"classification": -1}}]},
+    {"outputs": [{"name": "logits", "parameters": {"classification": "3"}}]},
+    {"outputs": [{"name": "logits", "parameters": {"shm_region": "x"}}]},
     {"outputs": {}},
     {"id": "\ud800"},  # a lone surrogate: valid JSON escape, not text
     {"id": "x" * 2000},
