@@ -651,6 +651,7 @@ def create_app(
         return _error(500, "internal server error")
 
     routes = [
+        Route("/v2/models/stats", model_stats),  # before /v2/models/{model}, which would take 'stats' as a name
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_meta),
@@ -660,7 +661,6 @@ def create_app(
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/config", model_config),
         Route("/v2/models/{model}/versions/{version}/config", model_config),
-        Route("/v2/models/stats", model_stats),
         Route("/v2/models/{model}/stats", model_stats),
         Route("/v2/models/{model}/versions/{version}/stats", model_stats),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
@@ -776,6 +776,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
+    grpc_port: int | None = None,
     model_name: str | None = None,
     log_level: str = "info",
     limits: ServerLimits = ServerLimits(),
@@ -783,15 +784,31 @@ def serve(
     verify_key: str | None = None,
 ) -> None:
     """Load the bundle (its signature checked against ``verify_key`` when given) and serve it until
-    interrupted (blocking)."""
+    interrupted (blocking): REST on ``port`` and, with ``grpc_port``, KServe v2 gRPC on that port, both in
+    one event loop over one runtime."""
     import uvicorn
 
     metrics = ServerMetrics()
     runtime = Runtime.load(bundle, config, backend_options, observer=metrics.observe_batch, verify_key=verify_key)
     try:
         name = model_name or Path(bundle).resolve().name
-        app = create_app(runtime, name, metrics=metrics, limits=limits, control=control)
+        svc = ModelService(runtime, name, limits=limits, control=control, metrics=metrics)
+        app = create_app(runtime, name, metrics=metrics, limits=limits, control=control, service=svc)
         log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
-        uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level)).run()
+        server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
+        if grpc_port is None:
+            server.run()
+            return
+
+        async def both() -> None:
+            from .grpc_server import start_grpc_server
+
+            grpc_server, _ = await start_grpc_server(svc, host=host, port=grpc_port, limits=limits)
+            try:
+                await server.serve()
+            finally:
+                await grpc_server.stop(2.0)
+
+        asyncio.run(both())
     finally:
         runtime.close()

@@ -47,6 +47,8 @@ EXTRAS = {
     "model_signing": "sign",
     "OpenSSL": "sign",
     "ray": "ray",
+    "grpc": "grpc",
+    "tritonclient": "grpc",
 }
 
 
@@ -918,6 +920,12 @@ def _limit_options(f: Callable) -> Callable:
 @click.argument("bundle_dir", type=click.Path(file_okay=False), envvar="FORGETRT_SERVE_BUNDLE")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    help="Also serve KServe v2 gRPC (tritonclient.grpc, KServe's client) on this port, e.g. 8001 (needs the "
+    "'grpc' extra) [default: off].",
+)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
@@ -957,6 +965,7 @@ def serve_cmd(
     bundle_dir: str,
     host: str,
     port: int,
+    grpc_port: int | None,
     model_name,
     pixel_policy: str,
     admin_token_file,
@@ -967,7 +976,8 @@ def serve_cmd(
     ray_address: str | None,
     **kw: Any,
 ) -> None:
-    """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics. Changing the
+    """Serve BUNDLE over the KServe v2 REST protocol (tritonclient.http works), with /metrics, and with
+    --grpc-port over KServe v2 gRPC (tritonclient.grpc works). Changing the
     served bank needs an admin token, a bank root and a state folder (see README: Security).
 
     Every option can also come from the environment: FORGETRT_SERVE_<OPTION> (dashes as underscores, e.g.
@@ -984,6 +994,8 @@ def serve_cmd(
         )
     scale = {f.name: v for f, _ in _SCALE_OPTIONS if (v := kw.pop(f.name, None)) is not None}
     cluster = {f.name: v for f, _ in _CLUSTER_OPTIONS if (v := kw.pop(f.name, None)) is not None}
+    if ray and grpc_port is not None:
+        raise InvalidInputError("--grpc-port is not available with --ray (Ray Serve's proxy serves REST here)")
     if not ray and (scale or cluster or ray_address):
         raise InvalidInputError(f"--{next(iter([*scale, *cluster, 'ray_address'])).replace('_', '-')} needs --ray")
     config = _runtime_config(kw, batching=_batching(kw), pixel_policy=pixel_policy)
@@ -1008,6 +1020,7 @@ def serve_cmd(
         options,
         host=host,
         port=port,
+        grpc_port=grpc_port,
         model_name=model_name,
         limits=limits,
         control=control,

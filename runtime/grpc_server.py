@@ -1,0 +1,256 @@
+"""The KServe v2 gRPC front end (``inference.GRPCInferenceService``): the same model service as the REST
+server, on its own port, in the same event loop (``forgetrt serve --grpc-port 8001``).
+
+The service definition is Triton's superset of KServe's ``grpc_predict_v2.proto`` (model configuration,
+statistics, repository calls), compiled by the Triton client package (``tritonclient[grpc]``, the
+``grpc`` extra): reusing its generated code keeps the wire format exactly the one ``tritonclient.grpc``
+and KServe's gRPC client speak. Requests and answers use raw tensor contents (``raw_input_contents``,
+``raw_output_contents``), or the typed ``contents`` fields for inputs. Composition and everything else
+follow the REST server: request parameters ``forget`` (``"forget-3=1,forget-7=0.5"``), ``policy``,
+``timeout`` (µs); errors are gRPC status codes (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED, UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED, INTERNAL) with the same messages.
+Shared-memory and CUDA shared-memory calls, streaming and tracing answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import ForgetRTError, InvalidInputError
+from .limits import ServerLimits
+from .service import EXTENSIONS, InferCall, ModelService, TooLarge, parse_output_parameters, parse_request_parameters
+from .service import status_for as _status_for
+
+__all__ = ["start_grpc_server", "GRPC_CODES"]
+
+log = logging.getLogger("forgetrt.grpc")
+
+_DTYPES = {
+    "FP32": (np.float32, "fp32_contents"),
+    "FP64": (np.float64, "fp64_contents"),
+    "FP16": (np.float16, None),
+    "INT64": (np.int64, "int64_contents"),
+    "INT32": (np.int32, "int_contents"),
+    "UINT8": (np.uint8, "uint_contents"),
+}
+
+
+def _codes() -> dict[int, Any]:
+    import grpc
+
+    c = grpc.StatusCode
+    return {
+        400: c.INVALID_ARGUMENT,
+        401: c.UNAUTHENTICATED,
+        403: c.PERMISSION_DENIED,
+        404: c.NOT_FOUND,
+        408: c.DEADLINE_EXCEEDED,
+        413: c.RESOURCE_EXHAUSTED,
+        429: c.RESOURCE_EXHAUSTED,
+        500: c.INTERNAL,
+        503: c.UNAVAILABLE,
+    }
+
+
+GRPC_CODES = _codes  # HTTP status -> gRPC status code (a function: grpc is imported on use)
+
+
+def _param(p: Any) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def _tensor(t: Any, raw: bytes | None, max_elements: int) -> np.ndarray:
+    name = t.name
+    if t.datatype not in _DTYPES:
+        raise InvalidInputError(
+            f"input {name!r}: unsupported datatype {t.datatype[:40]!r}; valid: {', '.join(_DTYPES)}"
+        )
+    dtype, field = _DTYPES[t.datatype]
+    shape = list(t.shape)
+    if len(shape) > 8 or any(d < 0 or d >= 2**31 for d in shape):
+        raise InvalidInputError(f"input {name!r}: shape must have at most 8 dimensions in [0, 2^31), got {shape[:9]}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise TooLarge(f"input {name!r} has {count} elements, more than a request can hold here")
+    if raw is not None:
+        if len(raw) != count * np.dtype(dtype).itemsize:
+            raise InvalidInputError(f"input {name!r}: {len(raw)} bytes do not hold {shape} {t.datatype}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if field is None:
+        raise InvalidInputError(f"input {name!r}: {t.datatype} data must come as raw_input_contents")
+    values = getattr(t.contents, field)
+    if len(values) != count:
+        raise InvalidInputError(f"input {name!r}: {len(values)} values for shape {shape}")
+    arr = np.asarray(values)
+    if np.dtype(dtype).kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidInputError(f"input {name!r}: values outside {t.datatype}")
+    return arr.astype(dtype).reshape(shape)
+
+
+def _call(request: Any, svc: ModelService, limits: ServerLimits) -> InferCall:
+    spec = svc.spec
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInputError(
+            f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for i, t in enumerate(request.inputs):
+        if t.name in tensors:
+            raise InvalidInputError(f"input {t.name!r} given twice")
+        if t.name not in (spec.image_name, spec.coeffs_name):
+            raise InvalidInputError(f"unknown input {t.name[:60]!r}; valid: {spec.image_name}, {spec.coeffs_name}")
+        raw = request.raw_input_contents[i] if request.raw_input_contents else None
+        tensors[t.name] = _tensor(t, raw, limits.max_body_bytes)
+    if spec.image_name not in tensors:
+        raise InvalidInputError(f"input {spec.image_name!r} is required")
+    params = {k: _param(v) for k, v in request.parameters.items()}
+    params.pop("binary_data_output", None)  # gRPC answers are always raw bytes
+    outputs = None
+    if request.outputs:
+        outputs = [
+            parse_output_parameters(o.name, {k: _param(v) for k, v in o.parameters.items() if k != "binary_data"})
+            for o in request.outputs
+        ]
+    rid = request.id or None
+    if rid is not None and len(rid) > 1024:
+        raise InvalidInputError("'id' must be at most 1024 characters")
+    return InferCall(
+        tensors[spec.image_name], tensors.get(spec.coeffs_name), parse_request_parameters(params), outputs, rid
+    )
+
+
+def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
+    import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as mc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    codes = _codes()
+
+    async def _abort(context: Any, e: ForgetRTError) -> None:
+        status = _status_for(e)
+        svc.count_failure(e, status)
+        await context.abort(codes.get(status, grpc.StatusCode.INTERNAL), str(e))
+
+    class Servicer(pbg.GRPCInferenceServiceServicer):
+        async def ServerLive(self, request, context):  # noqa: N802 - the generated service's names
+            return pb.ServerLiveResponse(live=True)
+
+        async def ServerReady(self, request, context):  # noqa: N802
+            return pb.ServerReadyResponse(ready=(await svc.readiness()) is None)
+
+        async def ModelReady(self, request, context):  # noqa: N802
+            try:
+                svc.check_model(request.name, request.version)
+            except ForgetRTError as e:
+                await _abort(context, e)
+            return pb.ModelReadyResponse(ready=(await svc.readiness()) is None)
+
+        async def ServerMetadata(self, request, context):  # noqa: N802
+            return pb.ServerMetadataResponse(name="forgetrt", version=version, extensions=list(EXTENSIONS))
+
+        async def ModelMetadata(self, request, context):  # noqa: N802
+            try:
+                svc.check_model(request.name, request.version)
+            except ForgetRTError as e:
+                await _abort(context, e)
+            md = svc.metadata()
+            tm = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=md["name"],
+                versions=md["versions"],
+                platform=md["platform"],
+                inputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in md["inputs"]],
+                outputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in md["outputs"]],
+            )
+
+        async def ModelConfig(self, request, context):  # noqa: N802
+            try:
+                svc.check_model(request.name, request.version)
+            except ForgetRTError as e:
+                await _abort(context, e)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(svc.config(), mc.ModelConfig()))
+
+        async def ModelStatistics(self, request, context):  # noqa: N802
+            try:
+                if request.name:
+                    svc.check_model(request.name, request.version)
+            except ForgetRTError as e:
+                await _abort(context, e)
+            return json_format.ParseDict(svc.statistics(), pb.ModelStatisticsResponse())
+
+        async def RepositoryIndex(self, request, context):  # noqa: N802
+            idx = pb.RepositoryIndexResponse.ModelIndex(name=svc.model_name, version="1", state="READY")
+            return pb.RepositoryIndexResponse(models=[idx])
+
+        async def RepositoryModelLoad(self, request, context):  # noqa: N802
+            """Load a bank (``parameters["bank"]``, a string) with ``authorization: Bearer TOKEN`` metadata."""
+            try:
+                svc.check_model(request.model_name)
+                auth = dict(context.invocation_metadata() or ()).get("authorization")
+                bank = request.parameters["bank"].string_param if "bank" in request.parameters else None
+                await svc.load_bank(auth, bank, context.peer() or "grpc")
+            except ForgetRTError as e:
+                await _abort(context, e)
+            return pb.RepositoryModelLoadResponse()
+
+        async def ModelInfer(self, request, context):  # noqa: N802
+            try:
+                svc.check_model(request.model_name, request.model_version)
+                svc.admit()
+                call = _call(request, svc, limits)
+                outcome = await svc.infer(call)
+            except ForgetRTError as e:
+                await _abort(context, e)
+            data = outcome.classes if outcome.classes is not None else outcome.logits
+            if data.dtype == object:
+                raw = b"".join(len(v).to_bytes(4, "little") + v for v in data.reshape(-1))
+                datatype = "BYTES"
+            else:
+                raw, datatype = data.tobytes(), "FP32"
+            out = pb.ModelInferResponse.InferOutputTensor(name=outcome.output_name, datatype=datatype, shape=data.shape)
+            resp = pb.ModelInferResponse(
+                model_name=svc.model_name, model_version="1", id=request.id, outputs=[out], raw_output_contents=[raw]
+            )
+            resp.parameters["bank_version"].int64_param = outcome.bank_version
+            resp.parameters["queue_us"].double_param = round(outcome.queue_us, 1)
+            resp.parameters["compute_us"].double_param = round(outcome.compute_us, 1)
+            return resp
+
+    return Servicer(), pbg
+
+
+async def start_grpc_server(
+    svc: ModelService, *, host: str = "127.0.0.1", port: int = 8001, limits: ServerLimits = ServerLimits()
+) -> tuple[Any, int]:
+    """Start the gRPC server on the running event loop; returns (server, bound port). Stop it with
+    ``await server.stop(grace)``."""
+    import grpc
+
+    from .server import _version
+
+    servicer, pbg = _servicer(svc, limits, _version())
+    size = int(min(limits.max_body_bytes, 2**31 - 1))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.max_concurrent_streams", max(1, limits.max_inflight)),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise InvalidInputError(f"cannot listen for gRPC on {host}:{port}")
+    await server.start()
+    log.info("gRPC (KServe v2) on %s:%d", host, bound)
+    return server, bound

@@ -1,0 +1,216 @@
+"""KServe v2 over REST and gRPC from one process and one runtime, driven by the standard clients
+(tritonclient.http, tritonclient.grpc): model configuration, statistics, the classification extension,
+protocol-valid forget strings, per-output binary flags, gzip bodies, timeouts, and errors as HTTP
+statuses and gRPC codes."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs the 'grpc' extra")
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from forgetrt.runtime import BatchingConfig, Runtime, RuntimeConfig  # noqa: E402
+from forgetrt.runtime.server import ServerMetrics, create_app, uvicorn_config  # noqa: E402
+from forgetrt.runtime.service import ModelService  # noqa: E402
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def both(digits_bundle):
+    """REST and gRPC on ephemeral ports, one event loop, one runtime (as `forgetrt serve --grpc-port`)."""
+    import uvicorn
+
+    from forgetrt.runtime.grpc_server import start_grpc_server
+
+    metrics = ServerMetrics()
+    rt = Runtime.load(
+        digits_bundle,
+        RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=16)),
+        observer=metrics.observe_batch,
+    )
+    svc = ModelService(rt, "digits", metrics=metrics)
+    app = create_app(rt, "digits", metrics=metrics, service=svc)
+    cfg = uvicorn_config(app, port=0, log_level="warning")
+    server = uvicorn.Server(cfg)
+    ports: dict = {}
+
+    async def main() -> None:
+        g, ports["grpc"] = await start_grpc_server(svc, port=0)
+        try:
+            await server.serve()
+        finally:
+            await g.stop(1.0)
+
+    th = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    th.start()
+    deadline = time.time() + 15
+    while not (server.started and "grpc" in ports) and time.time() < deadline:
+        time.sleep(0.02)
+    ports["http"] = server.servers[0].sockets[0].getsockname()[1]
+    yield {"http": f"127.0.0.1:{ports['http']}", "grpc": f"127.0.0.1:{ports['grpc']}", "rt": rt}
+    server.should_exit = True
+    th.join(10)
+    rt.close()
+
+
+def _x(n: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 1, (n, 1, 8, 8)).astype(np.float32)
+
+
+def _grpc_infer(c, x, params=None, outputs=None, **kw):
+    inp = grpcclient.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return c.infer("digits", [inp], parameters=params, outputs=outputs, **kw)
+
+
+def _http_infer(c, x, params=None, outputs=None, binary=True, **kw):
+    inp = httpclient.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return c.infer("digits", [inp], parameters=params, outputs=outputs, **kw)
+
+
+def test_grpc_health_metadata_config_and_statistics(both):
+    c = grpcclient.InferenceServerClient(both["grpc"])
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("digits")
+    md = c.get_model_metadata("digits", as_json=True)
+    assert md["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}
+    cfg = c.get_model_config("digits", as_json=True)["config"]
+    assert cfg["max_batch_size"] == 16 and cfg["input"][0]["dims"] == ["1", "8", "8"]
+    assert cfg["input"][1]["optional"] is True and cfg["parameters"]["vectors"]["string_value"].startswith("forget-0")
+    assert "classification" in c.get_server_metadata(as_json=True)["extensions"]
+    before = c.get_inference_statistics("digits", as_json=True)["model_stats"][0]
+    _grpc_infer(c, _x(3))
+    after = c.get_inference_statistics("digits", as_json=True)["model_stats"][0]
+    assert int(after["inference_count"]) == int(before.get("inference_count", 0)) + 3
+    assert int(after["inference_stats"]["success"]["count"]) >= 1 and int(after["execution_count"]) >= 1
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        c.get_model_metadata("other")
+
+
+def test_grpc_and_rest_answer_the_same_logits_for_the_same_compositions(both):
+    g = grpcclient.InferenceServerClient(both["grpc"])
+    h = httpclient.InferenceServerClient(both["http"])
+    rt, x = both["rt"], _x(2, 1)
+    cases = [
+        ({"forget": "forget-3=1,forget-0=0.5"}, {"forget-3": 1.0, "forget-0": 0.5}),
+        ({"forget": "forget-3,forget-7"}, ["forget-3", "forget-7"]),
+        ({"policy": "eu"}, "eu"),
+        ({"forget": '{"forget-1": -0.5}'}, {"forget-1": -0.5}),
+        (None, None),
+    ]
+    for params, composition in cases:
+        want = rt.infer(x, composition).logits
+        gr = _grpc_infer(g, x, params)
+        np.testing.assert_allclose(gr.as_numpy("logits"), want, atol=ATOL, err_msg=str(params))
+        hr = _http_infer(h, x, params)
+        np.testing.assert_allclose(hr.as_numpy("logits"), want, atol=ATOL, err_msg=str(params))
+        assert gr.get_response(as_json=True)["parameters"]["bank_version"]["int64_param"] == "0"
+        assert hr.get_response()["parameters"]["bank_version"] == 0
+
+
+def test_the_classification_extension(both):
+    rt, x = both["rt"], _x(2, 2)
+    logits = rt.infer(x, ["forget-3"]).logits
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :3]
+    g = grpcclient.InferenceServerClient(both["grpc"])
+    res = _grpc_infer(g, x, {"forget": "forget-3"}, [grpcclient.InferRequestedOutput("logits", class_count=3)])
+    got = res.as_numpy("logits")
+    assert got.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            value, index, label = got[i, j].decode().split(":")
+            assert int(index) == top[i, j] and abs(float(value) - logits[i, top[i, j]]) < 1e-5
+            assert label == str(top[i, j])  # the digits bundle's labels are '0'..'9'
+    h = httpclient.InferenceServerClient(both["http"])
+    for binary in (True, False):
+        out = httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=3)
+        r = _http_infer(h, x, {"forget": "forget-3"}, [out])
+        text = [v.decode() if isinstance(v, bytes) else v for v in r.as_numpy("logits").ravel()]
+        assert text == [v.decode() for v in got.ravel()]
+
+
+def test_rest_output_flags_config_stats_and_gzip(both):
+    url = f"http://{both['http']}"
+    h = httpclient.InferenceServerClient(both["http"])
+    x = _x(1, 3)
+    r = _http_infer(h, x, outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)])
+    assert r.get_output("logits")["data"] and r.as_numpy("logits").shape == (1, 10)  # JSON data, per output
+    cfg = h.get_model_config("digits")
+    assert cfg["name"] == "digits" and cfg["output"][0]["dims"] == [10]
+    assert h.get_inference_statistics("digits")["model_stats"][0]["name"] == "digits"
+    assert httpx.get(f"{url}/v2/models/stats").json()["model_stats"][0]["name"] == "digits"
+    r = _http_infer(h, x, {"forget": "forget-3"}, request_compression_algorithm="gzip")
+    np.testing.assert_allclose(r.as_numpy("logits"), both["rt"].infer(x, ["forget-3"]).logits, atol=ATOL)
+    body = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.ravel().tolist()}]}
+    ).encode()
+    r = httpx.post(f"{url}/v2/models/digits/infer", content=gzip.compress(body), headers={"content-encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    bomb = gzip.compress(b" " * (70 << 20))  # 70 MiB of spaces inflate past the 64 MiB body limit
+    r = httpx.post(f"{url}/v2/models/digits/infer", content=bomb, headers={"content-encoding": "gzip"})
+    assert r.status_code == 413 and "inflates" in r.json()["error"]
+    r = httpx.post(f"{url}/v2/models/digits/infer", content=b"not gzip", headers={"content-encoding": "gzip"})
+    assert r.status_code == 400 and "gzip" in r.json()["error"]
+    r = httpx.post(f"{url}/v2/models/digits/infer", content=body, headers={"content-encoding": "br"})
+    assert r.status_code == 400 and "Content-Encoding" in r.json()["error"]
+    for path, method in [("/nope", "GET"), ("/v2/models/digits/infer", "GET"), ("/v2/models/digits/config", "POST")]:
+        r = httpx.request(method, f"{url}{path}")
+        assert r.status_code in (404, 405) and "error" in r.json()
+
+
+def test_errors_are_grpc_status_codes(both):
+    import grpc
+
+    g = grpcclient.InferenceServerClient(both["grpc"])
+
+    def code(fn) -> str:
+        with pytest.raises(InferenceServerException) as e:
+            fn()
+        return str(e.value.status())
+
+    assert code(lambda: _grpc_infer(g, _x(1), {"forget": "nope"})) == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert code(lambda: _grpc_infer(g, _x(1) + 2)) == str(grpc.StatusCode.INVALID_ARGUMENT)  # pixels over 1
+    assert code(lambda: _grpc_infer(g, _x(1), priority=2)) == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert code(lambda: _grpc_infer(g, _x(1), {"forget": "forget-3=9"})) == str(grpc.StatusCode.INVALID_ARGUMENT)
+    wrong = grpcclient.InferRequestedOutput("probs")
+    assert code(lambda: _grpc_infer(g, _x(1), outputs=[wrong])) == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert code(lambda: g.infer("other", [])) == str(grpc.StatusCode.NOT_FOUND)
+    assert code(lambda: g.load_model("digits")) == str(grpc.StatusCode.PERMISSION_DENIED)  # control plane off
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(both["grpc"]))
+    image = pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 1, 8, 8])
+    with pytest.raises(grpc.RpcError) as e:  # 12 raw bytes for 64 floats
+        stub.ModelInfer(pb.ModelInferRequest(model_name="digits", inputs=[image], raw_input_contents=[b"\x00" * 12]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not hold" in e.value.details()
+    # typed contents (what KServe's client sends) instead of raw bytes
+    x = _x(1, 4)
+    typed = pb.ModelInferRequest.InferInputTensor(
+        name="image", datatype="FP32", shape=[1, 1, 8, 8], contents=pb.InferTensorContents(fp32_contents=x.ravel())
+    )
+    res = stub.ModelInfer(pb.ModelInferRequest(model_name="digits", inputs=[typed]))
+    got = np.frombuffer(res.raw_output_contents[0], np.float32).reshape(1, 10)
+    np.testing.assert_allclose(got, both["rt"].infer(x).logits, atol=ATOL)
+    short = pb.ModelInferRequest.InferInputTensor(
+        name="image", datatype="FP32", shape=[1, 1, 8, 8], contents=pb.InferTensorContents(fp32_contents=[0.5] * 3)
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(pb.ModelInferRequest(model_name="digits", inputs=[short]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # a request timeout (µs) is the request's deadline in the batcher: 1 µs has passed before it runs
+    assert code(lambda: _grpc_infer(g, _x(1), timeout=1)) == str(grpc.StatusCode.DEADLINE_EXCEEDED)
+    h = httpclient.InferenceServerClient(both["http"])
+    with pytest.raises(InferenceServerException, match="deadline"):
+        _http_infer(h, _x(1), timeout=1)
