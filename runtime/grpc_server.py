@@ -221,8 +221,9 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
                 model_name=svc.model_name, model_version="1", id=request.id, outputs=[out], raw_output_contents=[raw]
             )
             resp.parameters["bank_version"].int64_param = outcome.bank_version
-            resp.parameters["queue_us"].double_param = round(outcome.queue_us, 1)
-            resp.parameters["compute_us"].double_param = round(outcome.compute_us, 1)
+            # whole µs as int64: KServe's InferParameter has no double (Triton's does; both read int64)
+            resp.parameters["queue_us"].int64_param = int(round(outcome.queue_us))
+            resp.parameters["compute_us"].int64_param = int(round(outcome.compute_us))
             return resp
 
     return Servicer(), pbg

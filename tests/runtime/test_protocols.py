@@ -214,3 +214,65 @@ def test_errors_are_grpc_status_codes(both):
     h = httpclient.InferenceServerClient(both["http"])
     with pytest.raises(InferenceServerException, match="deadline"):
         _http_infer(h, _x(1), timeout=1)
+
+
+_KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+http, grpc_addr = sys.argv[1], sys.argv[2]
+x = np.random.default_rng(7).uniform(0, 1, (2, 1, 8, 8)).astype(np.float32)
+
+
+def request(binary):
+    inp = InferInput(name="image", shape=list(x.shape), datatype="FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return InferRequest(model_name="digits", infer_inputs=[inp], parameters={"forget": "forget-3=1,forget-0=0.5"})
+
+
+async def main():
+    rest = InferenceRESTClient(RESTConfig(protocol="v2"))
+    grpc = InferenceGRPCClient(grpc_addr)
+    r = await rest.infer(f"http://{http}", request(False), model_name="digits")
+    g = await grpc.infer(request(True))
+    out = {
+        "rest": r.outputs[0].as_numpy().tolist(),
+        "grpc": g.outputs[0].as_numpy().tolist(),
+        "rest_ready": await rest.is_server_ready(f"http://{http}"),
+        "grpc_ready": await grpc.is_server_ready(),
+        "bank_version": r.parameters.get("bank_version"),
+    }
+    try:
+        await grpc.infer(InferRequest(model_name="nope", infer_inputs=request(True).inputs))
+    except Exception as e:  # the SDK raises grpc's error
+        out["unknown_model"] = str(getattr(e, "code", lambda: e)())
+    print(json.dumps(out))
+
+
+asyncio.run(main())
+"""
+
+
+def test_kserve_python_sdk_over_rest_and_grpc(both, tmp_path):
+    """KServe's SDK and tritonclient.grpc register the same protobuf names ('inference.*'), so one process
+    cannot import both: the SDK runs in its own."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("KServe's SDK is not installed (the dev extra has it)")
+    script = tmp_path / "kserve_client.py"
+    script.write_text(_KSERVE_CLIENT)
+    r = subprocess.run(
+        [sys.executable, str(script), both["http"], both["grpc"]], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    x = np.random.default_rng(7).uniform(0, 1, (2, 1, 8, 8)).astype(np.float32)
+    want = both["rt"].infer(x, {"forget-3": 1.0, "forget-0": 0.5}).logits
+    np.testing.assert_allclose(np.asarray(out["rest"]), want, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(out["grpc"]), want, atol=ATOL)
+    assert out["rest_ready"] and out["grpc_ready"] and out["bank_version"] == 0
+    assert "NOT_FOUND" in out["unknown_model"]
