@@ -4,10 +4,18 @@ Writes ``REPO/NAME/config.pbtxt``, ``REPO/NAME/1/model.onnx`` (or ``model.plan``
 ``REPO/NAME/labels.txt``. Inputs ``image`` [C, H, W] and ``coeffs`` [K] and the output are declared
 without the batch dimension, with ``max_batch_size``, ``dynamic_batching`` and ``instance_group``, so
 Triton's own dynamic batcher groups requests with different compositions into one engine call.
+
+What Triton cannot do that ``forgetrt serve`` does: take vector names, weights or policies (clients send
+the raw ``coeffs`` row: build it with :mod:`forgetrt.client`, which checks names and the range from the
+parameters recorded here), refuse coefficients outside the bundle's range (the graph clips them, so the
+export asks for ``accept_clipping`` on a bundle with a range), check the pixel range, report the bank
+version, or change the bank (the bank is a constant of the served graph; a new bank is a new model
+version).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,10 +45,20 @@ def export_triton(
     backend: str = "onnx",
     batching: BatchingConfig = BatchingConfig(),
     overwrite: bool = False,
+    accept_clipping: bool = False,
 ) -> dict[str, Any]:
     """``batching`` is the runtime's own batching config: Triton's dynamic batcher gets the same batch
-    size, queue delay, queue bound and instance count as ``forgetrt serve`` with that config."""
+    size, queue delay, queue bound and instance count as ``forgetrt serve`` with that config.
+    ``accept_clipping``: required for a bundle with a coefficient range, whose graph clips what Triton
+    clients send outside it (ForgetRT's runtime refuses such requests; Triton cannot)."""
     bundle = Bundle.load(bundle_path)
+    cr = bundle.manifest.coeff_range
+    if cr is not None and not accept_clipping:
+        raise InvalidInputError(
+            f"bundle {bundle.path} has the coefficient range [{cr[0]:g}, {cr[1]:g}]: served by Triton, its graph "
+            "clips coefficients outside it instead of refusing the request. Build coefficient rows with "
+            "forgetrt.client (it refuses them) and pass --accept-clipping"
+        )
     if not isinstance(batching, BatchingConfig):
         raise InvalidInputError(f"batching must be a BatchingConfig, got {type(batching).__name__}")
     if backend not in TRITON_BACKENDS:
@@ -108,6 +126,18 @@ parameters {{
 parameters {{
   key: "forgetrt_bundle_id"
   value: {{ string_value: "{bundle.bundle_id}" }}
+}}
+parameters {{
+  key: "forgetrt_coeff_range"
+  value: {{ string_value: "{"" if cr is None else f"{cr[0]!r},{cr[1]!r}"}" }}
+}}
+parameters {{
+  key: "forgetrt_policies"
+  value: {{ string_value: {json.dumps(json.dumps(bundle.manifest.policies, sort_keys=True))} }}
+}}
+parameters {{
+  key: "forgetrt_mandatory"
+  value: {{ string_value: {json.dumps(json.dumps(bundle.manifest.mandatory, sort_keys=True))} }}
 }}
 """
     repo = Path(repo)

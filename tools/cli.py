@@ -822,12 +822,29 @@ def export_trt_cmd(bundle_dir: str, **kw: Any) -> None:
 @click.option("--backend", type=click.Choice(list(TRITON_BACKENDS)), default="onnx", show_default=True)
 @_batching_options
 @click.option("--overwrite", is_flag=True)
-def export_triton_cmd(bundle_dir: str, repo: str, name, backend: str, overwrite: bool, **kw: Any) -> None:
+@click.option(
+    "--accept-clipping",
+    is_flag=True,
+    help="Needed for a bundle with a coefficient range: Triton runs its graph, which clips out-of-range "
+    "coefficients instead of refusing them (build rows with forgetrt.client, which refuses them).",
+)
+def export_triton_cmd(
+    bundle_dir: str, repo: str, name, backend: str, overwrite: bool, accept_clipping: bool, **kw: Any
+) -> None:
     """Write a Triton model repository entry (config.pbtxt, 1/model.onnx|plan, labels.txt) for the bundle,
-    with the same batching settings as `forgetrt serve`."""
+    with the same batching settings as `forgetrt serve`, and the vector names, range, policies and
+    mandatory weights as parameters (forgetrt.client turns names into coefficient rows from them)."""
     from forgetrt.export.triton import export_triton
 
-    res = export_triton(bundle_dir, repo, name=name, backend=backend, batching=_batching(kw), overwrite=overwrite)
+    res = export_triton(
+        bundle_dir,
+        repo,
+        name=name,
+        backend=backend,
+        batching=_batching(kw),
+        overwrite=overwrite,
+        accept_clipping=accept_clipping,
+    )
     click.echo(f"{res['model_dir']} ({res['platform']}, max_batch_size {res['max_batch_size']})")
 
 

@@ -318,6 +318,7 @@ def test_triton_repository(bundle, tmp_path):
         "250",
         "--instances",
         "2",
+        "--accept-clipping",
     )
     assert r.exit_code == 0, r.output
     d = tmp_path / "repo" / "digits"
@@ -336,10 +337,26 @@ def test_triton_repository(bundle, tmp_path):
     assert (d / "1" / "model.onnx").read_bytes() == (bundle[0] / "model.onnx").read_bytes()
     assert (d / "labels.txt").read_text().split() == [str(i) for i in range(10)]
     r = cli_run("export", "triton", "--bundle", bundle[0], "--repo", tmp_path / "repo", "--name", "digits")
+    assert r.exit_code == 2 and "clips coefficients" in r.output and "--accept-clipping" in r.output
+    r = cli_run(
+        "export", "triton", "--bundle", bundle[0], "--repo", tmp_path / "repo", "--name", "digits", "--accept-clipping"
+    )
     assert r.exit_code == 3 and "already exists" in r.output
-    r = cli_run("export", "triton", "--bundle", bundle[0], "--repo", tmp_path / "repo", "--backend", "trt")
+    r = cli_run(
+        "export", "triton", "--bundle", bundle[0], "--repo", tmp_path / "repo", "--backend", "trt", "--accept-clipping"
+    )
     assert r.exit_code == 3 and "model.plan" in r.output
-    r = cli_run("export", "triton", "--bundle", bundle[0], "--repo", tmp_path / "repo", "--name", "bad name")
+    r = cli_run(
+        "export",
+        "triton",
+        "--bundle",
+        bundle[0],
+        "--repo",
+        tmp_path / "repo",
+        "--name",
+        "bad name",
+        "--accept-clipping",
+    )
     assert r.exit_code == 2 and "invalid Triton model name" in r.output
 
 

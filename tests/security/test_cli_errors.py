@@ -40,7 +40,7 @@ def corrupt_bundle(digits_bundle, tmp_path):
         ["infer", "{b}", "--image", "{img}", "--device", "cpu"],
         ["bench", "{b}", "--device", "cpu", "--duration", "0.1"],
         ["backends", "{b}", "--device", "cpu"],
-        ["export", "triton", "--bundle", "{b}", "--repo", "{t}/repo"],
+        ["export", "triton", "--bundle", "{b}", "--repo", "{t}/repo", "--accept-clipping"],
         ["sign", "{b}", "--key", "{t}/k.pem"],
     ],
 )
@@ -178,7 +178,11 @@ def test_a_corrupt_graph_is_a_clean_error_everywhere(corrupt_bundle, tmp_path, c
         ),
         (["export", "classifier", "--model", "{model}", "--out", "/proc/forgetrt-x.onnx"], 3, "cannot write"),
         (["export", "classifier", "--model", "{model}", "--out", "{t}/fifo"], 3, "not a regular file"),
-        (["export", "triton", "--bundle", "{bundle}", "--repo", "/proc/forgetrt-repo"], 3, "cannot write"),
+        (
+            ["export", "triton", "--bundle", "{bundle}", "--repo", "/proc/forgetrt-repo", "--accept-clipping"],
+            3,
+            "cannot write",
+        ),
         (["serve", "{bundle}", "--admin-token-file", "{t}/tokbin", "--device", "cpu"], 3, "cannot read the admin"),
         (
             [
