@@ -48,12 +48,17 @@ class BatchingConfig:
     """Dynamic batching, shared by the runtime and the Triton export (``config.pbtxt``):
     ``max_batch_size`` images per engine call, ``max_queue_delay_us`` to wait for more, at most
     ``max_queue`` pending requests (then :class:`QueueFullError`, Triton's ``max_queue_size``), and
-    ``instances`` engine instances, one worker each (Triton's ``instance_group`` count)."""
+    ``instances`` engine instances, one worker each (Triton's ``instance_group`` count).
+    ``idle_dispatch``: a request that arrives more than ``max_queue_delay_us`` after the one before it
+    (light load: nothing is coming to batch it with) runs at once instead of waiting out the delay; under
+    load requests arrive closer together and wait as usual. False waits every time, as Triton does (the
+    Triton export cannot express it)."""
 
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
     max_queue: int = 1024
     instances: int = 1
+    idle_dispatch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "instances"):
@@ -63,6 +68,8 @@ class BatchingConfig:
         d = self.max_queue_delay_us
         if not isinstance(d, int) or isinstance(d, bool) or d < 0:
             raise InvalidInputError(f"max_queue_delay_us must be an integer >= 0, got {d!r}")
+        if not isinstance(self.idle_dispatch, bool):
+            raise InvalidInputError(f"idle_dispatch must be true or false, got {self.idle_dispatch!r}")
 
 
 @dataclass(slots=True)
@@ -104,7 +111,7 @@ class Job:
     deadline (a ``time.monotonic()`` value) and the future that receives its result. ``future`` is a
     ``concurrent.futures.Future`` unless ``loop`` is given, then an ``asyncio.Future`` of that loop."""
 
-    __slots__ = ("images", "row", "snapshot", "deadline", "future", "loop", "n", "t_enqueue")
+    __slots__ = ("images", "row", "snapshot", "deadline", "future", "loop", "n", "t_enqueue", "gap")
 
     def __init__(
         self,
@@ -119,6 +126,7 @@ class Job:
         self.future = future if future is not None else Future()
         self.n = images.shape[0]  # read many times on the worker's hot path
         self.t_enqueue = time.monotonic()
+        self.gap = float("inf")  # seconds since the request queued before it (set by the batcher)
 
     def start(self) -> bool:
         """Claim the job for running; False if the caller cancelled it."""
@@ -173,6 +181,8 @@ class DynamicBatcher:
             raise InvalidInputError("the batcher needs at least one runner")
         self.max_batch_size = config.max_batch_size
         self.delay = config.max_queue_delay_us / 1e6
+        self.idle_dispatch = config.idle_dispatch
+        self._last_arrival = float("-inf")
         self.max_queue = config.max_queue
         # one deque under one condition: a worker takes a whole batch per lock acquisition, and a
         # submitter wakes a worker only when one is idle or a full batch is waiting
@@ -204,6 +214,8 @@ class DynamicBatcher:
                 raise RuntimeClosedError("the runtime is shut down and accepts no new requests")
             if len(self._dq) >= self.max_queue:
                 raise QueueFullError(f"request queue is full ({self.max_queue} pending requests); retry later")
+            job.gap = job.t_enqueue - self._last_arrival
+            self._last_arrival = job.t_enqueue
             self._dq.append(job)
             self._queued_images += job.n
             if self._queued_images >= self.max_batch_size:
@@ -262,7 +274,9 @@ class DynamicBatcher:
                 return []
             first = self._pop()
             batch, n = [first], first.n
-            until = time.monotonic() + self.delay
+            # light load (the previous request came over a delay earlier): nothing to wait for
+            lone = self.idle_dispatch and first.gap > self.delay
+            until = time.monotonic() + (0.0 if lone else self.delay)
             while n < self.max_batch_size:
                 if self._dq:
                     job = self._dq[0]

@@ -733,6 +733,13 @@ def export_classifier_cmd(model_dir: str, out: str, banks: tuple[str, ...], opse
 def _batching_options(f: Callable) -> Callable:
     """The BatchingConfig fields, shared by `serve` and `export triton` (one config, one set of defaults)."""
     f = click.option(
+        "--idle-dispatch/--no-idle-dispatch",
+        default=BatchingConfig.idle_dispatch,
+        show_default=True,
+        help="Run a request at once when the one before it came over --max-queue-delay-us earlier (light load); "
+        "--no-idle-dispatch always waits the delay, as Triton does (the Triton export always does).",
+    )(f)
+    f = click.option(
         "--instances",
         type=int,
         default=BatchingConfig.instances,
@@ -766,7 +773,8 @@ def _batching_options(f: Callable) -> Callable:
 
 
 def _batching(kw: dict[str, Any]) -> BatchingConfig:
-    return BatchingConfig(**{k: kw.pop(k) for k in ("max_batch_size", "max_queue_delay_us", "max_queue", "instances")})
+    keys = ("max_batch_size", "max_queue_delay_us", "max_queue", "instances", "idle_dispatch")
+    return BatchingConfig(**{k: kw.pop(k) for k in keys})
 
 
 @export_group.command("trt")
@@ -1159,7 +1167,20 @@ def _check_writable(path: str | None, what: str) -> None:
 
 
 @cli.command("bench")
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=click.Path(file_okay=False), required=False)
+@click.option(
+    "--url",
+    help="Measure a running server instead of BUNDLE in process: http://host:port (REST) or host:port (gRPC).",
+)
+@click.option("--protocol", type=click.Choice(["rest", "grpc"]), default="rest", show_default=True, help="With --url.")
+@click.option("--model", "model_name", help="With --url: the served model's name.")
+@click.option(
+    "--client-processes",
+    type=click.IntRange(1, 256),
+    default=2,
+    show_default=True,
+    help="With --url: processes the closed-loop clients are spread over (threads within each).",
+)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option(
@@ -1212,7 +1233,11 @@ def _check_writable(path: str | None, what: str) -> None:
 @click.option("--compare-bare", is_flag=True, help="Also time the classifier without the forget prefix (onnxruntime).")
 @_backend_options
 def bench_cmd(
-    bundle_dir: str,
+    bundle_dir: str | None,
+    url: str | None,
+    protocol: str,
+    model_name: str | None,
+    client_processes: int,
     batches,
     concurrency,
     mix: str,
@@ -1226,9 +1251,15 @@ def bench_cmd(
     **kw: Any,
 ) -> None:
     """Latency and throughput of BUNDLE through the runtime: min/mean/p50/p90/p95/p99/max, images/s,
-    requests/s, queue vs compute time; one JSON line per point with the runtime config, versions and device."""
+    requests/s, queue vs compute time; one JSON line per point with the runtime config, versions and device.
+    With --url (and --model), the same grid against a running server over REST or gRPC."""
     from forgetrt.runtime import Runtime
     from forgetrt.runtime.bench import BenchConfig, plot_results, run_bench, summarize, write_jsonl
+
+    if (bundle_dir is None) == (url is None):
+        raise InvalidInputError("give BUNDLE_DIR (in process) or --url (a running server), not both")
+    if url is None and (model_name or protocol != "rest"):
+        raise InvalidInputError("--model and --protocol go with --url")
 
     cfg = BenchConfig(
         _int_list(batches, "--batch"),
@@ -1242,6 +1273,23 @@ def bench_cmd(
     _check_writable(json_out, "--json file")
     _check_writable(plot_out, "--plot file")
     options = _pop_backend_options(kw)
+    if url is not None:
+        from forgetrt.runtime.bench_remote import RemoteTarget, run_remote_bench, summarize_remote
+
+        if not model_name:
+            raise InvalidInputError("--url needs --model (the served model's name)")
+        if options or compare_bare:
+            raise InvalidInputError("backend options and --compare-bare belong to the server, not to --url")
+        target = RemoteTarget(url, model_name, protocol, client_processes)
+        records = run_remote_bench(target, cfg)
+        click.echo(summarize_remote(records))
+        if json_out:
+            write_jsonl(records, json_out)
+            click.echo(f"json lines: {json_out}")
+        if plot_out:
+            plot_results(records, plot_out)
+            click.echo(f"plot: {plot_out}")
+        return
     batching = BatchingConfig(max_batch_size=max(cfg.batches), max_queue_delay_us=max_queue_delay_us, max_queue=4096)
     with Runtime.load(bundle_dir, _runtime_config(kw, batching=batching), options) as rt:
         records = run_bench(rt, cfg)
