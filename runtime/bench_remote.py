@@ -162,64 +162,56 @@ def _worker(args: tuple) -> dict[str, Any]:
     errors = [0, ""]
     lock = threading.Lock()
 
-    def rest_loop(i: int) -> None:
+    def closed_loop(i: int, send: Any) -> None:
+        """Requests back to back until the window ends; ``send(body) -> (ok, why)``."""
+        mine, j = [], offset + i
+        while True:
+            now = time.time()
+            if now >= w1:
+                break
+            t = time.perf_counter()
+            ok, why = send(bodies[j % len(bodies)])
+            dt = time.perf_counter() - t
+            if now >= w0:
+                if ok:
+                    mine.append(dt)
+                else:
+                    with lock:
+                        errors[0] += 1
+                        errors[1] = errors[1] or why
+            j += threads
+        with lock:
+            lat.extend(mine)
+
+    def rest_sender() -> Any:
         import http.client
 
-        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn = [http.client.HTTPConnection(host, port, timeout=60)]  # one keep-alive connection per client
         path = f"/v2/models/{urllib.parse.quote(target.model)}/infer"
-        mine, j = [], offset + i
-        while True:
-            now = time.time()
-            if now >= w1:
-                break
-            headers, body = bodies[j % len(bodies)]
-            t = time.perf_counter()
-            try:
-                conn.request("POST", path, body, headers)
-                r = conn.getresponse()
-                r.read()
-                ok = r.status == 200
-                why = "" if ok else f"HTTP {r.status}"
-            except OSError as e:
-                ok, why = False, repr(e)[:200]
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=60)
-            dt = time.perf_counter() - t
-            if now >= w0:
-                if ok:
-                    mine.append(dt)
-                else:
-                    with lock:
-                        errors[0] += 1
-                        errors[1] = errors[1] or why
-            j += threads
-        conn.close()
-        with lock:
-            lat.extend(mine)
 
-    def grpc_loop(i: int, stub: Any) -> None:
-        mine, j = [], offset + i
-        while True:
-            now = time.time()
-            if now >= w1:
-                break
-            t = time.perf_counter()
+        def send(item: tuple) -> tuple[bool, str]:
+            headers, body = item
             try:
-                stub(bodies[j % len(bodies)], timeout=60)
-                ok, why = True, ""
+                conn[0].request("POST", path, body, headers)
+                r = conn[0].getresponse()
+                r.read()
+                return r.status == 200, "" if r.status == 200 else f"HTTP {r.status}"
+            except OSError as e:
+                conn[0].close()
+                conn[0] = http.client.HTTPConnection(host, port, timeout=60)
+                return False, repr(e)[:200]
+
+        return send
+
+    def grpc_sender(call: Any) -> Any:
+        def send(body: bytes) -> tuple[bool, str]:
+            try:
+                call(body, timeout=60)
+                return True, ""
             except Exception as e:  # noqa: BLE001 - grpc.RpcError: counted, with the first message kept
-                ok, why = False, str(e)[:200]
-            dt = time.perf_counter() - t
-            if now >= w0:
-                if ok:
-                    mine.append(dt)
-                else:
-                    with lock:
-                        errors[0] += 1
-                        errors[1] = errors[1] or why
-            j += threads
-        with lock:
-            lat.extend(mine)
+                return False, str(e)[:200]
+
+        return send
 
     if target.protocol == "grpc":
         import grpc
@@ -230,9 +222,9 @@ def _worker(args: tuple) -> dict[str, Any]:
             request_serializer=lambda b: b,  # already serialized
             response_deserializer=lambda b: b,  # not parsed: the client's time is the server's answer
         )
-        ts = [threading.Thread(target=grpc_loop, args=(i, call)) for i in range(threads)]
+        ts = [threading.Thread(target=closed_loop, args=(i, grpc_sender(call))) for i in range(threads)]
     else:
-        ts = [threading.Thread(target=rest_loop, args=(i,)) for i in range(threads)]
+        ts = [threading.Thread(target=closed_loop, args=(i, rest_sender())) for i in range(threads)]
     time.sleep(max(0.0, t_start - time.time()))
     for t in ts:
         t.start()

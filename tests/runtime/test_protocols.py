@@ -276,3 +276,40 @@ def test_kserve_python_sdk_over_rest_and_grpc(both, tmp_path):
     np.testing.assert_allclose(np.asarray(out["grpc"]), want, atol=ATOL)
     assert out["rest_ready"] and out["grpc_ready"] and out["bank_version"] == 0
     assert "NOT_FOUND" in out["unknown_model"]
+
+
+def test_bench_url_measures_a_running_server_over_rest_and_grpc(both, tmp_path):
+    from click.testing import CliRunner
+
+    from forgetrt.runtime.bench import BenchConfig
+    from forgetrt.runtime.bench_remote import RemoteTarget, run_remote_bench, summarize_remote
+    from forgetrt.tools.cli import cli
+
+    cfg = BenchConfig(batches=(1, 4), concurrency=(2,), active_vectors=(0, 2), duration=0.5, warmup=0.2)
+    for protocol, url in (("rest", f"http://{both['http']}"), ("grpc", both["grpc"])):
+        recs = run_remote_bench(RemoteTarget(url, "digits", protocol, client_processes=2), cfg)
+        assert [(r["point"]["batch"], r["point"]["active_vectors"]) for r in recs] == [(1, 0), (1, 2), (4, 0), (4, 2)]
+        for r in recs:
+            assert r["errors"] == 0 and r["requests"] > 0 and r["point"]["path"] == protocol
+            assert r["latency"]["p50_ms"] <= r["latency"]["p99_ms"] <= r["latency"]["max_ms"]
+            assert r["throughput"]["images_per_s"] == pytest.approx(
+                r["throughput"]["requests_per_s"] * r["point"]["batch"]
+            )
+            assert r["config"]["model"]["shape"] == [1, 8, 8] and len(r["config"]["model"]["vectors"]) == 9
+        assert protocol in summarize_remote(recs)
+    out = tmp_path / "remote.jsonl"
+    r = CliRunner().invoke(
+        cli,
+        ["bench", "--url", both["grpc"], "--protocol", "grpc", "--model", "digits", "--batch", "1"]
+        + ["--concurrency", "1", "--duration", "0.3", "--warmup", "0", "--client-processes", "1", "--json", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text().splitlines()[0])["point"]["path"] == "grpc"
+    r = CliRunner().invoke(cli, ["bench", "--url", f"http://{both['http']}"])
+    assert r.exit_code == 2 and "--model" in r.output
+    r = CliRunner().invoke(cli, ["bench", "--url", f"http://{both['http']}", "--model", "nope", "--duration", "0.2"])
+    assert r.exit_code == 3 and "404" in r.output
+    r = CliRunner().invoke(cli, ["bench", "some-bundle", "--url", f"http://{both['http']}", "--model", "digits"])
+    assert r.exit_code == 2 and "not both" in r.output
+    r = CliRunner().invoke(cli, ["bench", "--url", f"http://{both['http']}", "--model", "digits", "--batch", "64"])
+    assert r.exit_code == 2 and "max_batch_size" in r.output
