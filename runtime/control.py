@@ -122,7 +122,7 @@ class ControlPlane:
         if not isinstance(raw, str) or not raw or "\x00" in raw:
             raise InvalidInputError("parameters.bank must be a bank folder name relative to the bank root")
         assert self.bank_root is not None
-        refused = BankLoadRefused(f"bank {raw!r} not found under the bank root")
+        refused = BankLoadRefused(f"bank {raw[:100]!r} not found under the bank root")
         # '..' is refused before anything is resolved: resolving it would test paths outside the root
         # (an existence oracle); a name is a plain relative path of folder names
         parts = raw.replace("\\", "/").split("/")

@@ -104,4 +104,7 @@ class EngineError(ForgetRTError):
 def unknown(kind: str, name: object, choices: Iterable[object]) -> UnknownNameError:
     """Build the standard 'unknown X' error that lists the valid choices."""
     valid = ", ".join(str(c) for c in choices) or "(none)"
-    return UnknownNameError(f"unknown {kind} {name!r}; valid: {valid}")
+    shown = repr(name)
+    if len(shown) > 120:  # a client's string is echoed, never whole
+        shown = shown[:100] + f"... ({len(shown)} characters)"
+    return UnknownNameError(f"unknown {kind} {shown}; valid: {valid}")

@@ -75,8 +75,10 @@ def _tensor(t: Any, raw: bytes | None, max_elements: int) -> np.ndarray:
     if len(shape) > 8 or any(d < 0 or d >= 2**31 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape must have at most 8 dimensions in [0, 2^31), got {shape[:9]}")
     count = math.prod(shape)
-    if count > max_elements:
-        raise TooLarge(f"input {name!r} has {count} elements, more than a request can hold here")
+    if count > max_elements or math.prod(d for d in shape if d) > max_elements:  # an empty [0, 2^31, 2^31] too
+        raise TooLarge(f"input {name!r} has shape {shape}, more than a request can hold here")
+    if raw is not None and len(t.contents.ListFields()):
+        raise InvalidInputError(f"input {name!r}: give raw_input_contents or typed contents, not both")
     if raw is not None:
         if len(raw) != count * np.dtype(dtype).itemsize:
             raise InvalidInputError(f"input {name!r}: {len(raw)} bytes do not hold {shape} {t.datatype}")
@@ -111,13 +113,16 @@ def _call(request: Any, svc: ModelService, limits: ServerLimits) -> InferCall:
     if spec.image_name not in tensors:
         raise InvalidInputError(f"input {spec.image_name!r} is required")
     params = {k: _param(v) for k, v in request.parameters.items()}
-    params.pop("binary_data_output", None)  # gRPC answers are always raw bytes
     outputs = None
     if request.outputs:
-        outputs = [
-            parse_output_parameters(o.name, {k: _param(v) for k, v in o.parameters.items() if k != "binary_data"})
-            for o in request.outputs
-        ]
+        outputs = []
+        for o in request.outputs:
+            op = {k: _param(v) for k, v in o.parameters.items()}
+            if parse_output_parameters(o.name, op).binary is not None:
+                op.pop("binary_data")  # checked, then moot: gRPC answers are always raw bytes
+            outputs.append(parse_output_parameters(o.name, op))
+    if parse_request_parameters(params).binary_data_output is not None:
+        params.pop("binary_data_output")  # checked, then moot (as above)
     rid = request.id or None
     if rid is not None and len(rid) > 1024:
         raise InvalidInputError("'id' must be at most 1024 characters")
@@ -135,10 +140,11 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
 
     codes = _codes()
 
-    async def _abort(context: Any, e: ForgetRTError) -> None:
+    async def _abort(context: Any, e: ForgetRTError, inference: bool = False) -> None:
         status = _status_for(e)
-        svc.count_failure(e, status)
-        await context.abort(codes.get(status, grpc.StatusCode.INTERNAL), str(e))
+        svc.count_failure(e, status, inference=inference)
+        # gRPC carries the message in a header (8 KiB soft limit): never echo a long client string whole
+        await context.abort(codes.get(status, grpc.StatusCode.INTERNAL), str(e)[:2000])
 
     class Servicer(pbg.GRPCInferenceServiceServicer):
         async def ServerLive(self, request, context):  # noqa: N802 - the generated service's names
@@ -181,8 +187,8 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
 
         async def ModelStatistics(self, request, context):  # noqa: N802
             try:
-                if request.name:
-                    svc.check_model(request.name, request.version)
+                if request.name or request.version:
+                    svc.check_model(request.name or svc.model_name, request.version)
             except ForgetRTError as e:
                 await _abort(context, e)
             return json_format.ParseDict(svc.statistics(), pb.ModelStatisticsResponse())
@@ -209,7 +215,7 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
                 call = _call(request, svc, limits)
                 outcome = await svc.infer(call)
             except ForgetRTError as e:
-                await _abort(context, e)
+                await _abort(context, e, inference=True)
             data = outcome.classes if outcome.classes is not None else outcome.logits
             if data.dtype == object:
                 raw = b"".join(len(v).to_bytes(4, "little") + v for v in data.reshape(-1))

@@ -304,8 +304,8 @@ def _tensors(req: dict, binary: bytes, max_elements: int) -> dict[str, np.ndarra
             )
         np_dtype = _DTYPES[dtype]
         count = math.prod(shape)  # Python ints: no overflow
-        if count > max_elements:
-            raise TooLarge(f"input {name!r} has {count} elements, more than a request body can hold here")
+        if count > max_elements or math.prod(d for d in shape if d) > max_elements:  # an empty [0, 2^31, 2^31] too
+            raise TooLarge(f"input {name!r} has shape {shape}, more than a request body can hold here")
         params = t.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInputError(f"input {name!r}: parameters must be an object")
@@ -459,7 +459,8 @@ ENCODINGS = ("gzip", "deflate", "identity")
 
 
 def _decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The request body with its Content-Encoding undone, refused once it inflates past ``limit``."""
+    """The request body with its Content-Encoding undone (every gzip member; the stream must be complete
+    and nothing may follow it), refused once it inflates past ``limit``. CPU-bound: called off the loop."""
     enc = (encoding or "identity").strip().lower()
     if enc == "identity":
         return body
@@ -467,17 +468,27 @@ def _decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise InvalidInputError(f"unsupported Content-Encoding {enc[:40]!r}; valid: {', '.join(ENCODINGS)}")
     import zlib
 
-    d = zlib.decompressobj(zlib.MAX_WBITS | 16 if enc == "gzip" else zlib.MAX_WBITS)
+    wbits = zlib.MAX_WBITS | 16 if enc == "gzip" else zlib.MAX_WBITS
+    out, rest = bytearray(), body
     try:
-        out = d.decompress(body, limit + 1)
-        if len(out) > limit or d.unconsumed_tail:
-            raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
-        out += d.flush()
+        while True:
+            d = zlib.decompressobj(wbits)
+            out += d.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit or d.unconsumed_tail:
+                raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
+            out += d.flush()
+            if not d.eof:
+                raise InvalidInputError(f"the request body is a truncated {enc} stream")
+            rest = d.unused_data
+            if not rest:
+                break
+            if enc != "gzip":
+                raise InvalidInputError(f"{len(rest)} bytes follow the {enc} stream")
     except zlib.error as e:
         raise InvalidInputError(f"the request body is not valid {enc}: {str(e)[:120]}") from None
     if len(out) > limit:
         raise TooLarge(f"the request body inflates past the limit of {limit} bytes")
-    return out
+    return bytes(out)
 
 
 def create_app(
@@ -566,7 +577,9 @@ def create_app(
         t0 = time.perf_counter()
         try:
             body = await _read_body(request, limits)
-            body = _decode_body(body, request.headers.get("content-encoding"), limits.max_body_bytes)
+            encoding = request.headers.get("content-encoding")
+            if encoding is not None and encoding.strip().lower() != "identity":  # inflating is CPU work
+                body = await asyncio.to_thread(_decode_body, body, encoding, limits.max_body_bytes)
             header_len = request.headers.get(HEADER_LEN)
             if _json_bytes(body, header_len) >= OFFLOAD_BYTES:  # big JSON is parsed off the event loop
                 call = await offload.run(_parse_infer, body, header_len, spec, limits)

@@ -198,8 +198,8 @@ def parse_request_parameters(params: Mapping[str, Any] | None) -> RequestParamet
     if binary is not None and not isinstance(binary, bool):
         raise InvalidInputError("'binary_data_output' must be true or false")
     timeout = params.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
-        raise InvalidInputError("'timeout' must be a non-negative integer (microseconds)")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout < 2**63):
+        raise InvalidInputError("'timeout' must be an integer of microseconds in [0, 2^63)")
     priority = params.get("priority")
     if priority not in (None, 0):
         raise InvalidInputError("'priority' is not supported: this server has one priority level (omit it or send 0)")
@@ -234,6 +234,8 @@ def parse_output_parameters(name: str, params: Mapping[str, Any] | None) -> Outp
         binary = binary.lower() == "true"
     if binary is not None and not isinstance(binary, bool):
         raise InvalidInputError("an output's binary_data must be true or false")
+    if "classification" in params and "class_count" in params:
+        raise InvalidInputError("give 'classification' or 'class_count', not both")
     k = params.get("classification", params.get("class_count", 0))
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise InvalidInputError("'classification' (class_count) must be a non-negative integer")
@@ -420,8 +422,11 @@ class ModelService:
         d["execution_count"] = getattr(self.metrics, "executions", 0)
         return {"model_stats": [d]}
 
-    def count_failure(self, e: ForgetRTError, status: int) -> None:
-        """Count a request that ended in ``e`` (answered with HTTP ``status`` or its gRPC equivalent)."""
+    def count_failure(self, e: ForgetRTError, status: int, *, inference: bool = True) -> None:
+        """Count a request that ended in ``e`` (answered with HTTP ``status`` or its gRPC equivalent);
+        ``inference``: an inference request (also counted as failed in the model's statistics)."""
+        if inference:
+            self.stats.failed(0.0)
         if self.metrics is not None:
             self.metrics.requests.labels(status=str(status)).inc()
             self.metrics.failures.labels(error=type(e).__name__).inc()
@@ -496,13 +501,16 @@ class ModelService:
                 deadline_ms=None if timeout is None else timeout / 1e3,
             )
         except ForgetRTError as e:
-            self.stats.failed(time.perf_counter() - t0)
             if isinstance(e, EngineError):
                 self.health.engine_failures += 1
             raise
         finally:
             self.inflight -= 1
         self.health.engine_failures = 0
+        if not np.all(np.isfinite(result.logits)):  # e.g. a weight of 3e38 on an unbounded bundle
+            raise InvalidInputError(
+                "the composition's weights make the logits overflow (not finite): use smaller weights"
+            )
         if self.metrics is not None:
             self.metrics.requests.labels(status="200").inc()
             self.metrics.bank_version.set(result.bank_version)

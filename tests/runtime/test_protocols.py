@@ -313,3 +313,91 @@ def test_bench_url_measures_a_running_server_over_rest_and_grpc(both, tmp_path):
     assert r.exit_code == 2 and "not both" in r.output
     r = CliRunner().invoke(cli, ["bench", "--url", f"http://{both['http']}", "--model", "digits", "--batch", "64"])
     assert r.exit_code == 2 and "max_batch_size" in r.output
+
+
+def test_hostile_requests_found_by_review_get_client_errors(both):
+    """Each of these was once a 500 / UNKNOWN or a wrong answer (adversarial review of this front end)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    url = f"http://{both['http']}"
+    x = _x(1, 5)
+
+    def rest(params=None, shape=None, data=None, **kw):
+        inp = {"name": "image", "datatype": "FP32", "shape": shape or [1, 1, 8, 8]}
+        inp["data"] = x.ravel().tolist() if data is None else data
+        body = {"inputs": [inp], **({"parameters": params} if params else {})}
+        return httpx.post(f"{url}/v2/models/digits/infer", content=json.dumps(body).encode(), **kw)
+
+    # an empty tensor whose other dimensions overflow numpy
+    r = rest(shape=[0, 2**31 - 1, 2**31 - 1], data=[])
+    assert 400 <= r.status_code < 500 and "shape" in r.json()["error"]
+    # a timeout no float division can take
+    r = httpx.post(
+        f"{url}/v2/models/digits/infer",
+        content=b'{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,8,8],"data":'
+        + json.dumps(x.ravel().tolist()).encode()
+        + b'}],"parameters":{"timeout":1'
+        + b"0" * 400
+        + b"}}",
+    )
+    assert r.status_code == 400 and "timeout" in r.json()["error"]
+    # a long name is echoed truncated (gRPC carries messages in a header of at most 8-16 KiB)
+    r = rest({"forget": "X" * 20000})
+    assert r.status_code == 400 and len(r.json()["error"]) < 1000
+    # gzip: truncated, trailing bytes, and several members (valid: all of them are read)
+    body = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.ravel().tolist()}]}
+    ).encode()
+    gz = {"content-encoding": "gzip"}
+    for bad, why in ((gzip.compress(body)[:-8], "truncated"), (gzip.compress(body) + b"GARBAGE", "gzip")):
+        r = httpx.post(f"{url}/v2/models/digits/infer", content=bad, headers=gz)
+        assert r.status_code == 400 and why in r.json()["error"], r.text
+    n = len(body) // 2
+    r = httpx.post(
+        f"{url}/v2/models/digits/infer", content=gzip.compress(body[:n]) + gzip.compress(body[n:]), headers=gz
+    )
+    assert r.status_code == 200, r.text
+
+    stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(both["grpc"]))
+
+    def grpc_code(req) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req)
+        assert len(e.value.details()) < 3000
+        return e.value.code()
+
+    def request(shape=(1, 1, 8, 8), raw=None, **params):
+        req = pb.ModelInferRequest(model_name="digits")
+        req.inputs.add(name="image", datatype="FP32", shape=list(shape))
+        req.raw_input_contents.append(x.tobytes() if raw is None else raw)
+        for k, v in params.items():
+            req.parameters[k].string_param = v
+        return req
+
+    assert grpc_code(request(shape=(2**31 - 1, 2**31 - 1, 0), raw=b"")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_code(request(forget="X" * 20000)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_code(request(binary_data_output="maybe")) == grpc.StatusCode.INVALID_ARGUMENT
+    both_kinds = request()
+    both_kinds.inputs[0].contents.fp32_contents.extend(x.ravel().tolist())
+    assert grpc_code(both_kinds) == grpc.StatusCode.INVALID_ARGUMENT  # raw and typed contents at once
+    assert stub.ModelInfer(request(forget="forget-3")).raw_output_contents  # still answering
+
+
+def test_logits_that_overflow_are_a_client_error_on_both_protocols(both, monkeypatch):
+    from forgetrt.runtime.batcher import InferResult
+
+    rt = both["rt"]
+
+    async def overflow(*_, **__):
+        return InferResult(np.full((1, 10), np.nan, np.float32), 0, 0.0, 0.0)
+
+    monkeypatch.setattr(rt, "infer_async", overflow)
+    h = httpclient.InferenceServerClient(both["http"])
+    with pytest.raises(InferenceServerException, match="overflow"):
+        _http_infer(h, _x(1))
+    g = grpcclient.InferenceServerClient(both["grpc"])
+    with pytest.raises(InferenceServerException, match="overflow") as e:
+        _grpc_infer(g, _x(1))
+    assert "INVALID_ARGUMENT" in str(e.value.status())
