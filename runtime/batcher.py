@@ -49,10 +49,10 @@ class BatchingConfig:
     ``max_batch_size`` images per engine call, ``max_queue_delay_us`` to wait for more, at most
     ``max_queue`` pending requests (then :class:`QueueFullError`, Triton's ``max_queue_size``), and
     ``instances`` engine instances, one worker each (Triton's ``instance_group`` count).
-    ``idle_dispatch``: a request that arrives more than ``max_queue_delay_us`` after the one before it
-    (light load: nothing is coming to batch it with) runs at once instead of waiting out the delay; under
-    load requests arrive closer together and wait as usual. False waits every time, as Triton does (the
-    Triton export cannot express it)."""
+    ``idle_dispatch``: a request that finds the engine idle and nobody queued behind it (light load:
+    nothing is coming to batch it with) runs at once instead of waiting out the delay; under load the
+    engine is busy, requests queue while it runs and are batched as usual. False waits every time, as
+    Triton does (the Triton export cannot express it)."""
 
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
@@ -111,7 +111,7 @@ class Job:
     deadline (a ``time.monotonic()`` value) and the future that receives its result. ``future`` is a
     ``concurrent.futures.Future`` unless ``loop`` is given, then an ``asyncio.Future`` of that loop."""
 
-    __slots__ = ("images", "row", "snapshot", "deadline", "future", "loop", "n", "t_enqueue", "gap")
+    __slots__ = ("images", "row", "snapshot", "deadline", "future", "loop", "n", "t_enqueue")
 
     def __init__(
         self,
@@ -126,7 +126,6 @@ class Job:
         self.future = future if future is not None else Future()
         self.n = images.shape[0]  # read many times on the worker's hot path
         self.t_enqueue = time.monotonic()
-        self.gap = float("inf")  # seconds since the request queued before it (set by the batcher)
 
     def start(self) -> bool:
         """Claim the job for running; False if the caller cancelled it."""
@@ -182,7 +181,7 @@ class DynamicBatcher:
         self.max_batch_size = config.max_batch_size
         self.delay = config.max_queue_delay_us / 1e6
         self.idle_dispatch = config.idle_dispatch
-        self._last_arrival = float("-inf")
+        self._busy = 0  # workers between taking a batch and the end of its engine call
         self.max_queue = config.max_queue
         # one deque under one condition: a worker takes a whole batch per lock acquisition, and a
         # submitter wakes a worker only when one is idle or a full batch is waiting
@@ -214,8 +213,6 @@ class DynamicBatcher:
                 raise RuntimeClosedError("the runtime is shut down and accepts no new requests")
             if len(self._dq) >= self.max_queue:
                 raise QueueFullError(f"request queue is full ({self.max_queue} pending requests); retry later")
-            job.gap = job.t_enqueue - self._last_arrival
-            self._last_arrival = job.t_enqueue
             self._dq.append(job)
             self._queued_images += job.n
             if self._queued_images >= self.max_batch_size:
@@ -274,8 +271,8 @@ class DynamicBatcher:
                 return []
             first = self._pop()
             batch, n = [first], first.n
-            # light load (the previous request came over a delay earlier): nothing to wait for
-            lone = self.idle_dispatch and first.gap > self.delay
+            # light load (no engine call running, nobody queued behind): nothing is coming to wait for
+            lone = self.idle_dispatch and self._busy == 0 and not self._dq
             until = time.monotonic() + (0.0 if lone else self.delay)
             while n < self.max_batch_size:
                 if self._dq:
@@ -289,6 +286,7 @@ class DynamicBatcher:
                 if not block or left <= 0 or self._closed:
                     break
                 cv.wait(left)
+            self._busy += 1  # until its engine call ends (_loop)
             return batch
 
     def _loop(self, run: RunFn) -> None:
@@ -311,12 +309,17 @@ class DynamicBatcher:
                 batch = self._collect()
                 if batch is None:
                     return
-            if self._abort:
-                self._fail(
-                    [*batch, *self._take_all()], RuntimeClosedError("the runtime shut down before this request ran")
-                )
-                continue
-            pending = self._run_batch(run, batch)
+            try:
+                if self._abort:
+                    self._fail(
+                        [*batch, *self._take_all()], RuntimeClosedError("the runtime shut down before this request ran")
+                    )
+                    continue
+                pending = self._run_batch(run, batch)
+            finally:
+                if batch:  # _collect counted a non-empty batch as busy
+                    with self._cv:
+                        self._busy -= 1
 
     @staticmethod
     def _fail(jobs: Sequence[Job], err: Exception) -> None:

@@ -736,8 +736,8 @@ def _batching_options(f: Callable) -> Callable:
         "--idle-dispatch/--no-idle-dispatch",
         default=BatchingConfig.idle_dispatch,
         show_default=True,
-        help="Run a request at once when the one before it came over --max-queue-delay-us earlier (light load); "
-        "--no-idle-dispatch always waits the delay, as Triton does (the Triton export always does).",
+        help="Run a request at once when it finds the engine idle and nobody queued behind it (light load); "
+        "--no-idle-dispatch always waits --max-queue-delay-us, as Triton does (the Triton export always does).",
     )(f)
     f = click.option(
         "--instances",

@@ -186,3 +186,29 @@ def test_pixel_check_edges(rt_plain, value, ok):
 def rt_plain(digits_bundle):
     with Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu")) as r:
         yield r
+
+
+@pytest.mark.parametrize("idle_dispatch", [True, False])
+def test_idle_dispatch_runs_a_lone_request_at_once_and_still_batches_under_load(digits_bundle, idle_dispatch):
+    import time
+
+    delay_us = 300_000  # 0.3 s: far above anything else here
+    cfg = RuntimeConfig(
+        backend="onnxruntime",
+        device="cpu",
+        batching=BatchingConfig(max_batch_size=16, max_queue_delay_us=delay_us, idle_dispatch=idle_dispatch),
+    )
+    x = np.full((1, 1, 8, 8), 0.5, np.float32)
+    with Runtime.load(digits_bundle, cfg) as rt:
+        rt.submit(x).result()  # warm-up
+        t = time.perf_counter()
+        rt.submit(x).result()  # alone: engine idle, nobody queued behind it
+        lone = time.perf_counter() - t
+        if idle_dispatch:
+            assert lone < 0.2, lone
+        else:
+            assert lone >= 0.29, lone  # waited out the delay, as Triton does
+        # twelve at once: they are queued together and share engine calls either way
+        futures = [rt.submit(x) for _ in range(12)]
+        sizes = [f.result().batch_images for f in futures]
+        assert max(sizes) > 1, sizes
