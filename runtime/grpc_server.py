@@ -235,6 +235,43 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
     return Servicer(), pbg
 
 
+SERVICE = "inference.GRPCInferenceService"
+
+
+def _handlers(servicer: Any, pbg: Any) -> Any:
+    """The service's unary calls this server implements, each parsing its own request: bytes that are not a
+    valid message get INVALID_ARGUMENT (grpcio's own deserialization would answer UNKNOWN). Calls the servicer
+    does not implement (shared memory, streaming, tracing, logging) are not registered: UNIMPLEMENTED."""
+    import grpc
+    from google.protobuf import message_factory
+    from google.protobuf.message import DecodeError
+    from tritonclient.grpc import service_pb2 as pb
+
+    base = pbg.GRPCInferenceServiceServicer
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        impl = getattr(type(servicer), m.name, None)
+        if m.client_streaming or m.server_streaming or impl is None or impl is getattr(base, m.name, None):
+            continue
+        request_cls = message_factory.GetMessageClass(m.input_type)
+        method = getattr(servicer, m.name)
+
+        def make(method: Any = method, request_cls: Any = request_cls, name: str = m.name) -> Any:
+            async def handle(raw: bytes, context: Any) -> Any:
+                try:
+                    request = request_cls.FromString(raw)
+                except (DecodeError, ValueError) as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name} request: {str(e)[:200]}")
+                return await method(request, context)
+
+            return handle
+
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            make(), request_deserializer=None, response_serializer=lambda r: r.SerializeToString()
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
 async def start_grpc_server(
     svc: ModelService, *, host: str = "127.0.0.1", port: int = 8001, limits: ServerLimits = ServerLimits()
 ) -> tuple[Any, int]:
@@ -254,7 +291,7 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_handlers(servicer, pbg),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise InvalidInputError(f"cannot listen for gRPC on {host}:{port}")

@@ -401,3 +401,27 @@ def test_logits_that_overflow_are_a_client_error_on_both_protocols(both, monkeyp
     with pytest.raises(InferenceServerException, match="overflow") as e:
         _grpc_infer(g, _x(1))
     assert "INVALID_ARGUMENT" in str(e.value.status())
+
+
+def test_grpc_malformed_messages_and_unimplemented_calls(both):
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    channel = grpc.insecure_channel(both["grpc"])
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    for junk in (b"\xff\xff\xff", b"\x0a\x02\xff\xfe"):  # not a message; a string field that is not UTF-8
+        with pytest.raises(grpc.RpcError) as e:
+            infer(junk)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed ModelInfer" in e.value.details()
+    shm = channel.unary_unary(
+        "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+        request_serializer=pb.SystemSharedMemoryStatusRequest.SerializeToString,
+        response_deserializer=pb.SystemSharedMemoryStatusResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        shm(pb.SystemSharedMemoryStatusRequest())
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    g = grpcclient.InferenceServerClient(both["grpc"])
+    assert g.is_server_live() and _grpc_infer(g, _x(1)).as_numpy("logits").shape == (1, 10)
