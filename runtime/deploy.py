@@ -144,6 +144,9 @@ class BankCoordinator:
         self.state_dir = Path(state_dir) if state_dir else None
         self.generation, self.bank, self.sha = 0, None, None
         self.leases: dict[str, tuple[int, float]] = {}  # replica -> (generation, expiry on this clock)
+        # leases granted by an earlier incarnation (before a restart) are unknown here but last at most
+        # lease_s: no change is acknowledged before they have all run out
+        self.not_before = time.monotonic() + lease_s
         self._changed: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         if self.state_dir is not None and (self.state_dir / STATE_FILE).is_file():
@@ -215,7 +218,7 @@ class BankCoordinator:
             while True:
                 now = time.monotonic()
                 stale = [r for r, (gen, exp) in self.leases.items() if gen < g and exp > now]
-                if not stale:
+                if not stale and now >= self.not_before:
                     break
                 await asyncio.sleep(0.005)
             now = time.monotonic()

@@ -48,6 +48,12 @@ def test_ack_waits_for_replicas_on_the_old_bank_until_they_apply_or_their_lease_
     res, waited = asyncio.run(scenario())
     assert res["generation"] == 1 and res["replicas_confirmed"] == ["a"]
     assert 0.3 < waited < 2.0, waited
+    # a restarted coordinator does not know the leases its predecessor granted: it acknowledges nothing
+    # until any of them could still be running (one lease after it starts)
+    restarted = BankCoordinator(str(tmp_path / "other"), lease_s=0.5)
+    t0 = time.monotonic()
+    asyncio.run(restarted.propose("v3", "def", "test"))
+    assert time.monotonic() - t0 >= 0.45
     # a replica on an older generation gets no lease: it must apply first
     c2 = BankCoordinator(str(tmp_path), lease_s=1.0)  # restarted: restores generation 1 from the state dir
     assert c2.state() == {"generation": 1, "bank": "v2", "vectors_sha256": "abc"}
