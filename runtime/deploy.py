@@ -152,6 +152,13 @@ class BankCoordinator:
         if self.state_dir is not None and (self.state_dir / STATE_FILE).is_file():
             st = read_json(self.state_dir / STATE_FILE, "cluster bank state")
             self.generation, self.bank, self.sha = int(st["generation"]), st["bank"], st["vectors_sha256"]
+        elif self.state_dir is not None and (self.state_dir / "audit.jsonl").is_file():
+            log_text = (self.state_dir / "audit.jsonl").read_text(errors="replace")
+            if '"outcome": "acknowledged"' in log_text or '"outcome": "published"' in log_text:
+                raise ArtifactError(
+                    f"{self.state_dir / STATE_FILE} is missing but the audit log records bank changes: refusing to "
+                    "start at the bundle's own bank (restore the state file, or use a new state dir)"
+                )
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Lock]:
         if self._changed is None:  # created on the actor's event loop
@@ -174,11 +181,11 @@ class BankCoordinator:
         """Record an attempt a replica refused before it reached the coordinator."""
         self._audit(entry)
 
-    async def poll(self, replica: str, applied: int, wait_s: float) -> dict[str, Any]:
-        """Renew ``replica``'s lease if it serves the current generation, then wait up to ``wait_s`` for a
-        change. Returns the state and whether a lease was granted (for the generation applied)."""
+    async def poll(self, replica: str, applied: int, wait_s: float, sha: str | None = None) -> dict[str, Any]:
+        """Renew ``replica``'s lease if it serves the current generation (number and bank hash), then wait
+        up to ``wait_s`` for a change. Returns the state and whether a lease was granted (for ``applied``)."""
         changed, _ = self._events()
-        granted = applied == self.generation
+        granted = applied == self.generation and sha == self.sha
         if granted:
             self.leases[replica] = (applied, time.monotonic() + self.lease_s)
             if wait_s > 0:
@@ -203,7 +210,6 @@ class BankCoordinator:
             record = {"caller": caller, "action": "load", "bank": bank, "vectors_sha256": sha, "version": g}
             if self.state_dir is not None:
                 try:
-                    self._audit({**record, "outcome": "published"})
                     atomic_write_json(
                         self.state_dir / STATE_FILE, {"generation": g, "bank": bank, "vectors_sha256": sha}
                     )
@@ -211,6 +217,7 @@ class BankCoordinator:
                     raise RecordError(
                         f"the bank change could not be recorded ({type(e).__name__}); nothing changed"
                     ) from e
+                self._audit_quietly({**record, "outcome": "published"})
             t0 = time.monotonic()
             self.generation, self.bank, self.sha = g, bank, sha
             changed.set()  # wake every long poll; later polls see the new generation directly
@@ -226,8 +233,15 @@ class BankCoordinator:
             for r in [r for r, (gen, exp) in self.leases.items() if exp <= now]:
                 del self.leases[r]  # lapsed: that replica re-registers through its next poll
             waited = round(time.monotonic() - t0, 4)
-            self._audit({**record, "outcome": "acknowledged", "replicas": len(confirmed), "waited_s": waited})
+            self._audit_quietly({**record, "outcome": "acknowledged", "replicas": len(confirmed), "waited_s": waited})
             return {"generation": g, "replicas_confirmed": confirmed, "waited_s": waited}
+
+    def _audit_quietly(self, entry: dict[str, Any]) -> None:
+        """The change is made and recorded in the state file: a failed audit line must not undo or hide it."""
+        try:
+            self._audit(entry)
+        except OSError as e:
+            log.error("bank coordinator: could not append to the audit log (%s): %s", type(e).__name__, entry)
 
 
 # ------------------------------------------------------------------------------------------ replicas
@@ -268,6 +282,13 @@ class ClusterControl(ControlPlane):
                 log.warning("refused bank change %r could not be audited: %s", str(raw)[:200], audit_error)
             raise
         res = ray.get(self.coordinator.propose.remote(rel, bank.vectors_sha256, f"{caller} via {self.replica}"))
+        if not res["replicas_confirmed"]:
+            from .service import NotAdmitted
+
+            raise NotAdmitted(
+                f"bank {rel!r} is recorded as version {res['generation']} but no replica could apply it (is it on "
+                "every node's bank root?): replicas answer 503 until a bank they can load is loaded"
+            )
         return {
             "version": res["generation"],
             "vectors": list(snapshot.names),
@@ -324,6 +345,7 @@ class ForgetRTReplica:
                 f"replica {self.replica}: bundle {bundle} has id {self.runtime.bundle.bundle_id}, the deployment "
                 f"was made from {bundle_id} (every node must see the same bundle)"
             )
+        self.coordinator_name = coordinator_name
         self.coordinator = ray.get_actor(coordinator_name, namespace=NAMESPACE)
         self.control = ClusterControl(
             token,
@@ -333,13 +355,18 @@ class ForgetRTReplica:
             replica=self.replica,
         )
         self._bank_root = None if bank_root is None else Path(bank_root).resolve()
-        self.applied = 0
+        self.applied, self.applied_sha = 0, None
         self.lease_until = 0.0
+        self.last_contact = time.monotonic()
         self.last_error: str | None = None
         self._stop = threading.Event()
-        self._sync_once(wait_s=0.0)  # apply the acknowledged bank and take a lease before the first request
-        if self.lease_until <= time.monotonic():
-            raise RuntimeError(f"replica {self.replica} could not take a bank lease: {self.last_error}")
+        try:  # apply the acknowledged bank and take a lease before the first request
+            self._sync_once(wait_s=0.0)
+        except (ForgetRTError, OSError) as e:
+            # it cannot apply the cluster's bank (missing on this node?): it stays up without a lease, answering
+            # 503, so a bank every replica can load can still be sent to it; restarting would not help
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("replica %s cannot apply the cluster's bank: %s", self.replica, self.last_error)
         self._thread = threading.Thread(target=self._sync_loop, name="forgetrt-bank-sync", daemon=True)
         self._thread.start()
         log.info("replica %s serving %s (bank version %d)", self.replica, bundle, self.applied)
@@ -349,7 +376,7 @@ class ForgetRTReplica:
         from .bank import VectorBank
 
         g = int(state["generation"])
-        if g == self.applied:
+        if g == self.applied and state["vectors_sha256"] == self.applied_sha:
             return
         if state["bank"] is None or self._bank_root is None:
             raise ArtifactError(f"bank generation {g} names no bank this replica can load (is --bank-root set?)")
@@ -361,18 +388,27 @@ class ForgetRTReplica:
         if bank.vectors_sha256 != state["vectors_sha256"]:
             raise MismatchError(f"bank {state['bank']!r} on this node differs from the acknowledged one (sha256)")
         self.runtime.reload_bank(bank, version=g)
-        self.applied = g
+        self.applied, self.applied_sha = g, bank.vectors_sha256
 
     def _sync_once(self, wait_s: float) -> None:
         import ray
 
         sent = time.monotonic()
-        state = ray.get(
-            self.coordinator.poll.remote(self.replica, self.applied, wait_s), timeout=wait_s + self.cluster.lease_s
-        )
+        try:
+            state = ray.get(
+                self.coordinator.poll.remote(self.replica, self.applied, wait_s, self.applied_sha),
+                timeout=wait_s + self.cluster.lease_s,
+            )
+        except ray.exceptions.RayActorError:  # the coordinator was replaced (a redeploy): find the new one
+            self.coordinator = ray.get_actor(self.coordinator_name, namespace=NAMESPACE)
+            object.__setattr__(self.control, "coordinator", self.coordinator)
+            raise
+        self.last_contact = time.monotonic()
         if state["lease_for"] == self.applied:
-            self.lease_until = sent + self.cluster.lease_s
-        if state["generation"] != self.applied:
+            # 10% under the coordinator's count: clocks of two processes (or hosts) may run at slightly
+            # different rates, and the replica must always stop first
+            self.lease_until = sent + 0.9 * self.cluster.lease_s
+        if state["generation"] != self.applied or state["vectors_sha256"] != self.applied_sha:
             self._apply(state)  # the next poll reports it and takes a lease for it
             self._sync_once(0.0)
         self.last_error = None
@@ -407,11 +443,12 @@ class ForgetRTReplica:
         )
 
     def check_health(self) -> None:
-        """Ray Serve restarts a replica whose check raises: closed, or cut off for three leases."""
+        """Ray Serve restarts a replica whose check raises: closed, or out of contact with the coordinator
+        for three leases (a replica in contact that cannot apply a bank stays, unleased, to take the next)."""
         if self.runtime.closed:
             raise RuntimeError("runtime closed")
-        if time.monotonic() - self.lease_until > 3 * self.cluster.lease_s:
-            raise RuntimeError(self.admission() or "no lease")
+        if time.monotonic() - self.last_contact > 3 * self.cluster.lease_s:
+            raise RuntimeError(self.admission() or "no contact with the bank coordinator")
 
     def close(self) -> None:
         self._stop.set()
@@ -504,7 +541,11 @@ def deploy(
         None if bank_root is None else str(Path(bank_root).resolve()),
         verify_key,
     )
-    serve.run(app, name=app_name, route_prefix="/")
+    try:
+        serve.run(app, name=app_name, route_prefix="/")
+    except BaseException:
+        ray.kill(coordinator)  # a failed deployment leaves no detached coordinator behind
+        raise
     url = f"http://{host}:{port}"
     log.info("deployed %s as model %r on Ray Serve at %s (%s)", bundle, name, url, scale)
     return url

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from forgetrt.runtime.deploy import BankCoordinator, ClusterConfig, ScaleConfig
-from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.runtime.errors import ArtifactError, InvalidInputError
 
 TOKEN = "cluster-admin-token-0123456789"
 APP = "forgetrt-test"
@@ -35,7 +35,8 @@ def test_ack_waits_for_replicas_on_the_old_bank_until_they_apply_or_their_lease_
             st = await c.poll("a", 0, 5.0)
             assert st["generation"] == 1
             await asyncio.sleep(0.05)
-            assert (await c.poll("a", 1, 0))["lease_for"] == 1
+            assert (await c.poll("a", 1, 0))["lease_for"] is None  # the right number, not the bank's hash
+            assert (await c.poll("a", 1, 0, "abc"))["lease_for"] == 1
 
         task = asyncio.create_task(replica_a_applies())
         await asyncio.sleep(0.01)
@@ -61,6 +62,11 @@ def test_ack_waits_for_replicas_on_the_old_bank_until_they_apply_or_their_lease_
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [a["outcome"] for a in audit] == ["published", "acknowledged"]
     assert audit[1]["replicas"] == 1
+    # the state file gone while the audit log records changes: refusing beats silently serving the
+    # bundle's bank again under reused version numbers
+    (tmp_path / "cluster-state.json").unlink()
+    with pytest.raises(ArtifactError, match="refusing to start"):
+        BankCoordinator(str(tmp_path), lease_s=1.0)
 
 
 def test_scale_and_cluster_configs_are_checked():
