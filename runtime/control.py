@@ -23,7 +23,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .bank import MANIFEST_FILE, VectorBank
 from .errors import ArtifactError, ForgetRTError, InvalidInputError, UnknownNameError
@@ -58,12 +58,15 @@ class ControlPlane:
     bank_root: Path | None = None
     state_dir: Path | None = None
 
+    #: whether this plane keeps the audit log and state itself (a cluster replica's coordinator does instead)
+    records_locally: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         if self.token is None:
             return
         if len(self.token) < MIN_TOKEN_LENGTH:
             raise InvalidInputError(f"the admin token must be at least {MIN_TOKEN_LENGTH} characters")
-        if self.bank_root is None or self.state_dir is None:
+        if self.bank_root is None or (self.records_locally and self.state_dir is None):
             raise InvalidInputError(
                 "an admin token needs --bank-root (where banks may be loaded from) and --state-dir (audit log and "
                 "the served bank's state, restored on restart)"
@@ -71,6 +74,8 @@ class ControlPlane:
         if not Path(self.bank_root).is_dir():
             raise ArtifactError(f"bank root {self.bank_root} is not a folder")
         object.__setattr__(self, "bank_root", Path(self.bank_root).resolve())
+        if not self.records_locally:
+            return
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "_lock", threading.Lock())
         try:  # a change that cannot be recorded is not made: find out now, not at the first load

@@ -40,9 +40,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .control import MIN_TOKEN_LENGTH, BankLoadRefused, ControlPlane, RecordError
+from .control import BankLoadRefused, ControlPlane, RecordError
 from .errors import ArtifactError, ForgetRTError, InvalidInputError, MismatchError
 from .files import atomic_write_json, read_json
 from .limits import ServerLimits
@@ -254,15 +254,7 @@ class ClusterControl(ControlPlane):
 
     coordinator: Any = None
     replica: str = ""
-
-    def __post_init__(self) -> None:
-        if self.token is None:
-            return
-        if len(self.token) < MIN_TOKEN_LENGTH:
-            raise InvalidInputError(f"the admin token must be at least {MIN_TOKEN_LENGTH} characters")
-        if self.bank_root is None or not Path(self.bank_root).is_dir():
-            raise ArtifactError(f"bank root {self.bank_root} is not a folder")
-        object.__setattr__(self, "bank_root", Path(self.bank_root).resolve())
+    records_locally: ClassVar[bool] = False
 
     def load_bank(self, runtime: Any, raw: Any, caller: str) -> dict[str, Any]:
         import ray

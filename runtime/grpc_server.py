@@ -22,10 +22,17 @@ import numpy as np
 
 from .errors import ForgetRTError, InvalidInputError
 from .limits import ServerLimits
-from .service import EXTENSIONS, InferCall, ModelService, TooLarge, parse_output_parameters, parse_request_parameters
-from .service import status_for as _status_for
+from .service import (
+    EXTENSIONS,
+    InferCall,
+    ModelService,
+    TooLarge,
+    parse_output_parameters,
+    parse_request_parameters,
+    status_for,
+)
 
-__all__ = ["start_grpc_server", "GRPC_CODES"]
+__all__ = ["start_grpc_server"]
 
 log = logging.getLogger("forgetrt.grpc")
 
@@ -54,9 +61,6 @@ def _codes() -> dict[int, Any]:
         500: c.INTERNAL,
         503: c.UNAVAILABLE,
     }
-
-
-GRPC_CODES = _codes  # HTTP status -> gRPC status code (a function: grpc is imported on use)
 
 
 def _param(p: Any) -> Any:
@@ -113,16 +117,10 @@ def _call(request: Any, svc: ModelService, limits: ServerLimits) -> InferCall:
     if spec.image_name not in tensors:
         raise InvalidInputError(f"input {spec.image_name!r} is required")
     params = {k: _param(v) for k, v in request.parameters.items()}
-    outputs = None
-    if request.outputs:
-        outputs = []
-        for o in request.outputs:
-            op = {k: _param(v) for k, v in o.parameters.items()}
-            if parse_output_parameters(o.name, op).binary is not None:
-                op.pop("binary_data")  # checked, then moot: gRPC answers are always raw bytes
-            outputs.append(parse_output_parameters(o.name, op))
-    if parse_request_parameters(params).binary_data_output is not None:
-        params.pop("binary_data_output")  # checked, then moot (as above)
+    # binary flags are checked there and moot here: gRPC answers are always raw bytes
+    outputs = [
+        parse_output_parameters(o.name, {k: _param(v) for k, v in o.parameters.items()}) for o in request.outputs
+    ] or None
     rid = request.id or None
     if rid is not None and len(rid) > 1024:
         raise InvalidInputError("'id' must be at most 1024 characters")
@@ -141,7 +139,7 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
     codes = _codes()
 
     async def _abort(context: Any, e: ForgetRTError, inference: bool = False) -> None:
-        status = _status_for(e)
+        status = status_for(e)
         svc.count_failure(e, status, inference=inference)
         # gRPC carries the message in a header (8 KiB soft limit): never echo a long client string whole
         await context.abort(codes.get(status, grpc.StatusCode.INTERNAL), str(e)[:2000])

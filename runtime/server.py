@@ -196,9 +196,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, *, 
     return Response(_json({"error": message}), status_code=status, headers=headers, media_type="application/json")
 
 
-_status_for = status_for
-
-
 # ---------------------------------------------------------------------------------------------- parsing
 
 _DTYPES = {
@@ -562,7 +559,7 @@ def create_app(
         return JSONResponse({"name": model_name, "ready": True})
 
     def _failed(e: ForgetRTError) -> JSONResponse:
-        status = _status_for(e)
+        status = status_for(e)
         svc.count_failure(e, status)
         return _error(status, str(e), close=isinstance(e, (TooLarge, BodyTimeout)))
 
@@ -648,7 +645,7 @@ def create_app(
             caller = f"{client.host}:{client.port}" if client else "unknown"
             res = await svc.load_bank(request.headers.get("authorization"), params.get("bank"), caller)
         except ForgetRTError as e:
-            status = _status_for(e)
+            status = status_for(e)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             return _error(status, str(e), headers, close=isinstance(e, (TooLarge, BodyTimeout)))
         return JSONResponse(res)

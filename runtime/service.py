@@ -294,7 +294,9 @@ class ModelStats:
             self.fail[0] += 1
             self.fail[1] += int(total_s * 1e9)
 
-    def to_dict(self, name: str) -> dict[str, Any]:
+    def to_dict(self, name: str, executions: int = 0) -> dict[str, Any]:
+        """Triton's JSON form; ``executions``: the engine calls (counted by the batch observer)."""
+
         def d(slot: list[int]) -> dict[str, int]:
             return {"count": slot[0], "ns": slot[1]}
 
@@ -305,7 +307,7 @@ class ModelStats:
                 "version": "1",
                 "last_inference": self.last_inference_ms,
                 "inference_count": self.inference_count,
-                "execution_count": 0,  # the service fills in the engine calls its metrics counted
+                "execution_count": executions,
                 "inference_stats": {
                     "success": d(self.success),
                     "fail": d(self.fail),
@@ -418,9 +420,7 @@ class ModelService:
         }
 
     def statistics(self) -> dict[str, Any]:
-        d = self.stats.to_dict(self.model_name)
-        d["execution_count"] = getattr(self.metrics, "executions", 0)
-        return {"model_stats": [d]}
+        return {"model_stats": [self.stats.to_dict(self.model_name, getattr(self.metrics, "executions", 0))]}
 
     def count_failure(self, e: ForgetRTError, status: int, *, inference: bool = True) -> None:
         """Count a request that ended in ``e`` (answered with HTTP ``status`` or its gRPC equivalent);
