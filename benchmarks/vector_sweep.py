@@ -19,33 +19,25 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 
+from forgetrt.runtime.errors import InvalidInputError
 from forgetrt.train import workflows as wf
 from forgetrt.train.data import ForgetSpec, load_data
-from forgetrt.train.recipes import PRESETS, VectorRecipe
+from forgetrt.train.recipes import VectorRecipe, parse_recipe
 
 KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def parse_recipe(text: str) -> tuple[str, VectorRecipe]:
-    """``NAME=PRESET:key=value,key=value`` (values typed from the recipe's fields)."""
+def parse_candidate(text: str) -> tuple[str, VectorRecipe]:
+    """``NAME=PRESET[:key=value,...]`` (see forgetrt.train.recipes.parse_recipe)."""
     name, _, rest = text.partition("=")
-    preset, _, overrides = rest.partition(":")
-    if not name or preset not in PRESETS:
-        raise SystemExit(
-            f"bad --recipe {text!r}: want NAME=PRESET[:key=value,...] with PRESET one of {sorted(PRESETS)}"
-        )
-    types = {f.name: f.type for f in fields(VectorRecipe)}
-    changes = {}
-    for item in filter(None, overrides.split(",")):
-        k, _, v = item.partition("=")
-        if k not in types:
-            raise SystemExit(f"bad --recipe {text!r}: unknown field {k!r}; fields: {sorted(types)}")
-        t = getattr(types[k], "__name__", str(types[k]))  # a type, or its name under postponed annotations
-        changes[k] = v if t == "str" else int(v) if t == "int" else float(v)
-    return name, replace(PRESETS[preset], **changes)
+    if not name:
+        raise SystemExit(f"bad --recipe {text!r}: want NAME=PRESET[:key=value,...]")
+    try:
+        return name, parse_recipe(rest)
+    except InvalidInputError as e:
+        raise SystemExit(f"bad --recipe {text!r}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True)
     p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST seeded random subset (the model's, for smoke runs)")
     a = p.parse_args(argv)
-    cands = [parse_recipe(r) for r in a.recipe]
+    cands = [parse_candidate(r) for r in a.recipe]
     spec = (
         ForgetSpec(classes=tuple(int(c) for c in a.classes.split(",")))
         if a.classes
@@ -91,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "strength": trained[0]["strength"],
             "seconds": seconds,
             "recipe": recipe.to_dict(),
+            "recipe_text": dict(r.partition("=")[::2] for r in a.recipe)[name],
         }
         print(
             f"{name:<24} validation "

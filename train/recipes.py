@@ -19,6 +19,7 @@ __all__ = [
     "CALIBRATIONS",
     "VectorRecipe",
     "PRESETS",
+    "parse_recipe",
     "TrainConfig",
     "default_train_config",
     "BASELINES",
@@ -185,6 +186,30 @@ PRESETS: dict[str, VectorRecipe] = {
         epochs=5, lr=0.05, batch_size=128, forget_share=0.5, alpha=16.0, beta=20.0, tau=0.75, grad_clip=0.5
     ),
 }
+
+
+def parse_recipe(text: str) -> VectorRecipe:
+    """``PRESET`` or ``PRESET:key=value,key=value`` (values typed from the recipe's fields), e.g.
+    ``cifar:distill=4,epochs=8``: how benchmarks and sweeps name a candidate recipe."""
+    from dataclasses import fields, replace
+
+    preset, _, overrides = text.partition(":")
+    if preset not in PRESETS:
+        raise unknown("preset", preset, tuple(sorted(PRESETS)))
+    types = {f.name: f.type for f in fields(VectorRecipe)}
+    changes: dict[str, Any] = {}
+    for item in filter(None, overrides.split(",")):
+        k, eq, v = item.partition("=")
+        if k not in types or k == "strengths" or not eq:
+            raise InvalidInputError(
+                f"bad recipe {text!r}: {item!r} is not key=value with a key among {sorted(set(types) - {'strengths'})}"
+            )
+        t = str(getattr(types[k], "__name__", types[k]))  # a type, or its name under postponed annotations
+        try:
+            changes[k] = v if t.startswith("str") else int(v) if t == "int" else float(v)
+        except ValueError:
+            raise InvalidInputError(f"bad recipe {text!r}: {k} wants a number, got {v!r}") from None
+    return replace(PRESETS[preset], **changes)
 
 
 BASELINES = ("retrain", "ft", "ga", "rl")

@@ -118,3 +118,27 @@ def test_paper_defaults():
     r = PRESETS["paper"]
     assert (r.lr, r.momentum, r.gamma, r.alpha, r.lam, r.tau) == (0.2, 0.9, 0.9, 1.0, 1.0, 1.0)
     assert 3 <= r.beta <= 10 and r.forget_share is None and r.grad_clip is None
+
+
+def test_parse_recipe_presets_with_typed_overrides():
+    from forgetrt.runtime.errors import InvalidInputError, UnknownNameError
+    from forgetrt.train.recipes import parse_recipe
+
+    assert parse_recipe("paper") == PRESETS["paper"]
+    r = parse_recipe("cifar:distill=8,epochs=8,augment=crop-flip,norm_budget=3")
+    assert (r.distill, r.epochs, r.augment, r.norm_budget) == (8.0, 8, "crop-flip", 3.0)
+    assert r.alpha == PRESETS["cifar"].alpha
+    assert isinstance(r.epochs, int)
+    with pytest.raises(UnknownNameError, match="unknown preset 'nope'"):
+        parse_recipe("nope:epochs=1")
+    for bad, msg in (
+        ("cifar:wings=2", "'wings=2' is not key=value"),
+        ("cifar:epochs", "'epochs' is not key=value"),
+        ("cifar:strengths=1", "is not key=value"),
+        ("cifar:epochs=two", "epochs wants a number, got 'two'"),
+        ("cifar:epochs=0", "epochs must be >= 1"),
+    ):
+        with pytest.raises(InvalidInputError, match=msg):
+            parse_recipe(bad)
+    with pytest.raises(UnknownNameError, match="unknown augmentation 'rotate'"):
+        parse_recipe("cifar:augment=rotate")
