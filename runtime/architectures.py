@@ -3,10 +3,16 @@
 Imported only where PyTorch is wanted (training, export, the torch backend); ``import forgetrt.runtime``
 does not import this module. Every model starts with :class:`Normalize`, so its input contract is
 [0, 1] pixels (the space forget vectors live in) and the normalization constants travel in the weights.
+
+Besides the project's own architectures, ``torchvision:NAME`` and ``timm:NAME`` name any classifier of
+those libraries (built without pretrained weights: weights come from a local file, see
+``forgetrt import-model``). They take any input size; the IOSpec the user declares fixes it.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +22,21 @@ from torch import nn
 from .errors import InvalidInputError, unknown
 from .iospec import IOSpec
 
-__all__ = ["Normalize", "register_model", "create_model", "list_models", "model_input_shape", "ResNet18Cifar"]
+__all__ = [
+    "Normalize",
+    "register_model",
+    "create_model",
+    "create_body",
+    "list_models",
+    "model_input_shape",
+    "is_external",
+    "EXTERNAL_LIBRARIES",
+    "ResNet18Cifar",
+]
+
+#: libraries whose classifiers ``LIB:NAME`` architectures build
+EXTERNAL_LIBRARIES = ("torchvision", "timm")
+_EXTERNAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 class Normalize(nn.Module):
@@ -55,21 +75,66 @@ def register_model(name: str, input_shape: tuple[int, int, int], description: st
 
 
 def list_models() -> dict[str, str]:
-    return {n: a.description for n, a in _ARCHS.items()}
+    out = {n: a.description for n, a in _ARCHS.items()}
+    out["torchvision:NAME"] = "any torchvision classifier (torchvision.models.list_models()), any input size"
+    out["timm:NAME"] = "any timm classifier (timm.list_models()), any input size"
+    return out
 
 
-def model_input_shape(arch: str) -> tuple[int, int, int]:
+def is_external(arch: str) -> bool:
+    """Whether ``arch`` names a torchvision or timm classifier (``LIB:NAME``)."""
+    return ":" in arch and arch.partition(":")[0] in EXTERNAL_LIBRARIES
+
+
+def model_input_shape(arch: str) -> tuple[int, int, int] | None:
+    """The input an architecture takes, or None for a torchvision/timm one (the IOSpec fixes it)."""
+    if is_external(arch):
+        _split_external(arch)
+        return None
     if arch not in _ARCHS:
-        raise unknown("arch", arch, _ARCHS)
+        raise unknown("arch", arch, [*_ARCHS, "torchvision:NAME", "timm:NAME"])
     return _ARCHS[arch].input_shape
 
 
+def _split_external(arch: str) -> tuple[str, str]:
+    lib, _, name = arch.partition(":")
+    if not _EXTERNAL_NAME.match(name):  # no hub prefixes, paths or URLs: a registry name only
+        raise InvalidInputError(f"arch {arch!r}: want {lib}:NAME with NAME a model name of {lib}'s registry")
+    return lib, name
+
+
+def _external_body(arch: str, num_classes: int) -> nn.Module:
+    """Build a torchvision/timm classifier by registry name, randomly initialized (never downloads)."""
+    lib, name = _split_external(arch)
+    if lib == "torchvision":
+        import torchvision  # ModuleNotFoundError names the package; the CLI maps it to the 'vision' extra
+
+        names = list(torchvision.models.list_models())
+        if name not in names:
+            raise unknown("torchvision model", name, difflib.get_close_matches(name, names, 8) or names[:20])
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    import timm
+
+    names = list(timm.list_models())
+    if name not in names:
+        raise unknown("timm model", name, difflib.get_close_matches(name, names, 8) or names[:20])
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def create_body(arch: str, num_classes: int) -> nn.Module:
+    """The classifier behind :class:`Normalize` (what a torchvision/timm weights file holds)."""
+    if is_external(arch):
+        return _external_body(arch, num_classes)
+    model_input_shape(arch)
+    return _ARCHS[arch].build(num_classes)
+
+
 def create_model(arch: str, iospec: IOSpec) -> nn.Sequential:
-    """Build ``Normalize -> body`` for a registered architecture, checked against the IOSpec."""
+    """Build ``Normalize -> body`` for an architecture, checked against the IOSpec."""
     shape = model_input_shape(arch)
-    if tuple(iospec.shape) != shape:
+    if shape is not None and tuple(iospec.shape) != shape:
         raise InvalidInputError(f"arch {arch!r} takes input {shape}, the data has {tuple(iospec.shape)}")
-    body = _ARCHS[arch].build(iospec.num_classes)
+    body = create_body(arch, iospec.num_classes)
     return nn.Sequential(Normalize(iospec.mean, iospec.std), body)
 
 

@@ -123,3 +123,25 @@ def test_a_separate_serving_only_install_serves(digits_bundle):
     assert out["train_names_extra"] and out["answers"] >= 3
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0  # truly absent, not hidden
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FORGETRT_VISION_PYTHON"),
+    reason="set FORGETRT_VISION_PYTHON to the python of an environment with a torch build and the torchvision "
+    "that matches it (.ci/run builds one with torch 2.14.1 and torchvision 0.29.1)",
+)
+def test_bring_your_own_model_in_the_vision_environment():
+    """tests/vision (torchvision and timm classifiers through training, vectors, export, graft, parity and
+    serving) run in the vision environment: every test there must pass, none may skip."""
+    py = os.environ["FORGETRT_VISION_PYTHON"]
+    r = subprocess.run(
+        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(REPO / "tests" / "vision")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b[1-9]\d* passed", summary) and "skipped" not in summary, summary

@@ -39,7 +39,8 @@ __all__ = ["cli", "main"]
 # which install extra brings each optional top-level module a command may import
 EXTRAS = {
     "torch": "train",
-    "torchvision": "train",
+    "torchvision": "vision",
+    "timm": "vision",
     "sklearn": "train",
     "matplotlib": "train",
     "onnxruntime": "cpu",
@@ -130,7 +131,7 @@ class Weights(click.ParamType):
 
 
 class DataSpec(click.ParamType):
-    """'digits' or 'cifar10:PATH', checked at parse time."""
+    """'digits', 'cifar10:PATH' or 'imagefolder:PATH', checked at parse time."""
 
     name = "SPEC"
 
@@ -286,11 +287,13 @@ def cli(log_level: str, log_format: str) -> None:
 
 @cli.command("models")
 def models_cmd() -> None:
-    """List the registered classifier architectures."""
+    """List the classifier architectures: the project's own, and torchvision:NAME / timm:NAME (any input
+    size; bring weights with `forgetrt import-model`, or train one with `train-model --arch`)."""
     from forgetrt.runtime.architectures import list_models, model_input_shape
 
     for name, desc in list_models().items():
-        click.echo(f"{name:<16} input {'x'.join(map(str, model_input_shape(name))):<8} {desc}")
+        shape = model_input_shape(name)
+        click.echo(f"{name:<18} input {'x'.join(map(str, shape)) if shape else 'any':<8} {desc}")
 
 
 @cli.command("backends")
@@ -334,6 +337,18 @@ def backends_cmd(bundle_dir: str | None, device: str) -> None:
     help="Share of the training set held out of training (stratified, --seed) and recorded: vectors are tuned on "
     "it as data the model never saw. 0 trains on everything.",
 )
+@click.option(
+    "--image-size",
+    type=click.IntRange(1, 4096),
+    help="Side (pixels) imagefolder images are resized and center-cropped to (default: their own size; the "
+    "project's architectures fix theirs).",
+)
+@click.option(
+    "--init-weights",
+    type=click.Path(dir_okay=False),
+    help="Start from this safetensors state dict of the architecture (fine-tuning); tensors that do not fit "
+    "the data's classes, such as the head, start fresh.",
+)
 @_device_option()
 def train_model_cmd(
     arch: str,
@@ -344,9 +359,12 @@ def train_model_cmd(
     batch_size: int | None,
     lr: float | None,
     val_fraction: float,
+    image_size: int | None,
+    init_weights: str | None,
     device: str,
 ) -> None:
-    """Train a classifier; writes OUT/model.safetensors and OUT/model.json."""
+    """Train a classifier; writes OUT/model.safetensors and OUT/model.json. --arch is one of ours or any
+    torchvision:NAME / timm:NAME (with --init-weights to fine-tune from a local weights file)."""
     from forgetrt.train.workflows import train_model
 
     rec = train_model(
@@ -359,6 +377,8 @@ def train_model_cmd(
         batch_size=batch_size,
         lr=lr,
         val_fraction=val_fraction,
+        image_size=image_size,
+        init_weights=init_weights,
     )
     m = rec["metrics"]
     val = f"  held-out {m['val_acc']:.2f}%" if "val_acc" in m else ""
@@ -366,6 +386,71 @@ def train_model_cmd(
         f"{arch}: train {m['train_acc']:.2f}%{val}  test {m['test_acc']:.2f}%  "
         f"({rec['training']['seconds']:.1f}s) -> {out}"
     )
+
+
+@cli.command("import-model")
+@click.option("--arch", required=True, help="torchvision:NAME, timm:NAME, or one of ours (`forgetrt models`).")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Local safetensors file of the classifier's state dict (nothing is downloaded).",
+)
+@click.option("--image-size", type=click.IntRange(1, 4096), required=True, help="Input side in pixels (H = W).")
+@click.option(
+    "--labels",
+    required=True,
+    help="Class labels in output order: comma-separated, or @FILE with one per line.",
+)
+@click.option(
+    "--normalize",
+    default="none",
+    show_default=True,
+    help="How the model normalizes [0, 1] pixels: 'imagenet', 'none' (it takes them as they are), or "
+    "MEAN1,MEAN2,MEAN3/STD1,STD2,STD3.",
+)
+@click.option("--data", "data", type=DATA, help="Measure test accuracy on this data (imagefolder:PATH, ...).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output model folder.")
+def import_model_cmd(
+    arch: str, weights: str, image_size: int, labels: str, normalize: str, data: str | None, out: str
+) -> None:
+    """Bring a classifier trained elsewhere: its architecture by name, its weights, and its input contract
+    (size, labels, normalization), declared once and recorded in OUT/model.json. The folder then works
+    with train-vector, compose, eval, export, graft and serve, bound to the weights' fingerprint."""
+    from forgetrt.train.workflows import import_model
+
+    if labels.startswith("@"):
+        try:
+            text = Path(labels[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidInputError(f"cannot read labels file {labels[1:]}: {e}") from e
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    else:
+        names = [v.strip() for v in labels.split(",") if v.strip()]
+    mean, std = _parse_normalize(normalize)
+    rec = import_model(arch, weights, out, labels=names, image_size=image_size, mean=mean, std=std, data=data)
+    acc = f"  test {rec['metrics']['test_acc']:.2f}%" if "test_acc" in rec["metrics"] else ""
+    click.echo(f"{arch}: {len(names)} classes, input {'x'.join(map(str, rec['iospec']['shape']))}{acc} -> {out}")
+
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _parse_normalize(text: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    t = text.strip().lower()
+    if t == "none":
+        return None, None
+    if t == "imagenet":
+        return IMAGENET_MEAN_STD
+    m, sep, sd = t.partition("/")
+    try:
+        mean = tuple(float(v) for v in m.split(","))
+        std = tuple(float(v) for v in sd.split(","))
+    except ValueError:
+        mean = std = ()
+    if not sep or not mean or len(mean) != len(std):
+        raise InvalidInputError(f"--normalize {text!r}: want imagenet, none, or MEAN,MEAN,MEAN/STD,STD,STD")
+    return mean, std
 
 
 @cli.command("train-vector")
@@ -896,9 +981,11 @@ def parity_cmd(bundle_dir: str, backends, device: str, data, limit: int, seed: i
     if data is not None:
         if limit < 1:
             raise InvalidInputError(f"--limit must be >= 1, got {limit}")
+        from forgetrt.runtime.bundle import Bundle
         from forgetrt.train.data import load_data
 
-        images, labels = load_data(data).test_images(limit)
+        hw = tuple(Bundle.load(bundle_dir).iospec.shape[1:])  # an ImageFolder is resized to the bundle's input
+        images, labels = load_data(data, image_size=hw).test_images(limit)
     rep = run_parity(
         bundle_dir,
         [str(b) for b in backends] if backends else None,

@@ -5,6 +5,8 @@ Data specs (the CLI's ``--data``):
 - ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, no download), split 75/25 stratified.
 - ``cifar10:PATH``: CIFAR-10 from the standard ``cifar-10-batches-py`` folder, an ImageFolder tree
   (``split/class/*.jpg|png`` with splits ``train`` and ``test``), or a ``.tar``/``.tar.gz`` of such a tree.
+- ``imagefolder:PATH``: any ImageFolder set (any classes and image sizes), resized and center-cropped
+  to the model's input size (see :mod:`forgetrt.train.imagefolder`); large sets are memory-mapped.
 
 Images are decoded once into uint8 arrays [N, C, H, W] and cached as ``.npz`` (no pickle) under
 ``$FORGETRT_CACHE_DIR`` (default ``~/.cache/forgetrt``), keyed by the source's hash, so a second
@@ -46,7 +48,7 @@ __all__ = [
     "DATA_KINDS",
 ]
 
-DATA_KINDS = ("digits", "cifar10")
+DATA_KINDS = ("digits", "cifar10", "imagefolder")
 _IMG_EXT = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -74,9 +76,16 @@ class Dataset:
 
     def channel_stats(self, idx: np.ndarray | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the training images (those at ``idx``, if given) in [0, 1] space."""
-        x = (self.x_train if idx is None else self.x_train[idx]).astype(np.float64) / self.scale
-        mean = x.mean(axis=(0, 2, 3))
-        std = x.std(axis=(0, 2, 3))
+        rows = np.arange(len(self.x_train)) if idx is None else np.asarray(idx)
+        c = self.x_train.shape[1]
+        s1, s2, n = np.zeros(c), np.zeros(c), 0
+        for i in range(0, len(rows), 1024):  # in chunks: a memory-mapped set is never read whole
+            x = self.x_train[np.sort(rows[i : i + 1024])].astype(np.float64) / self.scale
+            s1 += x.sum(axis=(0, 2, 3))
+            s2 += np.square(x).sum(axis=(0, 2, 3))
+            n += x.shape[0] * x.shape[2] * x.shape[3]
+        mean = s1 / max(n, 1)
+        std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
         return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
 
     def class_index(self, c: int | str) -> int:
@@ -120,23 +129,40 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     kind, sep, path = spec.strip().partition(":")
     kind = kind.lower()
     if kind not in DATA_KINDS:
-        raise unknown("data spec kind", kind, ["digits", "cifar10:PATH"])
+        raise unknown("data spec kind", kind, ["digits", "cifar10:PATH", "imagefolder:PATH"])
     if kind == "digits":
         if path:
             raise InvalidInputError(f"data spec 'digits' takes no path, got {spec!r}")
         return kind, None
     if not path:
-        raise InvalidInputError(f"data spec {spec!r} needs a path: 'cifar10:PATH'")
+        raise InvalidInputError(f"data spec {spec!r} needs a path: '{kind}:PATH'")
     return kind, path
 
 
-def load_data(spec: str, *, cache: bool = True) -> Dataset:
-    """Load a data set from a spec string (see module docstring)."""
+def load_data(spec: str, *, cache: bool = True, image_size: int | tuple[int, int] | None = None) -> Dataset:
+    """Load a data set from a spec string (see module docstring). ``image_size`` (H×W, or one int for a
+    square) resizes an ``imagefolder`` set; the fixed-size sets must already have it."""
     kind, path = parse_data_spec(spec)
     if kind == "digits":
-        return _load_digits()
-    assert path is not None
-    return _load_cifar10(Path(path).expanduser(), cache=cache)
+        ds = _load_digits()
+    elif kind == "cifar10":
+        assert path is not None
+        ds = _load_cifar10(Path(path).expanduser(), cache=cache)
+    else:
+        from .imagefolder import load_imagefolder
+
+        assert path is not None
+        a = load_imagefolder(path, image_size=image_size, cache=cache)
+        classes = tuple(str(c) for c in a["classes"])
+        return Dataset("imagefolder", a["x_train"], a["y_train"], a["x_test"], a["y_test"], classes, 255.0, path)
+    if image_size is not None:
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if tuple(ds.shape[1:]) != tuple(hw):
+            raise InvalidInputError(
+                f"data {kind} has {ds.shape[1]}x{ds.shape[2]} images; only imagefolder data are resized (wanted "
+                f"{hw[0]}x{hw[1]})"
+            )
+    return ds
 
 
 def _load_digits() -> Dataset:

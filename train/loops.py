@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,10 +55,22 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 class DeviceData:
-    """uint8 images kept once on the device; batches come out as float [0, 1] tensors."""
+    """uint8 images kept once on the device; batches come out as float [0, 1] tensors.
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> None:
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    A memory-mapped set (a large ImageFolder, see :mod:`forgetrt.train.imagefolder`) stays on the host:
+    each batch is gathered from the mapping (``rows`` selects which of its images this set holds, so
+    no subset is ever copied whole) and moved to the device."""
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, scale: float, device: torch.device, rows: np.ndarray | None = None
+    ) -> None:
+        self.streamed = isinstance(x, np.memmap)
+        if self.streamed:
+            self.x = x
+            self.rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+        else:
+            self.x = torch.from_numpy(np.ascontiguousarray(x if rows is None else x[rows])).to(device)
+        y = y if rows is None else y[rows]
         self.y = torch.from_numpy(np.ascontiguousarray(y)).long().to(device)
         self.scale = float(scale)
         self.device = device
@@ -66,7 +79,13 @@ class DeviceData:
         return len(self.y)
 
     def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
-        return self.x[idx].float().div_(self.scale)
+        if not self.streamed:
+            return self.x[idx].float().div_(self.scale)
+        sel = self.rows[idx] if isinstance(idx, slice) else self.rows[idx.cpu().numpy()]
+        order = np.argsort(sel, kind="stable")  # read the mapping in file order, then restore the batch's
+        batch = np.empty((len(sel), *self.x.shape[1:]), np.uint8)
+        batch[order] = self.x[sel[order]]
+        return torch.from_numpy(batch).to(self.device, non_blocking=True).float().div_(self.scale)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -212,15 +231,48 @@ def fit(
     return {"seconds": time.perf_counter() - t0, "final_loss": loss_val}
 
 
+def load_body_weights(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool) -> list[str]:
+    """Load a classifier body's state dict (torchvision/timm keys; a ``module.`` prefix is dropped) into
+    ``model`` = Normalize -> body. Not strict: tensors whose shape differs (a head for other classes) are
+    skipped and returned. Strict: any missing, unexpected or misshapen key is an InvalidInputError."""
+    body = model[1]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = body.state_dict()
+    skipped = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (skipped or missing or unexpected):
+        parts = [
+            f"{what} {keys[:5]}{' …' if len(keys) > 5 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", skipped))
+            if keys
+        ]
+        raise InvalidInputError("the weights do not fit the architecture: " + "; ".join(parts))
+    if not strict and len(missing) + len(skipped) == len(own):
+        raise InvalidInputError("the weights share no tensor with the architecture: wrong --arch?")
+    body.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
+    return skipped + [k for k in missing if k not in skipped]
+
+
 def train_classifier(
-    arch: str, ds: Dataset, cfg: TrainConfig, device: torch.device, *, train_idx: np.ndarray | None = None
-) -> tuple[nn.Module, IOSpec, dict[str, float]]:
-    """Train a fresh classifier (on ``train_idx`` only, if given: the Retrain baseline)."""
+    arch: str,
+    ds: Dataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    train_idx: np.ndarray | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, IOSpec, dict[str, Any]]:
+    """Train a fresh classifier (on ``train_idx`` only, if given: the Retrain baseline), or fine-tune one
+    started from ``init_state`` (a body state dict; tensors that do not fit, such as another head, are
+    left at their fresh values and listed in the stats as ``reinitialized``)."""
     seed_everything(cfg.seed)
     spec = iospec_for(ds, train_idx)  # the held-out split (and for Retrain the forget set) stays out of it
-    model = create_model(arch, spec).to(device)
-    x, y = ds.x_train, ds.y_train
-    if train_idx is not None:
-        x, y = x[train_idx], y[train_idx]
-    stats = fit(model, DeviceData(x, y, ds.scale, device), cfg, desc=f"train {arch}")
+    model = create_model(arch, spec)
+    reinit = load_body_weights(model, init_state, strict=False) if init_state is not None else None
+    model = model.to(device)
+    data = DeviceData(ds.x_train, ds.y_train, ds.scale, device, rows=train_idx)
+    stats: dict[str, Any] = dict(fit(model, data, cfg, desc=f"train {arch}"))
+    if reinit is not None:
+        stats["reinitialized"] = reinit
     return model, spec, stats

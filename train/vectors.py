@@ -225,7 +225,7 @@ def _training_set(ds: Dataset, masks: np.ndarray, exclude: np.ndarray | None, de
     sub = masks[:, keep]
     if not sub.any(axis=1).all():
         raise InvalidInputError("a forget set lies entirely in the validation split: nothing left to train on")
-    return DeviceData(ds.x_train[keep], ds.y_train[keep], ds.scale, device), sub
+    return DeviceData(ds.x_train, ds.y_train, ds.scale, device, rows=np.flatnonzero(keep)), sub
 
 
 def _check_finite(params: torch.Tensor, names: Sequence[str]) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger("forgetrt.train")
 
 __all__ = [
     "train_model",
+    "import_model",
     "train_vector",
     "train_class_vectors",
     "compose_fixed",
@@ -50,8 +51,11 @@ __all__ = [
 ]
 
 
-def as_dataset(data: str | Dataset) -> Dataset:
-    return data if isinstance(data, Dataset) else load_data(data)
+def as_dataset(data: str | Dataset, iospec: Any = None) -> Dataset:
+    """``data`` itself, or the spec loaded (an ImageFolder resized to ``iospec``'s input size, if given)."""
+    if isinstance(data, Dataset):
+        return data
+    return load_data(data, image_size=None if iospec is None else tuple(iospec.shape[1:]))
 
 
 def _data_spec(data: str | Dataset) -> str:
@@ -80,7 +84,8 @@ def _accuracies(model: torch.nn.Module, ds: Dataset, held_out: np.ndarray | None
 
 def held_out_indices(model_dir: str | os.PathLike, data: str | Dataset) -> np.ndarray | None:
     """The training indices the classifier in ``model_dir`` held out of its training, or None."""
-    return _held_out(read_model_manifest(model_dir), as_dataset(data))
+    info = read_model_manifest(model_dir)
+    return _held_out(info, as_dataset(data, info.iospec))
 
 
 def _held_out(info: ModelManifest, ds: Dataset) -> np.ndarray | None:
@@ -114,22 +119,34 @@ def train_model(
     batch_size: int | None = None,
     lr: float | None = None,
     val_fraction: float | None = 0.1,
+    image_size: int | None = None,
+    init_weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Train a registered classifier and write ``model.safetensors`` + ``model.json`` into ``out``.
+    """Train a classifier and write ``model.safetensors`` + ``model.json`` into ``out``.
 
+    ``arch`` is one of the project's architectures or ``torchvision:NAME`` / ``timm:NAME``; for those,
+    ``image_size`` sets the input size an ImageFolder is resized to (default: the images' own size), and
+    ``init_weights`` (a safetensors state dict of the architecture, e.g. ImageNet weights saved locally)
+    starts a fine-tune: tensors that do not fit the data's classes (the head) start fresh.
     ``val_fraction`` of the training set (stratified, seeded by ``seed``) is held out of training and
     recorded in the manifest: vector tuning later validates on it as data the model never saw. ``None``
     or 0 trains on everything.
     """
-    model_input_shape(arch)  # unknown arch fails before the data is loaded
+    fixed = model_input_shape(arch)  # unknown arch fails before the data is loaded
     ensure_writable_dir(out, "model folder")  # before training, not after
+    init_state, init_record = (None, None) if init_weights is None else _read_weights(init_weights)
     split = ValidationSplit(val_fraction, seed) if val_fraction else None
-    ds = as_dataset(data)
+    if isinstance(data, Dataset):
+        ds = data
+    else:
+        ds = load_data(data, image_size=image_size if image_size is not None or fixed is None else fixed[1:])
     dev = resolve_device(device)
     cfg = default_train_config(arch, epochs, seed=seed, batch_size=batch_size, lr=lr)
     held_out = split.indices(ds) if split else None
     train_idx = None if held_out is None else np.setdiff1d(np.arange(len(ds.y_train)), held_out)
-    model, spec, stats = train_classifier(arch, ds, cfg, dev, train_idx=train_idx)
+    model, spec, stats = train_classifier(arch, ds, cfg, dev, train_idx=train_idx, init_state=init_state)
+    if init_record is not None:
+        init_record["reinitialized"] = stats.get("reinitialized", [])
     manifest = save_model(
         out,
         model,
@@ -137,9 +154,93 @@ def train_model(
         iospec=spec,
         data=_data_spec(data),
         metrics=_accuracies(model, ds, held_out),
-        training={**cfg.to_dict(), "device": str(dev), "seconds": stats["seconds"]},
+        training={
+            **cfg.to_dict(),
+            "device": str(dev),
+            "seconds": stats["seconds"],
+            **({"init_weights": init_record} if init_record else {}),
+        },
         validation=split.describe(ds) if split else None,
     )
+    return manifest.to_dict()
+
+
+def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A local safetensors state dict and its record (file name, sha256). No pickle, no download."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from forgetrt.runtime.errors import ArtifactError, CorruptArtifactError
+    from forgetrt.runtime.files import sha256_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"weights file not found: {p}")
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptArtifactError(
+            f"cannot read weights {p} as safetensors ({e}); convert a torch checkpoint with "
+            "safetensors.torch.save_file(model.state_dict(), PATH)"
+        ) from e
+    return state, {"file": p.name, "sha256": sha256_file(p)}
+
+
+def import_model(
+    arch: str,
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    labels: Sequence[str],
+    image_size: int | tuple[int, int],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    data: str | None = None,
+) -> dict[str, Any]:
+    """Make a model folder from a classifier trained elsewhere: ``arch`` (``torchvision:NAME``,
+    ``timm:NAME`` or one of ours) with a local safetensors file of its state dict, and the input contract
+    declared once (size, labels, and the mean/std it normalizes [0, 1] pixels with; none when the model
+    takes [0, 1] pixels as they are). The folder then works with every command (train-vector, compose,
+    eval, export, serve) and binds banks to its weights' fingerprint like a model trained here. With
+    ``data``, test accuracy is measured and recorded."""
+    from forgetrt.runtime.architectures import create_model
+    from forgetrt.runtime.iospec import IOSpec
+
+    from .loops import load_body_weights
+
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+    fixed = model_input_shape(arch)
+    channels = fixed[0] if fixed else 3
+    if (mean is None) != (std is None):
+        raise InvalidInputError("give both --mean and --std, or neither (the model takes [0, 1] pixels as they are)")
+    spec = IOSpec(
+        shape=(channels, *hw),  # type: ignore[arg-type]
+        mean=tuple(float(v) for v in mean) if mean is not None else (0.0,) * channels,
+        std=tuple(float(v) for v in std) if std is not None else (1.0,) * channels,
+        labels=tuple(str(v) for v in labels),
+    )
+    ensure_writable_dir(out, "model folder")
+    state, record = _read_weights(weights)
+    model = create_model(arch, spec)
+    load_body_weights(model, state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.zeros(1, *spec.shape))
+    if tuple(y.shape) != (1, spec.num_classes):
+        raise InvalidInputError(
+            f"{arch} returns {tuple(y.shape)} for one image, not (1, {spec.num_classes}) logits for the "
+            f"{spec.num_classes} labels declared"
+        )
+    if not torch.isfinite(y).all():
+        raise InvalidInputError(f"{arch} with these weights returns non-finite logits for a blank image")
+    metrics: dict[str, Any] = {}
+    if data is not None:
+        ds = as_dataset(data, spec)
+        _check_data(ModelManifest(arch, spec, "", path=Path(out)), ds)
+        if ds.classes != spec.labels:
+            raise InvalidInputError(f"data classes {list(ds.classes)} differ from the labels {list(spec.labels)}")
+        metrics["test_acc"] = accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test)
+    manifest = save_model(out, model, arch=arch, iospec=spec, data=data, metrics=metrics, training={"imported": record})
     return manifest.to_dict()
 
 
@@ -176,7 +277,7 @@ def train_vector(
         ensure_writable_dir(bank_dir, "bank folder")
     if clash:
         raise InvalidInputError(f"vectors {clash} already exist in {bank_dir}; pass --overwrite to replace them")
-    ds = as_dataset(data)
+    ds = as_dataset(data, info.iospec)
     _check_data(info, ds)
     held_out = _held_out(info, ds)
     val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
@@ -226,7 +327,7 @@ def train_class_vectors(
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """One class-wise vector per class (all classes by default), named ``forget-<class>``."""
-    ds = as_dataset(data)
+    ds = as_dataset(data, read_model_manifest(model_dir).iospec)
     idx = range(ds.num_classes) if classes is None else [ds.class_index(c) for c in classes]
     specs = {f"forget-{i}": ForgetSpec(classes=(i,)) for i in idx}
     return train_vector(
@@ -297,7 +398,7 @@ def compose_learned(
     if not names:
         raise InvalidInputError(f"bank {bank_dir} has no vector to compose from")
     vectors = {n: bank.get(n) for n in names}
-    ds = as_dataset(data)
+    ds = as_dataset(data, info.iospec)
     _check_data(info, ds)
     held_out = _held_out(info, ds)
     val_idx, val_is_held_out, val_record = _validation(info, ds, recipe, held_out)
@@ -415,7 +516,7 @@ def evaluate_result(
                 "cannot tell what was forgotten: pass --forget-classes, --forget-fraction or --forget-indices"
             )
         forget = ForgetSpec.from_description(recorded, indices_file)
-    ds = as_dataset(data)
+    ds = as_dataset(data, info.iospec)
     _check_data(info, ds)
     split = forget.resolve(ds, _held_out(info, ds))
     result = evaluate(model, ds, split, delta, mia_max_per_side=mia_max_per_side, mask_forgotten=mask_forgotten)
@@ -447,7 +548,7 @@ def unlearn_baseline(
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev)
     ensure_writable_dir(out, "model folder")
-    ds = as_dataset(data)
+    ds = as_dataset(data, info.iospec)
     _check_data(info, ds)
     held_out = _held_out(info, ds)
     split = forget.resolve(ds, held_out)  # Retrain trains on split.retain: the held-out images stay out

@@ -1,0 +1,182 @@
+"""imagefolder:PATH: layouts, resizing, the disk cache, the memory cap, workers and typed errors."""
+
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from imagefolder_data import CLASSES, make_imagefolder
+from PIL import Image
+
+from forgetrt.runtime.errors import DataError, InvalidInputError
+from forgetrt.train.data import load_data, parse_data_spec
+from forgetrt.train.imagefolder import load_imagefolder, parse_memory
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FORGETRT_DATA_MEMORY_CAP", raising=False)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_imagefolder(tmp_path / "if", n_train=6, n_test=3)
+
+
+def test_spec_kind_and_resize_to_any_size(folder):
+    assert parse_data_spec(f"imagefolder:{folder}") == ("imagefolder", str(folder))
+    ds = load_data(f"imagefolder:{folder}", image_size=(40, 56))
+    assert ds.name == "imagefolder" and ds.classes == CLASSES and ds.shape == (3, 40, 56)
+    assert ds.x_train.shape == (18, 3, 40, 56) and ds.x_test.shape == (9, 3, 40, 56) and ds.x_train.dtype == np.uint8
+    assert np.bincount(ds.y_train).tolist() == [6, 6, 6] and ds.scale == 255.0
+    # the class's colour channel survives resizing: the data are what the files hold, in label order
+    means = ds.x_train.reshape(18, 3, -1).mean(-1)
+    assert (means.argmax(1) == ds.y_train).all()
+
+
+def test_native_size_must_be_uniform_unless_a_size_is_given(tmp_path):
+    uniform = make_imagefolder(tmp_path / "u", n_train=2, n_test=1, size=(20, 30), vary=False)
+    assert load_data(f"imagefolder:{uniform}").shape == (3, 20, 30)
+    varied = make_imagefolder(tmp_path / "v", n_train=3, n_test=1)
+    with pytest.raises(DataError, match="differ in size.*--image-size"):
+        load_data(f"imagefolder:{varied}")
+
+
+def test_archives_and_val_folder_and_split_file(tmp_path, folder):
+    ref = load_data(f"imagefolder:{folder}", image_size=32)
+    tgz = tmp_path / "set.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        tf.add(folder, arcname="wrapped")  # an archive often wraps the tree in one folder
+    a = load_data(f"imagefolder:{tgz}", image_size=32)
+    zp = tmp_path / "set.zip"
+    with zipfile.ZipFile(zp, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(folder).as_posix())
+    b = load_data(f"imagefolder:{zp}", image_size=32)
+    for d in (a, b):
+        assert d.classes == ref.classes
+        assert np.array_equal(d.x_train, ref.x_train) and np.array_equal(d.y_test, ref.y_test)
+    (folder / "test").rename(folder / "val")  # val/ stands in for a missing test/
+    assert len(load_data(f"imagefolder:{folder}", image_size=32, cache=False).y_test) == 9
+    flat = tmp_path / "flat"
+    lines = []
+    for split in ("train", "val"):
+        for p in sorted((folder / split).rglob("*.*")):
+            dst = flat / p.parent.name / f"{split}-{p.name}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(p.read_bytes())
+            lines.append(f"{dst.relative_to(flat).as_posix()},{'train' if split == 'train' else 'test'}")
+    (flat / "splits.csv").write_text("# path,split\n" + "\n".join(lines[:-1]) + "\n")  # one image left out
+    c = load_data(f"imagefolder:{flat}", image_size=32)
+    assert c.classes == CLASSES and len(c.y_train) == 18 and len(c.y_test) == 8
+    (flat / "splits.csv").write_text("circle/train-000.jpg,holdout\n")
+    with pytest.raises(DataError, match="line 1: want 'relative/path,train|test|val'"):
+        load_data(f"imagefolder:{flat}", image_size=32)
+
+
+def test_cache_reuse_and_memory_cap_memory_maps(folder, tmp_path, monkeypatch):
+    a = load_imagefolder(folder, image_size=32)
+    assert not isinstance(a["x_train"], np.memmap)  # small: in memory
+    entries = list((tmp_path / "cache" / "datasets").iterdir())
+    assert len(entries) == 1 and (entries[0] / "x_train.npy").is_file()
+    (folder / "train" / "circle" / "000.jpg").unlink()  # the source changed: a new cache entry
+    b = load_imagefolder(folder, image_size=32)
+    assert len(b["y_train"]) == 17 and len(list((tmp_path / "cache" / "datasets").iterdir())) == 2
+    monkeypatch.setenv("FORGETRT_DATA_MEMORY_CAP", "50k")  # 26 images x 3x32x32 = 80k bytes: over the cap
+    c = load_imagefolder(folder, image_size=32)
+    assert isinstance(c["x_train"], np.memmap) and np.array_equal(np.asarray(c["x_train"]), b["x_train"])
+    with pytest.raises(DataError, match="over the memory cap of .* the disk cache is off"):
+        load_imagefolder(folder, image_size=32, cache=False)
+    assert parse_memory("4G") == 4 << 30 and parse_memory("512MiB") == 512 << 20 and parse_memory("1000") == 1000
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(InvalidInputError):
+            parse_memory(bad)
+
+
+def test_workers_give_the_same_arrays_as_one_process(folder):
+    one = load_imagefolder(folder, image_size=24, cache=False, workers=1)
+    two = load_imagefolder(folder, image_size=24, cache=False, workers=2)
+    assert np.array_equal(one["x_train"], two["x_train"]) and np.array_equal(one["x_test"], two["x_test"])
+
+
+def test_bounded_decoding_of_a_larger_set(tmp_path, monkeypatch):
+    """More images than one chunk per worker: decoding streams them in bounded chunks into the mapping."""
+    import forgetrt.train.imagefolder as imf
+
+    monkeypatch.setattr(imf, "_CHUNK", 4)
+    inflight = []
+    real = imf._decode_chunk
+
+    def spy(chunk, hw):
+        inflight.append(len(chunk))
+        return real(chunk, hw)
+
+    monkeypatch.setattr(imf, "_decode_chunk", spy)
+    root = make_imagefolder(tmp_path / "big", n_train=10, n_test=2)
+    monkeypatch.setenv("FORGETRT_DATA_MEMORY_CAP", "1k")
+    a = load_imagefolder(root, image_size=16, workers=1)
+    assert isinstance(a["x_train"], np.memmap) and max(inflight) == 4 and sum(inflight) == 36
+    assert (a["x_train"].reshape(30, 3, -1).mean(-1).argmax(1) == a["y_train"]).all()
+
+
+def test_corrupt_and_missing_give_typed_errors_naming_the_file(tmp_path, folder):
+    bad = folder / "train" / "square" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="cannot decode image train/square/broken.png"):
+        load_data(f"imagefolder:{folder}", image_size=32)
+    with pytest.raises(DataError, match="cannot decode image train/square/broken.png"):
+        load_imagefolder(folder, image_size=32, workers=2, cache=False)
+    with pytest.raises(DataError, match="not found"):
+        load_data(f"imagefolder:{tmp_path / 'nope'}", image_size=32)
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="want train/<class>/<image>"):
+        load_data(f"imagefolder:{empty}", image_size=32)
+    one = make_imagefolder(tmp_path / "one", n_train=1, n_test=1)
+    for c in CLASSES[1:]:
+        for split in ("train", "test"):
+            for p in (one / split / c).iterdir():
+                p.unlink()
+            (one / split / c).rmdir()
+    with pytest.raises(DataError, match="at least 2 classes"):
+        load_data(f"imagefolder:{one}", image_size=32)
+    odd = make_imagefolder(tmp_path / "odd", n_train=1, n_test=1)
+    (odd / "test" / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(odd / "test" / "extra" / "x.png")
+    with pytest.raises(DataError, match=r"test classes \['extra'\] have no training images"):
+        load_data(f"imagefolder:{odd}", image_size=32)
+    with pytest.raises(InvalidInputError, match="1..4096"):
+        load_data(f"imagefolder:{folder}", image_size=0)
+    txt = tmp_path / "x.txt"
+    txt.write_text("hi")
+    with pytest.raises(DataError, match="neither a folder nor"):
+        load_data(f"imagefolder:{txt}", image_size=32)
+    with pytest.raises(InvalidInputError, match="only imagefolder data are resized"):
+        load_data("digits", image_size=32)
+
+
+def test_broken_cache_entry_is_rebuilt(folder, tmp_path):
+    a = load_imagefolder(folder, image_size=16)
+    (entry,) = (tmp_path / "cache" / "datasets").iterdir()
+    (entry / "x_train.npy").write_bytes(b"garbage")
+    b = load_imagefolder(folder, image_size=16)
+    assert np.array_equal(a["x_train"], b["x_train"])
+
+
+def test_streamed_device_data_matches_in_memory(folder, tmp_path, monkeypatch):
+    import torch
+
+    from forgetrt.train.loops import DeviceData
+
+    monkeypatch.setenv("FORGETRT_DATA_MEMORY_CAP", "1k")
+    ds = load_data(f"imagefolder:{folder}", image_size=16)
+    assert isinstance(ds.x_train, np.memmap)
+    rows = np.array([5, 1, 9, 3])
+    streamed = DeviceData(ds.x_train, ds.y_train, ds.scale, torch.device("cpu"), rows=rows)
+    plain = DeviceData(np.asarray(ds.x_train)[rows], ds.y_train[rows], ds.scale, torch.device("cpu"))
+    idx = torch.tensor([3, 0, 2])
+    assert streamed.streamed and not plain.streamed and len(streamed) == 4
+    assert torch.equal(streamed.images(idx), plain.images(idx)) and torch.equal(streamed.y, plain.y)
+    assert torch.equal(streamed.images(slice(1, 3)), plain.images(slice(1, 3)))
