@@ -107,13 +107,29 @@ def _external_body(arch: str, num_classes: int) -> nn.Module:
     """Build a torchvision/timm classifier by registry name, randomly initialized (never downloads)."""
     lib, name = _split_external(arch)
     if lib == "torchvision":
-        import torchvision  # ModuleNotFoundError names the package; the CLI maps it to the 'vision' extra
+        try:
+            import torchvision  # ModuleNotFoundError names the package; the CLI maps it to the 'vision' extra
+        except (RuntimeError, OSError, ImportError) as e:
+            if isinstance(e, ModuleNotFoundError) and e.name == "torchvision":
+                raise
+            raise InvalidInputError(
+                f"torchvision is installed but does not load beside torch {torch.__version__} ({e}): install the "
+                "torchvision release built for this torch (e.g. torch 2.14.1 with torchvision 0.29.1)"
+            ) from e
 
         names = list(torchvision.models.list_models())
         if name not in names:
             raise unknown("torchvision model", name, difflib.get_close_matches(name, names, 8) or names[:20])
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    import timm
+    try:
+        import timm
+    except (RuntimeError, OSError, ImportError) as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("timm", "torchvision"):
+            raise
+        raise InvalidInputError(
+            f"timm is installed but does not load beside torch {torch.__version__} ({e}): install the torchvision "
+            "release built for this torch"
+        ) from e
 
     names = list(timm.list_models())
     if name not in names:

@@ -4,6 +4,7 @@ tests/train), plus one typed, clean error per kind of bad input."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -340,3 +341,31 @@ def test_coefficient_range_is_parsed_and_checked(quick, tmp_path):
         ],
     )
     assert r.exit_code == 2 and "finite LO <= HI" in r.output and not (tmp_path / "b").exists()
+
+
+def test_torchvision_arch_without_torchvision_names_the_extra(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here (tests/vision covers it)")
+    from safetensors.numpy import save_file
+
+    w = tmp_path / "w.safetensors"
+    save_file({"x": np.zeros(1, np.float32)}, str(w))
+    r = CliRunner().invoke(
+        cli,
+        [
+            "import-model",
+            "--arch",
+            "torchvision:resnet18",
+            "--weights",
+            str(w),
+            "--image-size",
+            "32",
+            "--labels",
+            "a,b",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert r.exit_code == 4 and "needs the 'vision' extra" in r.output and "forgetrt[vision]" in r.output, r.output
