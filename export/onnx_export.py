@@ -202,13 +202,20 @@ def export_onnx(
     spec = bank.iospec
     files: dict[str, bytes] = {}
     if model_dir is not None:
+        from forgetrt.runtime.architectures import TORCH_EXPORT
+
         from .torch_onnx import classifier_to_onnx
 
         model, info = load_model(model_dir, "cpu")
         bank.check_model(info.fingerprint, info.iospec, what=f"model {model_dir}")
         classifier = classifier_to_onnx(model, spec, opset)
-        files[CLASSIFIER_WEIGHTS] = (Path(model_dir) / MODEL_WEIGHTS).read_bytes()
-        files[CLASSIFIER_JSON] = (Path(model_dir) / MODEL_MANIFEST).read_bytes()
+        if info.arch == TORCH_EXPORT:
+            # the program (a .pt2) never travels into a bundle: the bare classifier's ONNX stands in as the
+            # reference (as for a grafted bundle), so serving never loads a program file
+            files[CLASSIFIER_ONNX] = classifier.SerializeToString()
+        else:
+            files[CLASSIFIER_WEIGHTS] = (Path(model_dir) / MODEL_WEIGHTS).read_bytes()
+            files[CLASSIFIER_JSON] = (Path(model_dir) / MODEL_MANIFEST).read_bytes()
         source, arch, verified, clf_sha = "model", info.arch, True, None
     else:
         assert from_onnx is not None

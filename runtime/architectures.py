@@ -31,8 +31,14 @@ __all__ = [
     "model_input_shape",
     "is_external",
     "EXTERNAL_LIBRARIES",
+    "TORCH_EXPORT",
+    "ExportedProgramModule",
+    "program_model",
     "ResNet18Cifar",
 ]
+
+#: the architecture name of a classifier brought as a ``torch.export`` program (``model.pt2``)
+TORCH_EXPORT = "torch.export"
 
 #: libraries whose classifiers ``LIB:NAME`` architectures build
 EXTERNAL_LIBRARIES = ("torchvision", "timm")
@@ -87,7 +93,10 @@ def is_external(arch: str) -> bool:
 
 
 def model_input_shape(arch: str) -> tuple[int, int, int] | None:
-    """The input an architecture takes, or None for a torchvision/timm one (the IOSpec fixes it)."""
+    """The input an architecture takes, or None for a torchvision/timm one or a torch.export program (the
+    IOSpec fixes it)."""
+    if arch == TORCH_EXPORT:
+        return None
     if is_external(arch):
         _split_external(arch)
         return None
@@ -137,8 +146,38 @@ def _external_body(arch: str, num_classes: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
+class ExportedProgramModule(nn.Module):
+    """A ``torch.export`` program's module as a classifier body. Such a module refuses ``train()``/``eval()``
+    (its graph is fixed: exported in eval mode, batch norm uses its running statistics), so mode changes
+    stop here instead of reaching it; gradients flow through it as through any module."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+def program_model(program: bytes | str, iospec: IOSpec) -> nn.Sequential:
+    """``Normalize -> program`` from a ``torch.export`` program (file path or bytes of a ``.pt2``)."""
+    import io as _io
+
+    try:
+        ep = torch.export.load(_io.BytesIO(program) if isinstance(program, bytes) else program)
+    except Exception as e:  # torch raises many kinds for a file that is not a program
+        raise InvalidInputError(f"not a torch.export program (.pt2): {type(e).__name__}: {str(e)[:300]}") from e
+    return nn.Sequential(Normalize(iospec.mean, iospec.std), ExportedProgramModule(ep.module()))
+
+
 def create_body(arch: str, num_classes: int) -> nn.Module:
     """The classifier behind :class:`Normalize` (what a torchvision/timm weights file holds)."""
+    if arch == TORCH_EXPORT:
+        raise InvalidInputError("a torch.export classifier is built from its program file, not by name")
     if is_external(arch):
         return _external_body(arch, num_classes)
     model_input_shape(arch)

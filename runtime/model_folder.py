@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MODEL_WEIGHTS",
     "MODEL_MANIFEST",
+    "MODEL_PROGRAM",
     "ModelManifest",
     "read_model_manifest",
     "save_model",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 MODEL_WEIGHTS = "model.safetensors"
+#: a classifier brought as a torch.export program keeps it here (arch "torch.export"); its weights are
+#: also in model.safetensors, which stays the authority (fingerprint, strict load over the program's)
+MODEL_PROGRAM = "model.pt2"
 MODEL_MANIFEST = "model.json"
 MODEL_SCHEMA_VERSION = 1
 _KIND = "forgetrt.model"
@@ -125,9 +129,10 @@ def save_model(
     training: dict[str, Any] | None = None,
     unlearning: dict[str, Any] | None = None,
     validation: dict[str, Any] | None = None,
+    program: bytes | None = None,
 ) -> ModelManifest:
-    """Write ``model.safetensors`` then ``model.json``, each atomically, and return the manifest (its
-    fingerprint computed from ``module``)."""
+    """Write ``model.safetensors`` (and ``model.pt2`` for a torch.export ``program``) then ``model.json``,
+    each atomically, and return the manifest (its fingerprint computed from ``module``)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -146,6 +151,8 @@ def save_model(
         validation,
         path,
     )
+    if program is not None:
+        atomic_write(path / MODEL_PROGRAM, lambda p: p.write_bytes(program))
     atomic_write(
         path / MODEL_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": _KIND, "arch": manifest.arch})
     )
@@ -154,21 +161,27 @@ def save_model(
 
 
 def classifier_from_bytes(
-    manifest_json: bytes, weights: bytes, *, where: str = "classifier"
+    manifest_json: bytes, weights: bytes, *, where: str = "classifier", program: bytes | None = None
 ) -> tuple[nn.Module, ModelManifest]:
-    """Build the classifier (eval mode, CPU) from a manifest and safetensors bytes, checked against the
-    manifest's fingerprint. The one loader for model folders and bundles alike."""
+    """Build the classifier (eval mode, CPU) from a manifest and safetensors bytes (and, for a
+    torch.export classifier, its program), checked against the manifest's fingerprint. The one loader
+    for model folders and bundles alike."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    from .architectures import create_model
+    from .architectures import TORCH_EXPORT, create_model, program_model
 
     try:
         raw = json.loads(manifest_json)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptArtifactError(f"{where} manifest is not valid JSON: {e}") from e
     manifest = ModelManifest.from_dict(raw, f"{where} manifest")
-    module = create_model(manifest.arch, manifest.iospec)
+    if manifest.arch == TORCH_EXPORT:
+        if program is None:
+            raise ArtifactError(f"{where} is a torch.export classifier and its program ({MODEL_PROGRAM}) is missing")
+        module = program_model(program, manifest.iospec)
+    else:
+        module = create_model(manifest.arch, manifest.iospec)
     try:
         state = load_safetensors(weights)
     except (SafetensorError, ValueError) as e:
@@ -194,7 +207,8 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[nn.Module,
     wfile = path / MODEL_WEIGHTS
     if not wfile.is_file():
         raise ArtifactError(f"model weights not found: {wfile}")
+    program = (path / MODEL_PROGRAM).read_bytes() if (path / MODEL_PROGRAM).is_file() else None
     module, manifest = classifier_from_bytes(
-        (path / MODEL_MANIFEST).read_bytes(), wfile.read_bytes(), where=f"model {path}"
+        (path / MODEL_MANIFEST).read_bytes(), wfile.read_bytes(), where=f"model {path}", program=program
     )
     return module.to(device), replace(manifest, path=path)

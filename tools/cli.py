@@ -389,12 +389,17 @@ def train_model_cmd(
 
 
 @cli.command("import-model")
-@click.option("--arch", required=True, help="torchvision:NAME, timm:NAME, or one of ours (`forgetrt models`).")
+@click.option("--arch", help="torchvision:NAME, timm:NAME, or one of ours (`forgetrt models`); with --weights.")
 @click.option(
     "--weights",
     type=click.Path(dir_okay=False),
-    required=True,
     help="Local safetensors file of the classifier's state dict (nothing is downloaded).",
+)
+@click.option(
+    "--program",
+    type=click.Path(dir_okay=False),
+    help="Instead of --arch/--weights: a torch.export program (.pt2, torch.export.save) exported in eval mode "
+    "with a dynamic batch dimension.",
 )
 @click.option("--image-size", type=click.IntRange(1, 4096), required=True, help="Input side in pixels (H = W).")
 @click.option(
@@ -412,7 +417,14 @@ def train_model_cmd(
 @click.option("--data", "data", type=DATA, help="Measure test accuracy on this data (imagefolder:PATH, ...).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output model folder.")
 def import_model_cmd(
-    arch: str, weights: str, image_size: int, labels: str, normalize: str, data: str | None, out: str
+    arch: str | None,
+    weights: str | None,
+    program: str | None,
+    image_size: int,
+    labels: str,
+    normalize: str,
+    data: str | None,
+    out: str,
 ) -> None:
     """Bring a classifier trained elsewhere: its architecture by name, its weights, and its input contract
     (size, labels, normalization), declared once and recorded in OUT/model.json. The folder then works
@@ -428,9 +440,15 @@ def import_model_cmd(
     else:
         names = [v.strip() for v in labels.split(",") if v.strip()]
     mean, std = _parse_normalize(normalize)
-    rec = import_model(arch, weights, out, labels=names, image_size=image_size, mean=mean, std=std, data=data)
+    if program is None and (arch is None or weights is None):
+        raise click.UsageError("give --arch and --weights, or --program")
+    if program is not None and (arch is not None or weights is not None):
+        raise click.UsageError("--program replaces --arch and --weights: give one or the other")
+    rec = import_model(
+        arch, weights, out, labels=names, image_size=image_size, mean=mean, std=std, data=data, program=program
+    )
     acc = f"  test {rec['metrics']['test_acc']:.2f}%" if "test_acc" in rec["metrics"] else ""
-    click.echo(f"{arch}: {len(names)} classes, input {'x'.join(map(str, rec['iospec']['shape']))}{acc} -> {out}")
+    click.echo(f"{rec['arch']}: {len(names)} classes, input {'x'.join(map(str, rec['iospec']['shape']))}{acc} -> {out}")
 
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -187,8 +187,8 @@ def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 
 
 def import_model(
-    arch: str,
-    weights: str | os.PathLike,
+    arch: str | None,
+    weights: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     labels: Sequence[str],
@@ -196,18 +196,24 @@ def import_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     data: str | None = None,
+    program: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Make a model folder from a classifier trained elsewhere: ``arch`` (``torchvision:NAME``,
-    ``timm:NAME`` or one of ours) with a local safetensors file of its state dict, and the input contract
-    declared once (size, labels, and the mean/std it normalizes [0, 1] pixels with; none when the model
-    takes [0, 1] pixels as they are). The folder then works with every command (train-vector, compose,
-    eval, export, serve) and binds banks to its weights' fingerprint like a model trained here. With
-    ``data``, test accuracy is measured and recorded."""
-    from forgetrt.runtime.architectures import create_model
+    ``timm:NAME`` or one of ours) with a local safetensors file of its state dict, or a ``program`` saved
+    with ``torch.export.save`` (exported in eval mode with a dynamic batch dimension; no Python code of
+    the model needed), and the input contract declared once (size, labels, and the mean/std it
+    normalizes [0, 1] pixels with; none when the model takes [0, 1] pixels as they are). The folder then
+    works with every command (train-vector, compose, eval, export, serve) and binds banks to its weights'
+    fingerprint like a model trained here. With ``data``, test accuracy is measured and recorded."""
+    from forgetrt.runtime.architectures import TORCH_EXPORT, create_model, program_model
     from forgetrt.runtime.iospec import IOSpec
 
     from .loops import load_body_weights
 
+    if (program is None) == (arch is None or weights is None):
+        raise InvalidInputError("give an architecture and its weights, or a torch.export program (not both)")
+    arch = TORCH_EXPORT if program is not None else arch
+    assert arch is not None
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
     fixed = model_input_shape(arch)
     channels = fixed[0] if fixed else 3
@@ -220,12 +226,33 @@ def import_model(
         labels=tuple(str(v) for v in labels),
     )
     ensure_writable_dir(out, "model folder")
-    state, record = _read_weights(weights)
-    model = create_model(arch, spec)
-    load_body_weights(model, state, strict=True)
+    program_bytes = None
+    if program is not None:
+        from forgetrt.runtime.errors import ArtifactError
+        from forgetrt.runtime.files import sha256_file
+
+        if not Path(program).is_file():
+            raise ArtifactError(f"torch.export program not found: {program}")
+        program_bytes = Path(program).read_bytes()
+        model = program_model(program_bytes, spec)
+        record = {"file": Path(program).name, "sha256": sha256_file(program), "format": "torch.export"}
+    else:
+        assert weights is not None
+        state, record = _read_weights(weights)
+        model = create_model(arch, spec)
+        load_body_weights(model, state, strict=True)
     model.eval()
-    with torch.no_grad():
-        y = model(torch.zeros(1, *spec.shape))
+    try:
+        with torch.no_grad():
+            y = model(torch.zeros(3, *spec.shape))[:1]  # a batch of 3: the batch dimension must be dynamic
+    except Exception as e:  # an exported program raises its own guard errors for other shapes
+        if program is None:
+            raise
+        raise InvalidInputError(
+            f"the program does not run on a batch of 3 images of {spec.shape}: export it with a dynamic batch "
+            "dimension (dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) at this input size "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     if tuple(y.shape) != (1, spec.num_classes):
         raise InvalidInputError(
             f"{arch} returns {tuple(y.shape)} for one image, not (1, {spec.num_classes}) logits for the "
@@ -240,7 +267,16 @@ def import_model(
         if ds.classes != spec.labels:
             raise InvalidInputError(f"data classes {list(ds.classes)} differ from the labels {list(spec.labels)}")
         metrics["test_acc"] = accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test)
-    manifest = save_model(out, model, arch=arch, iospec=spec, data=data, metrics=metrics, training={"imported": record})
+    manifest = save_model(
+        out,
+        model,
+        arch=arch,
+        iospec=spec,
+        data=data,
+        metrics=metrics,
+        training={"imported": record},
+        program=program_bytes,
+    )
     return manifest.to_dict()
 
 
@@ -545,6 +581,13 @@ def unlearn_baseline(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Run a model-based unlearning baseline and save the unlearned copy as a model folder."""
+    from forgetrt.runtime.architectures import TORCH_EXPORT
+
+    if read_model_manifest(model_dir).arch == TORCH_EXPORT:
+        raise InvalidInputError(
+            "model-based baselines retrain or fine-tune the weights, and a torch.export program is a frozen graph: "
+            "import the model by architecture and weights (--arch, --weights) to run them"
+        )
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev)
     ensure_writable_dir(out, "model folder")
