@@ -36,20 +36,19 @@ def run_baseline(
     if cfg.method == "ft":
         fit(
             model,
-            DeviceData(ds.x_train[split.retain], ds.y_train[split.retain], ds.scale, device),
+            DeviceData(ds.x_train, ds.y_train, ds.scale, device, rows=split.retain),
             cfg.train,
             desc="FT",
         )
     elif cfg.method == "ga":
-        data = DeviceData(ds.x_train[split.forget], ds.y_train[split.forget], ds.scale, device)
+        data = DeviceData(ds.x_train, ds.y_train, ds.scale, device, rows=split.forget)
         fit(model, data, cfg.train, desc="GA", ascent_idx=torch.arange(len(data)))
     else:  # rl
         idx = np.concatenate([split.forget, split.retain])
-        y = ds.y_train[idx].copy()
+        y = ds.y_train.copy()
         rng = np.random.default_rng(cfg.train.seed)
-        nf = len(split.forget)
-        shift = rng.integers(1, ds.num_classes, nf)  # a label that is never the true one
-        y[:nf] = (y[:nf] + shift) % ds.num_classes
-        fit(model, DeviceData(ds.x_train[idx], y, ds.scale, device), cfg.train, desc="RL")
+        shift = rng.integers(1, ds.num_classes, len(split.forget))  # a label that is never the true one
+        y[split.forget] = (y[split.forget] + shift) % ds.num_classes
+        fit(model, DeviceData(ds.x_train, y, ds.scale, device, rows=idx), cfg.train, desc="RL")
     model.eval()
     return model, time.perf_counter() - t0

@@ -104,7 +104,8 @@ class _Probe:
 
     def logits(self, name: str, s: float) -> np.ndarray:
         idx = self.sets[name]
-        return predict_logits(self.model, self.ds.x_train[idx], self.ds.scale, None if s == 0 else s * self.delta)
+        delta = None if s == 0 else s * self.delta
+        return predict_logits(self.model, self.ds.x_train, self.ds.scale, delta, rows=idx)
 
     def acc(self, name: str, s: float) -> float:
         return accuracy(self.logits(name, s), self.ds.y_train[self.sets[name]])

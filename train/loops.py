@@ -101,10 +101,15 @@ def predict_logits(
     *,
     batch_size: int = 1024,
     device: torch.device | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """float32 logits of ``model(x / scale + delta)`` for uint8 images, in eval mode."""
+    """float32 logits of ``model(x / scale + delta)`` for uint8 images (those at ``rows`` of ``x``, if
+    given: a memory-mapped set is then read batch by batch, never copied whole), in eval mode."""
     device = device or next(model.parameters()).device
-    data = x if isinstance(x, DeviceData) else DeviceData(x, np.zeros(len(x), np.int64), float(scale or 1.0), device)
+    if isinstance(x, DeviceData):
+        data = x
+    else:
+        data = DeviceData(x, np.zeros(len(x), np.int64), float(scale or 1.0), device, rows=rows)
     d = None
     if delta is not None:
         d = torch.as_tensor(delta, dtype=torch.float32, device=device)

@@ -100,7 +100,7 @@ def evaluate(
     if len(split.test_forgotten):
         out["TA_forgotten"] = accuracy(te[split.test_forgotten], ds.y_test[split.test_forgotten])
     if delta is not None or mask_forgotten:
-        te0 = predict_logits(model, ds.x_test[split.test], ds.scale)
+        te0 = predict_logits(model, ds.x_test, ds.scale, rows=split.test)
         out["TA_original"] = accuracy(te0, yt)
         out["TA_drop"] = out["TA_original"] - out["TA"]
     out["MIA_efficacy"] = mia_efficacy(

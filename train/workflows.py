@@ -76,8 +76,9 @@ def _accuracies(model: torch.nn.Module, ds: Dataset, held_out: np.ndarray | None
     out: dict[str, float] = {}
     if held_out is not None and len(held_out):
         keep[held_out] = False
-        out["val_acc"] = accuracy(predict_logits(model, ds.x_train[held_out], ds.scale), ds.y_train[held_out])
-    out["train_acc"] = accuracy(predict_logits(model, ds.x_train[keep], ds.scale), ds.y_train[keep])
+        out["val_acc"] = accuracy(predict_logits(model, ds.x_train, ds.scale, rows=held_out), ds.y_train[held_out])
+    kept = np.flatnonzero(keep)
+    out["train_acc"] = accuracy(predict_logits(model, ds.x_train, ds.scale, rows=kept), ds.y_train[kept])
     out["test_acc"] = accuracy(predict_logits(model, ds.x_test, ds.scale), ds.y_test)
     return out
 
@@ -497,7 +498,7 @@ def _arithmetic_guess(bank: VectorBank, names: Sequence[str], target: ForgetSpec
 def _per_class_ua(model, ds: Dataset, split: ForgetSplit, vector: np.ndarray | None) -> dict[str, Any]:
     if not split.classes or len(split.classes) < 2:
         return {}
-    logits = predict_logits(model, ds.x_train[split.forget], ds.scale, vector)
+    logits = predict_logits(model, ds.x_train, ds.scale, vector, rows=split.forget)
     y = ds.y_train[split.forget]
     return {"UA_per_class": {ds.classes[c]: 100.0 - accuracy(logits[y == c], y[y == c]) for c in split.classes}}
 
