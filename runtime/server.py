@@ -695,21 +695,43 @@ def create_app(
     return _Counted(app, metrics)  # type: ignore[return-value]
 
 
-def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None):
-    """uvicorn's h11 protocol with a header time limit and a connection cap (uvicorn has neither): a
-    connection that has not completed a request's headers within ``header_timeout_s`` (from connecting,
-    or from its previous response) is closed, and one over ``max_connections`` gets a 503 and is closed."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
+
+
+def _httptools_available() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None, impl: str = "auto"):
+    """uvicorn's HTTP/1.1 protocol (httptools' C parser when installed, else h11's pure-Python one) with a
+    header time limit, a header size limit and a connection cap (uvicorn's httptools protocol has none of
+    them, its h11 one only the size): a connection that has not completed a request's headers within
+    ``header_timeout_s`` (from connecting, or from its previous response) is closed, request headers
+    (URL included) over ``max_header_bytes`` get a JSON 400, a connection over ``max_connections`` gets a
+    503 and is closed, and every malformed request a JSON 400."""
+    if impl not in HTTP_IMPLEMENTATIONS:
+        raise InvalidInputError(f"unknown HTTP implementation {impl!r}; valid: {', '.join(HTTP_IMPLEMENTATIONS)}")
+    use_httptools = impl == "httptools" or (impl == "auto" and _httptools_available())
+    if use_httptools:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
     busy = (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
         b"content-length: 40\r\n\r\n" + b'{"error": "too many open connections"}'.ljust(40)
     )
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(Base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._header_timer = None
+            self._head_bytes = 0
+            self._head_too_big = False
             if len(self.connections) > limits.max_connections:
                 if metrics is not None:
                     metrics.responses.labels(route="(connection cap)", status="503").inc()
@@ -732,11 +754,37 @@ def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None
             if not self.transport.is_closing():
                 self.transport.close()
 
-        def handle_events(self) -> None:
-            before = self.cycle
-            super().handle_events()
-            if self.cycle is not before:  # a request's headers arrived
-                self._disarm()
+        if use_httptools:
+
+            def on_message_begin(self) -> None:
+                super().on_message_begin()
+                self._head_bytes = 0
+
+            def _count(self, n: int) -> None:
+                self._head_bytes += n
+                if self._head_bytes > limits.max_header_bytes:
+                    self._head_too_big = True
+                    raise ValueError("request headers too large")  # the parser stops: a 400 below
+
+            def on_url(self, url: bytes) -> None:
+                self._count(len(url))
+                super().on_url(url)
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                self._count(len(name) + len(value) + 4)
+                super().on_header(name, value)
+
+            def on_headers_complete(self) -> None:
+                self._disarm()  # a request's headers arrived
+                super().on_headers_complete()
+
+        else:
+
+            def handle_events(self) -> None:
+                before = self.cycle
+                super().handle_events()
+                if self.cycle is not before:  # a request's headers arrived
+                    self._disarm()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -750,6 +798,8 @@ def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None
         def send_400_response(self, msg: str) -> None:  # malformed HTTP (bad request line, oversized headers)
             if metrics is not None:
                 metrics.responses.labels(route="(malformed HTTP)", status="400").inc()
+            if self._head_too_big:
+                msg = f"request headers over the limit of {limits.max_header_bytes} bytes"
             body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
             self.transport.write(
                 b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -758,13 +808,21 @@ def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None
             )
             self.transport.close()
 
-    return GuardedH11Protocol
+    GuardedProtocol.__name__ = "GuardedHttpToolsProtocol" if use_httptools else "GuardedH11Protocol"
+    return GuardedProtocol
 
 
 def uvicorn_config(
-    app, limits: ServerLimits = ServerLimits(), *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+    app,
+    limits: ServerLimits = ServerLimits(),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    http: str = "auto",
 ):
-    """The uvicorn configuration that enforces ``limits`` (header size, keep-alive, the guarded protocol)."""
+    """The uvicorn configuration that enforces ``limits`` (header size, keep-alive, the guarded protocol)
+    with the ``http`` implementation (auto: httptools when installed, else h11)."""
     import uvicorn
 
     return uvicorn.Config(
@@ -773,7 +831,7 @@ def uvicorn_config(
         port=port,
         log_level=log_level,
         log_config=None,  # the process's logging (forgetrt --log-level/--log-format) stays in charge
-        http=_guarded_protocol(limits, getattr(app, "metrics", None)),
+        http=_guarded_protocol(limits, getattr(app, "metrics", None), http),
         timeout_keep_alive=int(math.ceil(limits.keep_alive_s)),
         h11_max_incomplete_event_size=limits.max_header_bytes,
     )
@@ -792,6 +850,7 @@ def serve(
     limits: ServerLimits = ServerLimits(),
     control: ControlPlane = ControlPlane(),
     verify_key: str | None = None,
+    http: str = "auto",
 ) -> None:
     """Load the bundle (its signature checked against ``verify_key`` when given) and serve it until
     interrupted (blocking): REST on ``port`` and, with ``grpc_port``, KServe v2 gRPC on that port, both in
@@ -805,7 +864,7 @@ def serve(
         svc = ModelService(runtime, name, limits=limits, control=control, metrics=metrics)
         app = create_app(runtime, name, metrics=metrics, limits=limits, control=control, service=svc)
         log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
-        server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
+        server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level, http=http))
         if grpc_port is None:
             server.run()
             return

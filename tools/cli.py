@@ -1056,6 +1056,14 @@ def _limit_options(f: Callable) -> Callable:
     help="Also serve KServe v2 gRPC (tritonclient.grpc, KServe's client) on this port, e.g. 8001 (needs the "
     "'grpc' extra) [default: off].",
 )
+@click.option(
+    "--http",
+    "http_impl",
+    type=click.Choice(["auto", "httptools", "h11"]),
+    default="auto",
+    show_default=True,
+    help="HTTP/1.1 parser: httptools (C) or h11 (pure Python); auto takes httptools when installed.",
+)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
@@ -1096,6 +1104,7 @@ def serve_cmd(
     host: str,
     port: int,
     grpc_port: int | None,
+    http_impl: str,
     model_name,
     pixel_policy: str,
     admin_token_file,
@@ -1155,6 +1164,7 @@ def serve_cmd(
         limits=limits,
         control=control,
         verify_key=verify_key,
+        http=http_impl,
         log_level=click.get_current_context().find_root().params["log_level"],
     )
 

@@ -14,12 +14,12 @@ TOKEN = "security-test-token-0123456789abcdef"
 
 
 class Live:
-    def __init__(self, app, limits) -> None:
+    def __init__(self, app, limits, http: str = "auto") -> None:
         import uvicorn
 
         from forgetrt.runtime.server import uvicorn_config
 
-        cfg = uvicorn_config(app, limits, host="127.0.0.1", port=0, log_level="critical")
+        cfg = uvicorn_config(app, limits, host="127.0.0.1", port=0, log_level="critical", http=http)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -101,6 +101,22 @@ def live(digits_bundle, limits, bank_root, tmp_path_factory):
     control = ControlPlane(TOKEN, bank_root, tmp_path_factory.mktemp("state"))
     srv = Live(create_app(rt, "digits", metrics=metrics, limits=limits, control=control), limits)
     srv.runtime, srv.metrics, srv.control = rt, metrics, control
+    yield srv
+    srv.close()
+    rt.close()
+
+
+@pytest.fixture(scope="package")
+def live_h11(digits_bundle, limits):
+    """The same, on uvicorn's pure-Python h11 protocol (the default is httptools where installed): the
+    HTTP-layer guards are tested on both."""
+    from forgetrt.runtime import Runtime, RuntimeConfig
+    from forgetrt.runtime.server import ServerMetrics, create_app
+
+    metrics = ServerMetrics()
+    rt = Runtime.load(digits_bundle, RuntimeConfig(backend="onnxruntime", device="cpu"))
+    srv = Live(create_app(rt, "digits", metrics=metrics, limits=limits), limits, http="h11")
+    srv.runtime, srv.metrics = rt, metrics
     yield srv
     srv.close()
     rt.close()

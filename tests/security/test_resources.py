@@ -15,6 +15,17 @@ import pytest
 INFER = "/v2/models/digits/infer"
 
 
+@pytest.fixture(params=["auto", "h11"])
+def server(request):
+    """The HTTP-layer guards on both protocols: the default (httptools where installed) and h11."""
+    import forgetrt.runtime.server as srv
+
+    if request.param == "auto":
+        assert srv._httptools_available()  # the default really is the C parser here
+        return request.getfixturevalue("live")
+    return request.getfixturevalue("live_h11")
+
+
 def _head(path: str, length: int | None = None, extra: str = "") -> bytes:
     cl = f"content-length: {length}\r\n" if length is not None else ""
     return f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{cl}{extra}\r\n".encode()
@@ -29,16 +40,16 @@ def _json_body(resp: bytes) -> dict:
 
 
 @pytest.mark.parametrize("declared", [(1 << 20) + 1, 10 << 30, 10**18])
-def test_content_length_over_the_limit_is_refused_before_reading(live, declared):
+def test_content_length_over_the_limit_is_refused_before_reading(server, declared):
     t0 = time.perf_counter()
-    resp = live.raw(_head(INFER, declared))  # no body is sent at all
+    resp = server.raw(_head(INFER, declared))  # no body is sent at all
     assert _status(resp) == 413 and "over the limit" in _json_body(resp)["error"]
     assert time.perf_counter() - t0 < 2
 
 
-def test_a_refused_body_closes_the_connection(live):
+def test_a_refused_body_closes_the_connection(server):
     """After the 413 the server closes the connection rather than reading and discarding the body."""
-    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         s.sendall(_head(INFER, 10 << 30))
         resp = b""
         while b"\r\n\r\n" not in resp:
@@ -53,17 +64,17 @@ def test_a_refused_body_closes_the_connection(live):
         assert time.perf_counter() - t0 < 3 and sent < 64 << 20  # the peer went away
 
 
-def test_streamed_body_stops_at_the_limit(live):
+def test_streamed_body_stops_at_the_limit(server):
     chunk = b"x" * 65536
     data = _head(INFER, None, "transfer-encoding: chunked\r\n")
     data += b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"  # 1.25 MiB
-    resp = live.raw(data)
+    resp = server.raw(data)
     assert _status(resp) == 413
 
 
 @pytest.mark.parametrize("partial", [b"", b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\n", b"GE"])
-def test_slow_or_idle_headers_are_cut_off(live, partial):
-    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+def test_slow_or_idle_headers_are_cut_off(server, partial):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         s.sendall(partial)
         time.sleep(1.6)  # the header limit is 1 s
         s.settimeout(2)
@@ -74,8 +85,8 @@ def test_slow_or_idle_headers_are_cut_off(live, partial):
         assert got == b""  # closed by the server without a response
 
 
-def test_slow_body_gets_408(live):
-    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as s:
+def test_slow_body_gets_408(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         s.sendall(_head(INFER, 100) + b'{"inputs": ')
         time.sleep(1.5)  # the body limit is 1 s
         s.settimeout(3)
@@ -94,12 +105,12 @@ def test_slow_body_gets_408(live):
         b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
     ],
 )
-def test_malformed_http_gets_a_json_4xx(live, raw):
-    before = _counted(live, "(malformed HTTP)", "400")
-    resp = live.raw(raw)
+def test_malformed_http_gets_a_json_4xx(server, raw):
+    before = _counted(server, "(malformed HTTP)", "400")
+    resp = server.raw(raw)
     assert 400 <= _status(resp) < 500 and "error" in _json_body(resp), resp[:200]
     if _status(resp) == 400:  # answered by the HTTP layer, before any route: counted all the same
-        assert _counted(live, "(malformed HTTP)", "400") >= before + 1
+        assert _counted(server, "(malformed HTTP)", "400") >= before + 1
 
 
 def _counted(live, route: str, status: str) -> float:
@@ -108,11 +119,11 @@ def _counted(live, route: str, status: str) -> float:
     return next((float(line[len(key) :]) for line in text.splitlines() if line.startswith(key)), 0.0)
 
 
-def test_connection_cap(live):
+def test_connection_cap(server):
     socks = []
     try:
         for _ in range(45):  # the cap is 40 (this test's own connections included)
-            socks.append(socket.create_connection(("127.0.0.1", live.port), timeout=5))
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
         time.sleep(0.3)
         refused = 0
         for s in socks[-5:]:
@@ -129,8 +140,8 @@ def test_connection_cap(live):
         for s in socks:
             s.close()
     time.sleep(0.3)
-    assert httpx.get(f"{live.url}/v2/health/ready", timeout=5).status_code == 200  # serving again
-    assert _counted(live, "(connection cap)", "503") >= refused  # refused before any route, still counted
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200  # serving again
+    assert _counted(server, "(connection cap)", "503") >= refused  # refused before any route, still counted
 
 
 def test_in_flight_cap_answers_429_before_reading(digits_bundle):
