@@ -5,8 +5,8 @@ in-process bench on the same bundle.
     python benchmarks/server_frontend.py --bundle forgetrt-demo/bundle --json frontend.json
     python benchmarks/server_frontend.py --bundle forgetrt-demo/bundle --http-compare --json http.json
 
-`--http-compare` instead serves REST alone (uvicorn's own loop: uvloop where installed) once per HTTP
-parser, h11 and httptools, idle dispatch on, beside the in-process rows.
+`--http-compare` instead serves REST alone once per HTTP parser (h11, httptools) and event loop (asyncio,
+uvloop), and `--loop-compare` REST and gRPC once per event loop, idle dispatch on, beside the in-process rows.
 
 Servers run one at a time (`forgetrt serve --grpc-port`), the load generator on the same host (on a
 2-core machine the two compete: compare rows of one run, not against other machines).
@@ -34,10 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(bundle: str, idle: bool, http: str | None = None) -> tuple[subprocess.Popen, int, int]:
+def _serve(bundle: str, idle: bool, http: str | None = None, loop: str = "auto") -> tuple[subprocess.Popen, int, int]:
     port, gport = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "forgetrt.tools.cli", "--log-level", "warning", "serve", bundle]
-    cmd += ["--port", str(port), "--device", "cpu", "--backend", "onnxruntime"]
+    cmd += ["--port", str(port), "--device", "cpu", "--backend", "onnxruntime", "--loop", loop]
     cmd += ["--http", http] if http else ["--grpc-port", str(gport)]
     cmd += ["--model-name", "m", "--idle-dispatch" if idle else "--no-idle-dispatch", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--client-processes", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--http-compare", action="store_true", help="REST only, once per HTTP parser (h11, httptools)")
+    ap.add_argument("--loop-compare", action="store_true", help="REST and gRPC once per event loop")
     a = ap.parse_args()
     conc = tuple(int(c) for c in a.concurrency.split(","))
     cfg = BenchConfig(batches=(1,), concurrency=conc, active_vectors=(1,), duration=a.duration, warmup=1.0)
@@ -88,16 +89,26 @@ def main() -> None:
         for rec in run_bench(rt, cfg, progress=False):
             row("in-process", rec)
     if a.http_compare:
-        for http in ("h11", "httptools"):
-            proc, port, _ = _serve(a.bundle, True, http)
+        for http, loop in (("h11", "asyncio"), ("httptools", "asyncio"), ("h11", "uvloop"), ("httptools", "uvloop")):
+            proc, port, _ = _serve(a.bundle, True, http, loop)
             try:
                 target = RemoteTarget(f"http://127.0.0.1:{port}", "m", "rest", a.client_processes)
                 for rec in run_remote_bench(target, cfg):
-                    row(f"rest, {http}", rec)
+                    row(f"rest, {http}, {loop}", rec)
             finally:
                 proc.terminate()
                 proc.wait(20)
-    for idle in () if a.http_compare else (False, True):
+    if a.loop_compare:
+        for loop in ("asyncio", "uvloop"):
+            proc, port, gport = _serve(a.bundle, True, loop=loop)
+            try:
+                for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):
+                    for rec in run_remote_bench(RemoteTarget(url, "m", proto, a.client_processes), cfg):
+                        row(f"{proto}, {loop}", rec)
+            finally:
+                proc.terminate()
+                proc.wait(20)
+    for idle in () if a.http_compare or a.loop_compare else (False, True):
         proc, port, gport = _serve(a.bundle, idle)
         try:
             for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):

@@ -696,6 +696,22 @@ def create_app(
 
 
 HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def _loop_factory(loop: str):
+    """The event loop a server runs on: uvloop (libuv) when asked or, for auto, when installed; else asyncio's."""
+    if loop not in EVENT_LOOPS:
+        raise InvalidInputError(f"unknown event loop {loop!r}; valid: {', '.join(EVENT_LOOPS)}")
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            if loop == "uvloop":
+                raise InvalidInputError("--loop uvloop: uvloop is not installed") from None
+    return asyncio.new_event_loop
 
 
 def _httptools_available() -> bool:
@@ -851,6 +867,7 @@ def serve(
     control: ControlPlane = ControlPlane(),
     verify_key: str | None = None,
     http: str = "auto",
+    loop: str = "auto",
 ) -> None:
     """Load the bundle (its signature checked against ``verify_key`` when given) and serve it until
     interrupted (blocking): REST on ``port`` and, with ``grpc_port``, KServe v2 gRPC on that port, both in
@@ -864,9 +881,13 @@ def serve(
         svc = ModelService(runtime, name, limits=limits, control=control, metrics=metrics)
         app = create_app(runtime, name, metrics=metrics, limits=limits, control=control, service=svc)
         log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
-        server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level, http=http))
+        cfg = uvicorn_config(app, limits, host=host, port=port, log_level=log_level, http=http)
+        factory = _loop_factory(loop)
+        cfg.loop = "none"  # the loop is ours (below), for REST alone and REST beside gRPC alike
+        server = uvicorn.Server(cfg)
         if grpc_port is None:
-            server.run()
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(server.serve())
             return
 
         async def both() -> None:
@@ -878,6 +899,7 @@ def serve(
             finally:
                 await grpc_server.stop(2.0)
 
-        asyncio.run(both())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(both())
     finally:
         runtime.close()

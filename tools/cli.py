@@ -1064,6 +1064,14 @@ def _limit_options(f: Callable) -> Callable:
     show_default=True,
     help="HTTP/1.1 parser: httptools (C) or h11 (pure Python); auto takes httptools when installed.",
 )
+@click.option(
+    "--loop",
+    "event_loop",
+    type=click.Choice(["auto", "uvloop", "asyncio"]),
+    default="auto",
+    show_default=True,
+    help="Event loop for REST and gRPC: uvloop (libuv) or asyncio's own; auto takes uvloop when installed.",
+)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
@@ -1105,6 +1113,7 @@ def serve_cmd(
     port: int,
     grpc_port: int | None,
     http_impl: str,
+    event_loop: str,
     model_name,
     pixel_policy: str,
     admin_token_file,
@@ -1165,6 +1174,7 @@ def serve_cmd(
         control=control,
         verify_key=verify_key,
         http=http_impl,
+        loop=event_loop,
         log_level=click.get_current_context().find_root().params["log_level"],
     )
 

@@ -1,6 +1,7 @@
 """The KServe v2 server on a real uvicorn socket (loopback only), driven by the standard tritonclient.http
 client and by raw malformed HTTP requests."""
 
+import asyncio
 import json
 import threading
 import time
@@ -328,3 +329,21 @@ def test_bank_hot_swap_through_repository_endpoint(digits_bundle, digits_bank, t
         assert rt2.snapshot.version == 1 and rt2.snapshot.label.endswith("v2")
     finally:
         rt2.close()
+
+
+def test_http_stack_choices():
+    from forgetrt.runtime.errors import InvalidInputError
+    from forgetrt.runtime.limits import ServerLimits
+    from forgetrt.runtime.server import _guarded_protocol, _loop_factory
+
+    assert _guarded_protocol(ServerLimits(), None, "h11").__name__ == "GuardedH11Protocol"
+    assert _guarded_protocol(ServerLimits(), None, "httptools").__name__ == "GuardedHttpToolsProtocol"
+    assert _guarded_protocol(ServerLimits(), None, "auto").__name__ == "GuardedHttpToolsProtocol"  # installed here
+    import uvloop
+
+    assert _loop_factory("auto") is uvloop.new_event_loop and _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("asyncio") is asyncio.new_event_loop
+    with pytest.raises(InvalidInputError, match="unknown event loop"):
+        _loop_factory("trio")
+    with pytest.raises(InvalidInputError, match="unknown HTTP implementation"):
+        _guarded_protocol(ServerLimits(), None, "h2")
