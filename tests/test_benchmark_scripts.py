@@ -178,3 +178,18 @@ def test_gpu_latency_cpu_smoke(tmp_path):
     )
     assert all(p["rel_diff_vs_eager"] < 1e-5 for p in res["points"])  # the folded module computes the same logits
     assert res["server_end_to_end_b1"]["p50_ms"] > 0 and res["server_end_to_end_b1"]["client"] == "tritonclient.http"
+
+
+def test_byo_224_cpu_smoke(tmp_path):
+    out = tmp_path / "byo.json"
+    _run_script(
+        "byo_224.py",
+        *("--arch", "cifar-small", "--size", 32, "--ks", "1,3", "--batches", "1,2", "--runs", 5, "--warmup", 1),
+        *("--train-images", 64, "--bank-k", 20, "--json", out),
+    )
+    rep = json.loads(out.read_text())
+    assert rep["vector_values"] == 3 * 32 * 32 and set(rep["training"]) == {"1 vectors", "10 vectors"}
+    modes = {(r["mode"], r["k"], r["batch"]) for r in rep["latency"]}
+    assert ("bare classifier, torch eager", 0, 2) in modes and ("onnxruntime", 3, 1) in modes
+    assert ("torch eager", 1, 2) in modes
+    assert rep["bank_block"]["bytes"] == 20 * 3 * 32 * 32 * 4
