@@ -68,6 +68,13 @@ def main() -> None:
     rows["Runtime.infer_async (batcher)"] = _median_us(
         lambda: loop.run_until_complete(rt.infer_async(x, [name])), a.runs
     )
+    inline_cfg = RuntimeConfig(
+        backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, inline_max_us=1000)
+    )
+    with Runtime.load(a.bundle, inline_cfg, {"threads": 1}) as rt_inline:
+        rows["Runtime.infer_async (inline dispatch, --inline-max-us 1000)"] = _median_us(
+            lambda: loop.run_until_complete(rt_inline.infer_async(x, [name])), a.runs
+        )
     limits = ServerLimits()
     rows["parse request (JSON header + tensor)"] = _median_us(lambda: _parse_infer(body, hl, spec, limits), a.runs)
     logits = rt.infer(x, [name]).logits

@@ -34,11 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(bundle: str, idle: bool, http: str | None = None, loop: str = "auto") -> tuple[subprocess.Popen, int, int]:
+def _serve(
+    bundle: str, idle: bool, http: str | None = None, loop: str = "auto", extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int, int]:
     port, gport = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "forgetrt.tools.cli", "--log-level", "warning", "serve", bundle]
     cmd += ["--port", str(port), "--device", "cpu", "--backend", "onnxruntime", "--loop", loop]
     cmd += ["--http", http] if http else ["--grpc-port", str(gport)]
+    cmd += list(extra)
     cmd += ["--model-name", "m", "--idle-dispatch" if idle else "--no-idle-dispatch", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import http.client
@@ -65,6 +68,9 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--http-compare", action="store_true", help="REST only, once per HTTP parser (h11, httptools)")
     ap.add_argument("--loop-compare", action="store_true", help="REST and gRPC once per event loop")
+    ap.add_argument(
+        "--inline-compare", action="store_true", help="REST and gRPC with inline dispatch off (0) and on (default)"
+    )
     a = ap.parse_args()
     conc = tuple(int(c) for c in a.concurrency.split(","))
     cfg = BenchConfig(batches=(1,), concurrency=conc, active_vectors=(1,), duration=a.duration, warmup=1.0)
@@ -108,7 +114,17 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(20)
-    for idle in () if a.http_compare or a.loop_compare else (False, True):
+    if a.inline_compare:
+        for inline in ("0", "1000"):
+            proc, port, gport = _serve(a.bundle, True, extra=("--inline-max-us", inline))
+            try:
+                for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):
+                    for rec in run_remote_bench(RemoteTarget(url, "m", proto, a.client_processes), cfg):
+                        row(f"{proto}, inline {'off' if inline == '0' else 'on'}", rec)
+            finally:
+                proc.terminate()
+                proc.wait(20)
+    for idle in () if a.http_compare or a.loop_compare or a.inline_compare else (False, True):
         proc, port, gport = _serve(a.bundle, idle)
         try:
             for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):

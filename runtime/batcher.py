@@ -52,13 +52,20 @@ class BatchingConfig:
     ``idle_dispatch``: a request that finds the engine idle and nobody queued behind it (light load:
     nothing is coming to batch it with) runs at once instead of waiting out the delay; under load the
     engine is busy, requests queue while it runs and are batched as usual. False waits every time, as
-    Triton does (the Triton export cannot express it)."""
+    Triton does (the Triton export cannot express it).
+    ``inline_max_us``: such a lone request from an event loop (``Runtime.infer_async``) runs on the
+    loop's own thread, without the hand-off to a worker thread and back, when the engine's recent time
+    for that many images is at most this (the loop serves nothing else meanwhile, so only short calls
+    qualify); 0 (the default) never does. It cuts a lone client's latency but, measured on 2 CPU cores,
+    cost throughput under concurrent load (benchmarks/RESULTS.md), hence opt-in. The Triton export
+    ignores it."""
 
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
     max_queue: int = 1024
     instances: int = 1
     idle_dispatch: bool = True
+    inline_max_us: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "instances"):
@@ -70,6 +77,9 @@ class BatchingConfig:
             raise InvalidInputError(f"max_queue_delay_us must be an integer >= 0, got {d!r}")
         if not isinstance(self.idle_dispatch, bool):
             raise InvalidInputError(f"idle_dispatch must be true or false, got {self.idle_dispatch!r}")
+        v = self.inline_max_us
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise InvalidInputError(f"inline_max_us must be an integer >= 0, got {v!r}")
 
 
 @dataclass(slots=True)
@@ -181,7 +191,10 @@ class DynamicBatcher:
         self.max_batch_size = config.max_batch_size
         self.delay = config.max_queue_delay_us / 1e6
         self.idle_dispatch = config.idle_dispatch
-        self._busy = 0  # workers between taking a batch and the end of its engine call
+        self.inline_max_s = config.inline_max_us / 1e6 if config.idle_dispatch else 0.0
+        self._per_image_s: float | None = None  # moving average of engine seconds per image (inline rule)
+        self._runners = list(runners)
+        self._busy = 0  # workers (and inline calls) between taking a batch and the end of its engine call
         self.max_queue = config.max_queue
         # one deque under one condition: a worker takes a whole batch per lock acquisition, and a
         # submitter wakes a worker only when one is idle or a full batch is waiting
@@ -223,6 +236,38 @@ class DynamicBatcher:
 
     def pending(self) -> int:
         return len(self._dq)
+
+    def could_run_inline(self, job: Job) -> bool:
+        """Whether ``job`` may run inline right now (checked again, under the lock, by :meth:`run_inline`)."""
+        est = self._per_image_s
+        return bool(
+            self.inline_max_s
+            and est is not None
+            and est * job.n <= self.inline_max_s
+            and job.n <= self.max_batch_size
+            and not self._busy
+            and not self._dq
+        )
+
+    def run_inline(self, job: Job) -> InferResult | None:
+        """Run ``job`` on the calling thread if it is a lone request (no engine call running, nobody
+        queued) whose engine time is expected within ``inline_max_us``; None when it is not (submit it).
+        The result, or the job's error raised, as a worker would have settled it."""
+        est = self._per_image_s
+        if not self.inline_max_s or est is None or est * job.n > self.inline_max_s or job.n > self.max_batch_size:
+            return None
+        with self._cv:
+            if self._closed or self._busy or self._dq:
+                return None
+            self._busy += 1
+        try:
+            done = self._run_batch(self._runners[0], [job])
+        finally:
+            with self._cv:
+                self._busy -= 1
+        if done is None:  # failed, expired or cancelled: settled on the job's own future
+            return job.future.result()  # raises the job's error
+        return done[1][0]
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = 30.0) -> None:
         with self._cv:
@@ -374,6 +419,9 @@ class DynamicBatcher:
                 self._observer(len(live), len(images), queue_s, time.monotonic() - t0, False)
             return None
         compute = time.monotonic() - t0
+        per_image = compute / len(images)
+        est = self._per_image_s
+        self._per_image_s = per_image if est is None else 0.8 * est + 0.2 * per_image
         results, s = [], 0
         for j, q in zip(live, queue_s):
             results.append(InferResult(out[s : s + j.n], snapshot.version, q * 1e6, compute * 1e6, len(images)))

@@ -101,6 +101,7 @@ class Runtime:
             int(np.array(self._hi, np.float32).view(np.uint32)) if self._lo == 0.0 and self._hi > 0 else None
         )
         self._closed = False
+        self._async_inflight = 0  # infer_async calls under way (inline dispatch needs a lone one)
 
     @classmethod
     def load(
@@ -255,8 +256,25 @@ class Runtime:
         self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
     ) -> InferResult:
         """``submit`` for asyncio code: the batcher resolves an asyncio future of the running loop directly
-        (one wake-up of the loop per batch, not per request)."""
-        return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, asyncio.get_running_loop()))
+        (one wake-up of the loop per batch, not per request). A lone request whose engine call is short
+        (``BatchingConfig.inline_max_us``) runs right here on the loop's thread instead."""
+        if not self._batcher.inline_max_s:
+            loop = asyncio.get_running_loop()
+            return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, loop))
+        self._async_inflight += 1
+        try:
+            job = self._job(images, forget, coeffs, deadline_ms)
+            if self._batcher.could_run_inline(job):
+                # one turn of the loop first: callers that are ready to run (other requests already read)
+                # arrive here meanwhile and count as in flight, and then this one is not alone
+                await asyncio.sleep(0)
+                if self._async_inflight == 1 and (res := self._batcher.run_inline(job)) is not None:
+                    return res
+            loop = asyncio.get_running_loop()
+            job.future, job.loop = loop.create_future(), loop
+            return await self._batcher.submit(job)
+        finally:
+            self._async_inflight -= 1
 
     # ------------------------------------------------------------------ hot swap
     def _install(

@@ -843,6 +843,15 @@ def _batching_options(f: Callable) -> Callable:
         "--no-idle-dispatch always waits --max-queue-delay-us, as Triton does (the Triton export always does).",
     )(f)
     f = click.option(
+        "--inline-max-us",
+        type=click.IntRange(0),
+        default=BatchingConfig.inline_max_us,
+        show_default=True,
+        help="With idle dispatch, a lone request whose engine call recently took at most this long runs on the "
+        "server's event loop itself (no hand-off to the batcher's thread): lower latency for a lone client, less "
+        "throughput under concurrent load; 0: never. Not in the Triton export.",
+    )(f)
+    f = click.option(
         "--instances",
         type=int,
         default=BatchingConfig.instances,
@@ -876,7 +885,7 @@ def _batching_options(f: Callable) -> Callable:
 
 
 def _batching(kw: dict[str, Any]) -> BatchingConfig:
-    keys = ("max_batch_size", "max_queue_delay_us", "max_queue", "instances", "idle_dispatch")
+    keys = ("max_batch_size", "max_queue_delay_us", "max_queue", "instances", "idle_dispatch", "inline_max_us")
     return BatchingConfig(**{k: kw.pop(k) for k in keys})
 
 

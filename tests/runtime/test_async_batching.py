@@ -212,3 +212,72 @@ def test_idle_dispatch_runs_a_lone_request_at_once_and_still_batches_under_load(
         futures = [rt.submit(x) for _ in range(12)]
         sizes = [f.result().batch_images for f in futures]
         assert max(sizes) > 1, sizes
+
+
+def _thread_recording_runtime(bundle_path, seconds=0.0, **batching):
+    class Recording(OnnxRuntimeBackend):
+        threads: list = []
+
+        def _infer(self, images, coeffs, bank):
+            Recording.threads.append(threading.get_ident())
+            if seconds:
+                import time
+
+                time.sleep(seconds)
+            if (images[:, 0, 0, 0] == 0.25).any():
+                raise RuntimeError("simulated device fault")
+            return super()._infer(images, coeffs, bank)
+
+    b = Bundle.load(bundle_path)
+    cfg = RuntimeConfig(batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=0, **batching))
+    return Runtime(b, [Recording(b, "cpu")], cfg), Recording.threads
+
+
+def test_inline_dispatch_runs_short_lone_requests_on_the_loop_thread(digits_bundle, torch_reference):
+    rt, threads = _thread_recording_runtime(digits_bundle, inline_max_us=1000)
+    x = np.full((2, 1, 8, 8), 0.5, np.float32)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        first = await rt.infer_async(x, ["forget-3"])  # no engine timing yet: through the worker
+        second = await rt.infer_async(x, ["forget-3"])  # a lone, short request: on this thread
+        assert threads[0] != loop_thread and threads[1] == loop_thread
+        np.testing.assert_allclose(second.logits, first.logits, atol=0, rtol=0)
+        row = np.tile(rt.snapshot.coeff_row(["forget-3"]), (2, 1))
+        np.testing.assert_allclose(second.logits, torch_reference(x, row), atol=1e-5, rtol=0)
+        assert second.batch_images == 2 and second.bank_version == first.bank_version
+        bad = x.copy()
+        bad[0, 0, 0, 0] = 0.25
+        with pytest.raises(EngineError, match="simulated device fault"):  # errors as a worker reports them
+            await rt.infer_async(bad)
+        with pytest.raises(DeadlineExceededError):
+            await rt.infer_async(x, deadline_ms=1e-6)
+        # under load nothing runs inline: concurrent requests queue and share worker calls
+        before = len(threads)
+        res = await asyncio.gather(*(rt.infer_async(x) for _ in range(12)))
+        assert all(t != loop_thread for t in threads[before + 1 :]) and max(r.batch_images for r in res) > 2
+
+    with rt:
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("case", ["off", "slow", "no idle dispatch"])
+def test_inline_dispatch_is_skipped_when_off_or_slow(digits_bundle, case):
+    on = {"inline_max_us": 1000}
+    kw = {"off": {}, "slow": on, "no idle dispatch": {**on, "idle_dispatch": False}}[case]
+    rt, threads = _thread_recording_runtime(digits_bundle, seconds=0.005 if case == "slow" else 0.0, **kw)
+    x = np.full((1, 1, 8, 8), 0.5, np.float32)
+
+    async def main():
+        for _ in range(4):
+            await rt.infer_async(x)
+        assert threading.get_ident() not in threads  # 5 ms engine calls, or inline off: always the worker
+
+    with rt:
+        asyncio.run(main())
+
+
+def test_inline_max_us_is_validated():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidInputError, match="inline_max_us"):
+            BatchingConfig(inline_max_us=bad)
