@@ -56,16 +56,15 @@ class BatchingConfig:
     ``inline_max_us``: such a lone request from an event loop (``Runtime.infer_async``) runs on the
     loop's own thread, without the hand-off to a worker thread and back, when the engine's recent time
     for that many images is at most this (the loop serves nothing else meanwhile, so only short calls
-    qualify); 0 (the default) never does. It cuts a lone client's latency but, measured on 2 CPU cores,
-    cost throughput under concurrent load (benchmarks/RESULTS.md), hence opt-in. The Triton export
-    ignores it."""
+    qualify; a server also checks that no other request is being read, parsed or run); 0 never does.
+    The Triton export ignores it."""
 
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
     max_queue: int = 1024
     instances: int = 1
     idle_dispatch: bool = True
-    inline_max_us: int = 0
+    inline_max_us: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "instances"):

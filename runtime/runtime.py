@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,11 +253,19 @@ class Runtime:
         return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
 
     async def infer_async(
-        self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
+        self,
+        images: Any,
+        forget: Composition | None = None,
+        *,
+        coeffs: Any = None,
+        deadline_ms: float | None = None,
+        alone: Callable[[], bool] | None = None,
     ) -> InferResult:
         """``submit`` for asyncio code: the batcher resolves an asyncio future of the running loop directly
         (one wake-up of the loop per batch, not per request). A lone request whose engine call is short
-        (``BatchingConfig.inline_max_us``) runs right here on the loop's thread instead."""
+        (``BatchingConfig.inline_max_us``) runs right here on the loop's thread instead; ``alone``, if given,
+        tells whether the caller knows of no other request under way (a server counts those still being
+        read, which this runtime cannot see)."""
         if not self._batcher.inline_max_s:
             loop = asyncio.get_running_loop()
             return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, loop))
@@ -268,7 +276,8 @@ class Runtime:
                 # one turn of the loop first: callers that are ready to run (other requests already read)
                 # arrive here meanwhile and count as in flight, and then this one is not alone
                 await asyncio.sleep(0)
-                if self._async_inflight == 1 and (res := self._batcher.run_inline(job)) is not None:
+                lone = self._async_inflight == 1 and (alone is None or alone())
+                if lone and (res := self._batcher.run_inline(job)) is not None:
                     return res
             loop = asyncio.get_running_loop()
             job.future, job.loop = loop.create_future(), loop

@@ -451,6 +451,10 @@ class ModelService:
         return None
 
     # ------------------------------------------------------------------ inference
+    def _alone(self) -> bool:
+        """No other request is being read, parsed or run (inline dispatch's load signal)."""
+        return self.inflight == 1
+
     def admit(self) -> None:
         """Raise unless a new request may start (call before reading its body)."""
         if self.admission is not None and (why := self.admission()) is not None:
@@ -499,6 +503,7 @@ class ModelService:
                 call.params.forget,
                 coeffs=call.coeffs,
                 deadline_ms=None if timeout is None else timeout / 1e3,
+                alone=self._alone,
             )
         except ForgetRTError as e:
             if isinstance(e, EngineError):

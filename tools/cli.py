@@ -848,8 +848,8 @@ def _batching_options(f: Callable) -> Callable:
         default=BatchingConfig.inline_max_us,
         show_default=True,
         help="With idle dispatch, a lone request whose engine call recently took at most this long runs on the "
-        "server's event loop itself (no hand-off to the batcher's thread): lower latency for a lone client, less "
-        "throughput under concurrent load; 0: never. Not in the Triton export.",
+        "server's event loop itself (no hand-off to the batcher's thread), when no other request is being read, "
+        "parsed or run; 0: never. Not in the Triton export.",
     )(f)
     f = click.option(
         "--instances",

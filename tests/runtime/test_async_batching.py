@@ -263,8 +263,7 @@ def test_inline_dispatch_runs_short_lone_requests_on_the_loop_thread(digits_bund
 
 @pytest.mark.parametrize("case", ["off", "slow", "no idle dispatch"])
 def test_inline_dispatch_is_skipped_when_off_or_slow(digits_bundle, case):
-    on = {"inline_max_us": 1000}
-    kw = {"off": {}, "slow": on, "no idle dispatch": {**on, "idle_dispatch": False}}[case]
+    kw = {"off": {"inline_max_us": 0}, "slow": {}, "no idle dispatch": {"idle_dispatch": False}}[case]
     rt, threads = _thread_recording_runtime(digits_bundle, seconds=0.005 if case == "slow" else 0.0, **kw)
     x = np.full((1, 1, 8, 8), 0.5, np.float32)
 
