@@ -112,8 +112,12 @@ def _split_external(arch: str) -> tuple[str, str]:
     return lib, name
 
 
-def _external_body(arch: str, num_classes: int) -> nn.Module:
-    """Build a torchvision/timm classifier by registry name, randomly initialized (never downloads)."""
+def _external_body(arch: str, num_classes: int, input_hw: tuple[int, int] | None = None) -> nn.Module:
+    """Build a torchvision/timm classifier by registry name, randomly initialized (never downloads).
+    torchvision: its classification models only (detection, segmentation, video and optical-flow models
+    are other tasks, and some would fetch backbone weights); GoogLeNet and Inception v3 without their
+    auxiliary heads (which change what the model returns while training). timm: models that take an
+    image size are built for ``input_hw``."""
     lib, name = _split_external(arch)
     if lib == "torchvision":
         try:
@@ -126,10 +130,16 @@ def _external_body(arch: str, num_classes: int) -> nn.Module:
                 "torchvision release built for this torch (e.g. torch 2.14.1 with torchvision 0.29.1)"
             ) from e
 
-        names = list(torchvision.models.list_models())
+        names = list(torchvision.models.list_models(module=torchvision.models))  # classification models
         if name not in names:
-            raise unknown("torchvision model", name, difflib.get_close_matches(name, names, 8) or names[:20])
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            other = name in torchvision.models.list_models()
+            raise unknown(
+                "torchvision classification model" if other else "torchvision model",
+                name,
+                difflib.get_close_matches(name, names, 8) or names[:20],
+            )
+        extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     try:
         import timm
     except (RuntimeError, OSError, ImportError) as e:
@@ -143,6 +153,11 @@ def _external_body(arch: str, num_classes: int) -> nn.Module:
     names = list(timm.list_models())
     if name not in names:
         raise unknown("timm model", name, difflib.get_close_matches(name, names, 8) or names[:20])
+    if input_hw is not None:
+        try:  # vision transformers and others built for one input size
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=input_hw)
+        except TypeError:  # a model without that argument takes any size
+            pass
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
@@ -166,20 +181,35 @@ class ExportedProgramModule(nn.Module):
 def program_model(program: bytes | str, iospec: IOSpec) -> nn.Sequential:
     """``Normalize -> program`` from a ``torch.export`` program (file path or bytes of a ``.pt2``)."""
     import io as _io
+    import logging
+    import warnings
 
+    quiet = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export")]
+    levels = [lg.level for lg in quiet]
     try:
-        ep = torch.export.load(_io.BytesIO(program) if isinstance(program, bytes) else program)
+        for lg in quiet:  # torch logs its own traceback for a file it cannot read: the error below says it
+            lg.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.load(_io.BytesIO(program) if isinstance(program, bytes) else program)
     except Exception as e:  # torch raises many kinds for a file that is not a program
-        raise InvalidInputError(f"not a torch.export program (.pt2): {type(e).__name__}: {str(e)[:300]}") from e
+        why = str(e).replace("Please check the warnings above for possible errors.", "").strip()[:300]
+        raise InvalidInputError(f"not a torch.export program (.pt2): {type(e).__name__}: {why}") from e
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
     return nn.Sequential(Normalize(iospec.mean, iospec.std), ExportedProgramModule(ep.module()))
 
 
-def create_body(arch: str, num_classes: int) -> nn.Module:
+def create_body(arch: str, num_classes: int, input_hw: tuple[int, int] | None = None) -> nn.Module:
     """The classifier behind :class:`Normalize` (what a torchvision/timm weights file holds)."""
     if arch == TORCH_EXPORT:
         raise InvalidInputError("a torch.export classifier is built from its program file, not by name")
     if is_external(arch):
-        return _external_body(arch, num_classes)
+        try:
+            return _external_body(arch, num_classes, input_hw)
+        except TypeError as e:  # a builder that takes no num_classes: not an image classifier
+            raise InvalidInputError(f"{arch} is not an image classifier this runtime can build: {e}") from e
     model_input_shape(arch)
     return _ARCHS[arch].build(num_classes)
 
@@ -189,7 +219,7 @@ def create_model(arch: str, iospec: IOSpec) -> nn.Sequential:
     shape = model_input_shape(arch)
     if shape is not None and tuple(iospec.shape) != shape:
         raise InvalidInputError(f"arch {arch!r} takes input {shape}, the data has {tuple(iospec.shape)}")
-    body = create_body(arch, iospec.num_classes)
+    body = create_body(arch, iospec.num_classes, tuple(iospec.shape[1:]))  # type: ignore[arg-type]
     return nn.Sequential(Normalize(iospec.mean, iospec.std), body)
 
 

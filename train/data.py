@@ -189,7 +189,7 @@ def _source_hash(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         st = p.stat()
-        h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

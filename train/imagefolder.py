@@ -25,11 +25,14 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -57,8 +60,8 @@ def parse_memory(text: str | int) -> int:
         v = float(t[: len(t) - len(unit)])
     except ValueError:
         raise InvalidInputError(f"memory size {text!r}: want bytes or a number with k, M, G or T") from None
-    if not v > 0:
-        raise InvalidInputError(f"memory size must be > 0, got {text!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidInputError(f"memory size must be finite and > 0, got {text!r}")
     return int(v * _UNITS[unit])
 
 
@@ -78,6 +81,18 @@ def _size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- listing
 
 
+#: an image file larger than this is refused before it is read (no image needs it; a zip bomb would)
+MAX_MEMBER_BYTES = 256 << 20
+#: an image with more pixels than this is refused before it is decoded (10,000 x 10,000)
+MAX_PIXELS = 100_000_000
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError, zlib.error)
+
+
+def _show(rel: str) -> str:
+    """A path for a message (a name that is not UTF-8 is shown with replacement characters)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class _Source:
     """Lists and reads the images of a folder or an archive by relative path."""
 
@@ -90,87 +105,148 @@ class _Source:
         if self.kind is None:
             raise DataError(f"ImageFolder source {path} is neither a folder nor a {'/'.join(_ARCHIVES)} archive")
 
+    def _walk(self) -> Iterator[Path]:
+        """Every file below the folder, following symbolic links (each real folder once: no cycles)."""
+        seen: set[str] = set()
+        for root, dirs, names in os.walk(self.path, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
+            for n in sorted(names):
+                p = Path(root) / n
+                if p.is_file():
+                    yield p
+
     def files(self) -> list[str]:
-        """Relative paths of every regular file (images and splits.csv)."""
+        """Relative paths of every regular file (images and splits.csv); links and duplicates refused."""
         try:
             if self.kind == "dir":
-                return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+                return sorted(p.relative_to(self.path).as_posix() for p in self._walk())
             if self.kind == ".zip":
                 with zipfile.ZipFile(self.path) as z:
-                    return sorted(i.filename for i in z.infolist() if not i.is_dir())
-            with tarfile.open(self.path, "r:*") as tf:
-                return sorted(m.name for m in tf if m.isfile())
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+                    names = [i.filename for i in z.infolist() if not i.is_dir()]
+            else:
+                names = []
+                with tarfile.open(self.path, "r:*") as tf:
+                    for m in tf:
+                        if (m.islnk() or m.issym()) and m.name.lower().endswith(IMAGE_EXTENSIONS):
+                            raise DataError(
+                                f"{self.path}: {_show(m.name)} is a link inside the archive; links are not "
+                                "supported there (archive the files themselves)"
+                            )
+                        if m.isfile():
+                            names.append(m.name)
+        except _READ_ERRORS as e:
             raise DataError(f"cannot read archive {self.path}: {e}") from e
+        dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+        if dup:
+            raise DataError(f"{self.path} holds {len(dup)} names more than once, e.g. {_show(dup[0])}")
+        return sorted(names)
+
+    def _zip_member(self, z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+        if info.flag_bits & 0x1:
+            raise DataError(f"{_show(info.filename)} in {self.path} is encrypted")
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise DataError(
+                f"{_show(info.filename)} in {self.path} inflates to {info.file_size} bytes, over the "
+                f"{MAX_MEMBER_BYTES >> 20} MiB an image may have"
+            )
+        return z.read(info)
+
+    def _file(self, p: Path, rel: str) -> bytes:
+        if p.stat().st_size > MAX_MEMBER_BYTES:
+            raise DataError(f"{_show(rel)} is over the {MAX_MEMBER_BYTES >> 20} MiB an image may have")
+        return p.read_bytes()
 
     def read(self, rel: str) -> bytes:
         try:
             if self.kind == "dir":
-                return (self.path / rel).read_bytes()
+                return self._file(self.path / rel, rel)
             if self.kind == ".zip":
                 with zipfile.ZipFile(self.path) as z:
-                    return z.read(rel)
+                    return self._zip_member(z, z.getinfo(rel))
             with tarfile.open(self.path, "r:*") as tf:
-                f = tf.extractfile(rel)
+                m = tf.getmember(rel)
+                f = tf.extractfile(m) if m.size <= MAX_MEMBER_BYTES else None
                 if f is None:
-                    raise DataError(f"{rel} in {self.path} is not a regular file")
+                    raise DataError(f"{_show(rel)} in {self.path} is not a regular file of a plausible size")
                 return f.read()
-        except (tarfile.TarError, zipfile.BadZipFile, KeyError, EOFError, OSError) as e:
-            raise DataError(f"cannot read {rel} from {self.path}: {e}") from e
+        except (*_READ_ERRORS, KeyError) as e:
+            raise DataError(f"cannot read {_show(rel)} from {self.path}: {e}") from e
 
     def stream(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
         """(relative path, bytes) of the wanted files, in the source's own order (one pass over an archive)."""
         try:
             if self.kind == "dir":
                 for rel in sorted(wanted):
-                    yield rel, (self.path / rel).read_bytes()
+                    yield rel, self._file(self.path / rel, rel)
             elif self.kind == ".zip":
                 with zipfile.ZipFile(self.path) as z:
                     for i in z.infolist():
                         if i.filename in wanted:
-                            yield i.filename, z.read(i)
+                            yield i.filename, self._zip_member(z, i)
             else:
                 with tarfile.open(self.path, "r|*") as tf:  # streaming mode: no seeking in a .tar.gz
                     for m in tf:
                         if m.isfile() and m.name in wanted:
+                            if m.size > MAX_MEMBER_BYTES:
+                                raise DataError(
+                                    f"{_show(m.name)} in {self.path} is over the {MAX_MEMBER_BYTES >> 20} MiB "
+                                    "an image may have"
+                                )
                             f = tf.extractfile(m)
                             if f is not None:
                                 yield m.name, f.read()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        except _READ_ERRORS as e:
             raise DataError(f"cannot read {self.path}: {e}") from e
 
 
-def _split_of(rel: str, files: set[str], split_file: dict[str, str] | None) -> tuple[str, str] | None:
-    """(split, class) of an image, or None when it is not part of the data set."""
+def _split_of(rel: str, split_file: dict[str, str] | None, root: str = "") -> tuple[str, str] | None:
+    """(split, class) of an image, or None when it is not part of the data set. The class is the first
+    folder under the split (images in sub-folders of a class belong to it, as in torchvision)."""
     if not rel.lower().endswith(IMAGE_EXTENSIONS):
         return None
-    parts = rel.split("/")
     if split_file is not None:
         split = split_file.get(rel)
+        parts = rel[len(root) :].split("/")
         if split is None or len(parts) < 2:
             return None
-        return split, parts[-2]
-    # train/<class>/<file> anywhere below the root (an archive often wraps the tree in one folder)
-    if len(parts) >= 3 and parts[-3] in ("train", "test", "val"):
-        return parts[-3], parts[-2]
+        return split, parts[0]
+    parts = rel.split("/")
+    # train/<class>/.../<file> anywhere below the root (an archive often wraps the tree in one folder)
+    for i, part in enumerate(parts[:-2]):
+        if part in ("train", "test", "val"):
+            return part, parts[i + 1]
     return None
 
 
-def _read_split_file(src: _Source, files: list[str]) -> dict[str, str] | None:
+def _read_split_file(src: _Source, files: list[str]) -> tuple[dict[str, str], str] | None:
     cands = [f for f in files if f.rsplit("/", 1)[-1] == "splits.csv"]
     if not cands:
         return None
     rel = min(cands, key=len)
     root = rel[: -len("splits.csv")]
     out: dict[str, str] = {}
-    text = src.read(rel).decode("utf-8", "replace")
+    text = src.read(rel).decode("utf-8-sig", "replace")
+    present = set(files)
+    missing: list[str] = []
     for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
         if not row or row[0].startswith("#"):
             continue
         if len(row) != 2 or row[1].strip() not in ("train", "test", "val"):
             raise DataError(f"{src.path}/{rel} line {n}: want 'relative/path,train|test|val', got {row!r}")
-        out[root + row[0].strip()] = row[1].strip()
-    return out
+        path, split = root + row[0].strip(), row[1].strip()
+        if out.get(path, split) != split:
+            raise DataError(f"{src.path}/{rel} line {n}: {row[0].strip()} is listed as {out[path]} and as {split}")
+        if path not in present:
+            missing.append(row[0].strip())
+        out[path] = split
+    if missing:
+        raise DataError(f"{src.path}/{rel} lists {len(missing)} file(s) that are not there, e.g. {missing[:3]}")
+    return out, root
 
 
 # --------------------------------------------------------------------------- decoding
@@ -180,19 +256,26 @@ def _decode_chunk(blobs: list[tuple[str, bytes]], hw: tuple[int, int] | None) ->
     """Decode, RGB-convert, resize (shorter side) and center-crop a chunk; a bad file is named."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs beyond ~14k x 14k
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL itself refuses twice this at open; we refuse MAX_PIXELS below
     arrs = []
     for rel, b in blobs:
         try:
-            with Image.open(io.BytesIO(b)) as im:
-                if hw is not None:
-                    im.draft("RGB", (hw[1], hw[0]))  # JPEG: decode at a reduced scale where it can
-                    rgb = ImageOps.fit(im.convert("RGB"), (hw[1], hw[0]), Image.Resampling.BILINEAR)
-                else:
-                    rgb = im.convert("RGB")
-                a = np.asarray(rgb, np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot decode image {rel}: {e}") from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(b)) as im:
+                    if im.width * im.height > MAX_PIXELS:
+                        raise DataError(
+                            f"image {_show(rel)} is {im.width}x{im.height}, over {MAX_PIXELS:,} pixels: refused "
+                            "before decoding"
+                        )
+                    if hw is not None:
+                        im.draft("RGB", (hw[1], hw[0]))  # JPEG: decode at a reduced scale where it can
+                    rgb = _to_rgb(im)
+                    if hw is not None:
+                        rgb = ImageOps.fit(rgb, (hw[1], hw[0]), Image.Resampling.BILINEAR)
+                    a = np.asarray(rgb, np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            raise DataError(f"cannot decode image {_show(rel)}: {e}") from e
         arrs.append(a)
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
@@ -201,6 +284,22 @@ def _decode_chunk(blobs: list[tuple[str, bytes]], hw: tuple[int, int] | None) ->
             "(or use a model, whose IOSpec fixes the size)"
         )
     return np.stack(arrs).transpose(0, 3, 1, 2).copy()
+
+
+def _to_rgb(im):
+    """8-bit RGB of any PIL image: 16-bit and 32-bit integer greyscale is scaled (PIL's own conversion
+    clips it at 255), float greyscale read as [0, 1] (or [0, 255] when it exceeds 1)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0 if a.max() <= 65535 else a * (255.0 / max(a.max(), 1.0))
+        a = np.clip(np.nan_to_num(a), 0, 255)
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def _decode_into(
@@ -253,11 +352,15 @@ def _decode_into(
 
 
 def _source_key(src: _Source, hw: tuple[int, int] | None) -> str:
+    """The cache key: for a folder every file's path, size, modification and change times and inode (a
+    rewrite that keeps size and mtime still changes ctime), for an archive its sha256; and the size."""
     h = hashlib.sha256()
     if src.kind == "dir":
-        for p in sorted(q for q in src.path.rglob("*") if q.is_file()):
+        for p in src._walk():
             st = p.stat()
-            h.update(f"{p.relative_to(src.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            rel = p.relative_to(src.path).as_posix()
+            line = f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n"
+            h.update(line.encode("utf-8", "surrogateescape"))
     else:
         from forgetrt.runtime.files import sha256_file
 
@@ -284,11 +387,11 @@ def load_imagefolder(
     hw = _size(image_size)
     cap = memory_cap() if cap is None else int(cap)
     files = src.files()
-    split_file = _read_split_file(src, files)
-    fileset = set(files)
+    listed = _read_split_file(src, files)
+    split_file, root = listed if listed is not None else (None, "")
     entries: dict[str, list[tuple[str, str]]] = {"train": [], "test": [], "val": []}
     for rel in files:
-        sc = _split_of(rel, fileset, split_file)
+        sc = _split_of(rel, split_file, root)
         if sc is not None:
             entries[sc[0]].append((rel, sc[1]))
     if not entries["test"]:
@@ -327,21 +430,27 @@ def load_imagefolder(
             "the disk cache is off: enable the cache (it memory-maps large sets) or raise FORGETRT_DATA_MEMORY_CAP"
         )
     arrays: dict[str, Any] = {"classes": np.array(classes)}
+    index = {c: i for i, c in enumerate(classes)}
     tmp = None
     if folder is not None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        except OSError as e:
+            raise DataError(
+                f"cannot use the data cache at {folder.parent} ({e}): set FORGETRT_CACHE_DIR to a writable folder"
+            ) from e
     try:
         for split in ("train", "test"):
             shape = (n[split], 3, *hw_eff)
             x = (
                 np.lib.format.open_memmap(tmp / f"x_{split}.npy", "w+", np.uint8, shape)
                 if tmp is not None
-                else np.empty(shape, np.uint8)
+                else np.zeros(shape, np.uint8)
             )
             order = {rel: i for i, (rel, _) in enumerate(entries[split])}
             _decode_into(src, order, x, hw, workers)
-            y = np.array([classes.index(c) for _, c in entries[split]], np.int64)
+            y = np.array([index[c] for _, c in entries[split]], np.int64)
             if tmp is not None:
                 x.flush()
                 del x
@@ -357,6 +466,8 @@ def load_imagefolder(
             shutil.rmtree(tmp, ignore_errors=True)
         tmp = None
         return _open(folder, nbytes <= cap)
+    except OSError as e:  # the cache's disk (full, read-only): the source itself was readable
+        raise DataError(f"cannot write the decoded images to the data cache {folder}: {e}") from e
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -54,6 +54,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _row_indices(rows: np.ndarray) -> np.ndarray:
+    """Integer row indices from indices or a boolean mask (a mask selects its True rows, as numpy does)."""
+    rows = np.asarray(rows)
+    return np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64, copy=False)
+
+
 class DeviceData:
     """uint8 images kept once on the device; batches come out as float [0, 1] tensors.
 
@@ -67,10 +73,11 @@ class DeviceData:
         self.streamed = isinstance(x, np.memmap)
         if self.streamed:
             self.x = x
-            self.rows = np.arange(len(x)) if rows is None else np.asarray(rows, np.int64)
+            self.rows = np.arange(len(x)) if rows is None else _row_indices(rows)
         else:
+            rows = None if rows is None else _row_indices(rows)
             self.x = torch.from_numpy(np.ascontiguousarray(x if rows is None else x[rows])).to(device)
-        y = y if rows is None else y[rows]
+        y = y if rows is None else y[_row_indices(rows)]
         self.y = torch.from_numpy(np.ascontiguousarray(y)).long().to(device)
         self.scale = float(scale)
         self.device = device
@@ -259,6 +266,31 @@ def load_body_weights(model: nn.Module, state: dict[str, torch.Tensor], *, stric
     return skipped + [k for k in missing if k not in skipped]
 
 
+def _check_outputs(model: nn.Module, spec: IOSpec, arch: str) -> None:
+    """A classifier returns one logits tensor [N, classes] for a batch, in training and in eval mode
+    (checked on a copy, with the random generator restored: no side effect on the training that follows)."""
+    import copy
+
+    with torch.random.fork_rng(devices=[]):
+        x = torch.rand(2, *spec.shape)
+    model = copy.deepcopy(model)
+    for mode in (True, False):
+        model.train(mode)
+        try:
+            with torch.no_grad():
+                y = model(x)
+        except Exception as e:  # noqa: BLE001 - any failure here means this arch cannot take this input
+            raise InvalidInputError(
+                f"{arch} does not run on images of {spec.shape[1]}x{spec.shape[2]}: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (2, spec.num_classes):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise InvalidInputError(
+                f"{arch} returns {got} in {'training' if mode else 'eval'} mode, not logits of shape "
+                f"(N, {spec.num_classes}): not a plain classifier"
+            )
+
+
 def train_classifier(
     arch: str,
     ds: Dataset,
@@ -275,6 +307,7 @@ def train_classifier(
     spec = iospec_for(ds, train_idx)  # the held-out split (and for Retrain the forget set) stays out of it
     model = create_model(arch, spec)
     reinit = load_body_weights(model, init_state, strict=False) if init_state is not None else None
+    _check_outputs(model, spec, arch)
     model = model.to(device)
     data = DeviceData(ds.x_train, ds.y_train, ds.scale, device, rows=train_idx)
     stats: dict[str, Any] = dict(fit(model, data, cfg, desc=f"train {arch}"))

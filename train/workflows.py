@@ -68,6 +68,12 @@ def _check_data(info: ModelManifest, ds: Dataset) -> None:
             f"model {info.path} takes {info.iospec.shape} with {info.iospec.num_classes} classes, "
             f"data {ds.name} has {ds.shape} with {ds.num_classes} classes"
         )
+    if tuple(info.iospec.labels) != tuple(ds.classes):  # same count, other names or order: labels would lie
+        diff = next(i for i, (a, b) in enumerate(zip(info.iospec.labels, ds.classes)) if a != b)
+        raise InvalidInputError(
+            f"model {info.path}'s class {diff} is {info.iospec.labels[diff]!r}, the data's is {ds.classes[diff]!r}: "
+            f"the model's labels {list(info.iospec.labels)[:10]} must name the data's classes in order"
+        )
 
 
 def _accuracies(model: torch.nn.Module, ds: Dataset, held_out: np.ndarray | None = None) -> dict[str, float]:
@@ -248,7 +254,9 @@ def import_model(
             y = model(torch.zeros(3, *spec.shape))[:1]  # a batch of 3: the batch dimension must be dynamic
     except Exception as e:  # an exported program raises its own guard errors for other shapes
         if program is None:
-            raise
+            raise InvalidInputError(
+                f"{arch} does not run on images of {spec.shape[1]}x{spec.shape[2]}: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
         raise InvalidInputError(
             f"the program does not run on a batch of 3 images of {spec.shape}: export it with a dynamic batch "
             "dimension (dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) at this input size "

@@ -1,5 +1,6 @@
 """imagefolder:PATH: layouts, resizing, the disk cache, the memory cap, workers and typed errors."""
 
+import os
 import tarfile
 import zipfile
 
@@ -204,3 +205,178 @@ def test_memory_mapped_set_trains_and_evaluates_like_an_in_memory_one(tmp_path, 
         rl = wf.evaluate_result(tmp_path / f"rl-{mode}", ds, forget=spec, device="cpu")
         results[mode] = (rec["metrics"], {k: ev[k] for k in ("UA", "RA", "TA", "TA_original")}, rl["RA"])
     assert results["memory"] == results["mapped"]
+
+
+# --------------------------------------------------------------------------- hostile and odd sources
+
+
+def _zip_of(folder, dst):
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(folder).as_posix())
+    return dst
+
+
+def test_archive_oddities_are_typed_errors(tmp_path, folder, monkeypatch):
+    import forgetrt.train.imagefolder as imf
+
+    enc = tmp_path / "enc.zip"
+    data = bytearray(_zip_of(folder, tmp_path / "plain.zip").read_bytes())
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # mark every entry encrypted (bit 0 of its flags)
+        i = data.find(sig)
+        while i >= 0:
+            data[i + at] |= 0x1
+            i = data.find(sig, i + 4)
+    enc.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="is encrypted"):
+        load_data(f"imagefolder:{enc}", image_size=16)
+    good = _zip_of(folder, tmp_path / "good.zip")
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:  # scribble over the first member's compressed data
+        off = z.infolist()[0].header_offset + 30 + len(z.infolist()[0].filename)
+    raw[off : off + 40] = b"\xff" * 40
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(DataError):
+        load_data(f"imagefolder:{bad}", image_size=16)
+    dup = tmp_path / "dup.zip"
+    with zipfile.ZipFile(dup, "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        for p in sorted(folder.rglob("*.*")):
+            z.write(p, p.relative_to(folder).as_posix())
+        z.write(next(folder.rglob("*.png")), "train/circle/001.png")
+    with pytest.raises(DataError, match="names more than once"):
+        load_data(f"imagefolder:{dup}", image_size=16)
+    linked = tmp_path / "linked.tar"
+    with tarfile.open(linked, "w") as tf:
+        tf.add(folder, arcname=".")
+        info = tarfile.TarInfo("train/circle/zz-link.png")
+        info.type, info.linkname = tarfile.LNKTYPE, "./train/circle/001.png"
+        tf.addfile(info)
+    with pytest.raises(DataError, match="is a link inside the archive"):
+        load_data(f"imagefolder:{linked}", image_size=16)
+    monkeypatch.setattr(imf, "MAX_MEMBER_BYTES", 100)  # every image is "too big" now
+    for src in (good, folder):
+        with pytest.raises(DataError, match="MiB an image may have|inflates to"):
+            load_imagefolder(src, image_size=16, cache=False)
+
+
+def test_big_images_are_refused_before_decoding(tmp_path, monkeypatch, folder):
+    import forgetrt.train.imagefolder as imf
+
+    monkeypatch.setattr(imf, "MAX_PIXELS", 4000)  # the generated images are 64x64 and up (PIL refuses at 2x)
+    with pytest.raises(DataError, match="over 4,000 pixels: refused before decoding"):
+        load_imagefolder(folder, image_size=16, cache=False, workers=1)
+
+
+def test_layouts_torchvision_users_expect(tmp_path):
+    base = make_imagefolder(tmp_path / "base", n_train=3, n_test=2, size=(20, 20), vary=False)
+    # images in sub-folders of a class belong to it; a class folder may be a symbolic link
+    nested = base / "train" / "circle" / "2019"
+    nested.mkdir()
+    (nested / "deep.png").write_bytes((base / "train" / "circle" / "001.png").read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    (base / "train" / "square").rename(tmp_path / "elsewhere" / "square")
+    (base / "train" / "square").symlink_to(tmp_path / "elsewhere" / "square", target_is_directory=True)
+    ds = load_data(f"imagefolder:{base}", cache=False)
+    assert ds.classes == CLASSES and np.bincount(ds.y_train).tolist() == [4, 3, 3]
+    # a non-UTF-8 file name loads (and hashes for the cache)
+    odd = base / "train" / "stripes" / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes((base / "train" / "stripes" / "001.png").read_bytes())
+    assert np.bincount(load_data(f"imagefolder:{base}").y_train).tolist() == [4, 3, 4]
+
+
+def test_split_file_edges(tmp_path):
+    flat = tmp_path / "flat"
+    src = make_imagefolder(tmp_path / "src", n_train=2, n_test=1, size=(16, 16), vary=False)
+    lines = []
+    for split in ("train", "test"):
+        for p in sorted((src / split).rglob("*.*")):
+            dst = flat / p.parent.name / "sub" / f"{split}-{p.name}"  # nested: the class is the first folder
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(p.read_bytes())
+            lines.append(f"{dst.relative_to(flat).as_posix()},{split}")
+    (flat / "splits.csv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a BOM
+    ds = load_data(f"imagefolder:{flat}")
+    assert ds.classes == CLASSES and len(ds.y_train) == 6 and len(ds.y_test) == 3  # the first row kept
+    (flat / "splits.csv").write_text("\n".join([*lines, lines[0].replace(",train", ",test")]) + "\n")
+    with pytest.raises(DataError, match="is listed as train and as test"):
+        load_data(f"imagefolder:{flat}")
+    (flat / "splits.csv").write_text("\n".join([*lines, "circle/nope.png,train"]) + "\n")
+    with pytest.raises(DataError, match=r"lists 1 file\(s\) that are not there.*nope.png"):
+        load_data(f"imagefolder:{flat}")
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    root = make_imagefolder(tmp_path / "g", n_train=1, n_test=1, size=(8, 8), vary=False)
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024).astype(np.uint16)  # 0 .. 64512
+    for p in (root / "train" / "circle").iterdir():
+        p.unlink()
+    Image.fromarray(ramp).save(root / "train" / "circle" / "000.png")
+    ds = load_data(f"imagefolder:{root}", cache=False)
+    i = int(np.flatnonzero(ds.y_train == 0)[0])
+    got = ds.x_train[i, 0].astype(int)
+    np.testing.assert_allclose(got, np.round(ramp / 257.0), atol=1)
+    assert got.max() == 251 and got.min() == 0
+
+
+def test_cache_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    root = make_imagefolder(tmp_path / "c", n_train=1, n_test=1, size=(8, 8), vary=False)
+    p = root / "train" / "circle" / "000.jpg"
+    p.unlink()
+    p = p.with_suffix(".bmp")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(p)
+    a = load_data(f"imagefolder:{root}")
+    st = p.stat()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(p)  # same size in bytes
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    b = load_data(f"imagefolder:{root}")
+    i = int(np.flatnonzero(a.y_train == 0)[0])
+    assert a.x_train[i, :, 0, 0].tolist() == [255, 0, 0] and b.x_train[i, :, 0, 0].tolist() == [0, 255, 0]
+
+
+def test_environment_problems_are_typed(tmp_path, folder, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FORGETRT_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(DataError, match="cannot use the data cache.*FORGETRT_CACHE_DIR"):
+        load_data(f"imagefolder:{folder}", image_size=16)
+    for bad in ("inf", "1e400", "nan"):
+        with pytest.raises(InvalidInputError, match="finite"):
+            parse_memory(bad)
+
+
+def test_boolean_rows_select_like_numpy(folder, monkeypatch):
+    import torch
+
+    from forgetrt.train.loops import DeviceData
+
+    monkeypatch.setenv("FORGETRT_DATA_MEMORY_CAP", "1k")
+    ds = load_data(f"imagefolder:{folder}", image_size=8)
+    mask = np.zeros(len(ds.y_train), bool)
+    mask[[1, 4, 7]] = True
+    for x in (ds.x_train, np.asarray(ds.x_train)):
+        d = DeviceData(x, ds.y_train, ds.scale, torch.device("cpu"), rows=mask)
+        assert len(d) == 3 and torch.equal(
+            d.images(slice(0, 3)),
+            DeviceData(np.asarray(ds.x_train)[[1, 4, 7]], ds.y_train[[1, 4, 7]], ds.scale, torch.device("cpu")).images(
+                slice(0, 3)
+            ),
+        )
+
+
+def test_model_labels_must_name_the_data_classes(tmp_path, folder):
+    import torch
+    from safetensors.torch import save_file
+
+    from forgetrt.runtime.architectures import create_body
+    from forgetrt.train import workflows as wf
+    from forgetrt.train.data import ForgetSpec
+
+    torch.manual_seed(0)
+    w = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in create_body("cifar-small", 3).state_dict().items()}, str(w))
+    m = tmp_path / "m"
+    wf.import_model("cifar-small", w, m, labels=["square", "circle", "stripes"], image_size=32)
+    with pytest.raises(InvalidInputError, match="class 0 is 'square', the data's is 'circle'"):
+        wf.train_vector(m, f"imagefolder:{folder}", tmp_path / "b", {"v": ForgetSpec(classes=(0,))}, device="cpu")

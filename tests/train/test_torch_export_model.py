@@ -155,3 +155,13 @@ def test_programs_that_cannot_serve_are_refused(tmp_path):
     assert "--program replaces --arch" in out
     out = _run("import-model", "--image-size", 32, "--labels", "a,b,c", "--out", tmp_path / "f", ok=False)
     assert "give --arch and --weights, or --program" in out
+
+
+def test_a_file_that_is_not_a_program_gives_one_clean_line(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"PK\x03\x04 not really a zip")
+    r = CliRunner().invoke(
+        cli,
+        ["import-model", "--program", str(junk), "--image-size", "8", "--labels", "a,b", "--out", str(tmp_path / "m")],
+    )
+    assert r.exit_code == 2 and "not a torch.export program" in r.output and "Traceback" not in r.output

@@ -256,3 +256,52 @@ def test_fine_tune_from_weights_with_another_head(tmp_path, data):
     init = info.training["init_weights"]
     assert init["file"] == w.name and init["reinitialized"] == ["classifier.3.bias", "classifier.3.weight"]
     assert info.iospec.shape == (3, 48, 48)
+
+
+def test_only_plain_classifiers_and_sizes_they_take(tmp_path, data):
+    from forgetrt.runtime.architectures import create_model
+    from forgetrt.runtime.iospec import IOSpec
+
+    spec = IOSpec(shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, labels=CLASSES)
+    for name in ("raft_small", "lraspp_mobilenet_v3_large", "fasterrcnn_resnet50_fpn"):  # not classifiers
+        with pytest.raises(UnknownNameError, match="unknown torchvision classification model"):
+            create_model(f"torchvision:{name}", spec)
+    m = create_model("timm:vit_tiny_patch16_224", spec)  # built for the declared size
+    assert m(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+    g = tmp_path / "g"
+    _run(
+        "train-model",
+        "--arch",
+        "torchvision:googlenet",
+        "--data",
+        data,
+        "--image-size",
+        64,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--out",
+        g,
+        "--device",
+        "cpu",
+    )  # no auxiliary heads: plain logits while training
+    r = CliRunner().invoke(
+        cli,
+        [
+            "train-model",
+            "--arch",
+            "torchvision:squeezenet1_0",
+            "--data",
+            data,
+            "--image-size",
+            "8",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code != 0 and "does not run on images of 8x8" in r.output and "Traceback" not in r.output
