@@ -94,46 +94,31 @@ def main() -> None:
     ) as rt:
         for rec in run_bench(rt, cfg, progress=False):
             row("in-process", rec)
-    if a.http_compare:
-        for http, loop in (("h11", "asyncio"), ("httptools", "asyncio"), ("h11", "uvloop"), ("httptools", "uvloop")):
-            proc, port, _ = _serve(a.bundle, True, http, loop)
-            try:
-                target = RemoteTarget(f"http://127.0.0.1:{port}", "m", "rest", a.client_processes)
-                for rec in run_remote_bench(target, cfg):
-                    row(f"rest, {http}, {loop}", rec)
-            finally:
-                proc.terminate()
-                proc.wait(20)
-    if a.loop_compare:
-        for loop in ("asyncio", "uvloop"):
-            proc, port, gport = _serve(a.bundle, True, loop=loop)
-            try:
-                for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):
-                    for rec in run_remote_bench(RemoteTarget(url, "m", proto, a.client_processes), cfg):
-                        row(f"{proto}, {loop}", rec)
-            finally:
-                proc.terminate()
-                proc.wait(20)
-    if a.inline_compare:
-        for inline in ("0", "1000"):
-            proc, port, gport = _serve(a.bundle, True, extra=("--inline-max-us", inline))
-            try:
-                for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):
-                    for rec in run_remote_bench(RemoteTarget(url, "m", proto, a.client_processes), cfg):
-                        row(f"{proto}, inline {'off' if inline == '0' else 'on'}", rec)
-            finally:
-                proc.terminate()
-                proc.wait(20)
-    for idle in () if a.http_compare or a.loop_compare or a.inline_compare else (False, True):
-        proc, port, gport = _serve(a.bundle, idle)
+
+    def measure(label: str, idle: bool = True, http: str | None = None, loop: str = "auto", extra=()) -> None:
+        """One server (REST alone when ``http`` is given, else REST and gRPC), each protocol over the grid."""
+        proc, port, gport = _serve(a.bundle, idle, http, loop, extra)
+        urls = [("rest", f"http://127.0.0.1:{port}")] + ([] if http else [("grpc", f"127.0.0.1:{gport}")])
         try:
-            for proto, url in (("rest", f"http://127.0.0.1:{port}"), ("grpc", f"127.0.0.1:{gport}")):
-                target = RemoteTarget(url, "m", proto, a.client_processes)
-                for rec in run_remote_bench(target, cfg):
-                    row(f"{proto}, idle dispatch {'on' if idle else 'off'}", rec)
+            for proto, url in urls:
+                for rec in run_remote_bench(RemoteTarget(url, "m", proto, a.client_processes), cfg):
+                    row(f"{proto}, {label}", rec)
         finally:
             proc.terminate()
             proc.wait(20)
+
+    if a.http_compare:
+        for http, loop in (("h11", "asyncio"), ("httptools", "asyncio"), ("h11", "uvloop"), ("httptools", "uvloop")):
+            measure(f"{http}, {loop}", http=http, loop=loop)
+    elif a.loop_compare:
+        for loop in ("asyncio", "uvloop"):
+            measure(loop, loop=loop)
+    elif a.inline_compare:
+        for inline in ("0", "1000"):
+            measure(f"inline {'off' if inline == '0' else 'on'}", extra=("--inline-max-us", inline))
+    else:
+        for idle in (False, True):
+            measure(f"idle dispatch {'on' if idle else 'off'}", idle=idle)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
