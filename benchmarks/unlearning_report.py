@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds: a stage that would likely not finish in what is left is skipped (and listed as skipped)",
     )
     p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST seeded random subset (smoke runs)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize imagefolder data to this side (e.g. 224 for CIFAR-10)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/unlearning-report")
     a = p.parse_args(argv)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_start = time.perf_counter()
-    ds = load_data(a.data)
+    ds = load_data(a.data, image_size=a.image_size)
     if a.subset:
         ntr, nte = (int(x) for x in a.subset.split(","))
         ds = ds.subset(ntr, nte, seed=0)
@@ -306,15 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     bank_names = VectorBank.load(out / "bank").names if VectorBank.exists(out / "bank") else []
     basis_names = [f"forget-{c}" for c in classes if f"forget-{c}" in bank_names]  # this call's or an earlier one's
     arithmetic: dict[str, Any] = report.get("arithmetic", {})
-    arith_tasks = [
-        (f"classes {a.pair}", ForgetSpec(classes=tuple(int(c) for c in a.pair.split(",")))),
-        (f"classes {a.triple}", ForgetSpec(classes=tuple(int(c) for c in a.triple.split(",")))),
-    ]
-    if a.mixed:
-        arith_tasks.append((f"mixed {a.mixed}", _mixed_spec(ds, held_out, a.mixed, seed=1)))
-    if "arithmetic" not in stages:
-        arith_tasks = []
-    elif len(basis_names) < 2:
+    arith_tasks = []
+    if "arithmetic" in stages:  # (the default tasks name classes a small data set may not have)
+        arith_tasks = [
+            (f"classes {a.pair}", ForgetSpec(classes=tuple(int(c) for c in a.pair.split(",")))),
+            (f"classes {a.triple}", ForgetSpec(classes=tuple(int(c) for c in a.triple.split(",")))),
+        ]
+        if a.mixed:
+            arith_tasks.append((f"mixed {a.mixed}", _mixed_spec(ds, held_out, a.mixed, seed=1)))
+    if "arithmetic" in stages and len(basis_names) < 2:
         stage = f"arithmetic (basis of {len(basis_names)} class vector{'s' if len(basis_names) != 1 else ''}; needs 2)"
         log(f"  skipped {stage}")
         report["skipped"].append(stage)

@@ -193,3 +193,22 @@ def test_byo_224_cpu_smoke(tmp_path):
     assert ("bare classifier, torch eager", 0, 2) in modes and ("onnxruntime", 3, 1) in modes
     assert ("torch eager", 1, 2) in modes
     assert rep["bank_block"]["bytes"] == 20 * 3 * 32 * 32 * 4
+
+
+def test_unlearning_report_on_a_resized_imagefolder(tmp_path, monkeypatch):
+    """The report on any ImageFolder at another size (issue 15's demonstration runs CIFAR-10 at 224 this way)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from imagefolder_data import make_imagefolder
+
+    monkeypatch.setenv("FORGETRT_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_imagefolder(tmp_path / "if", n_train=10, n_test=4)
+    out = tmp_path / "rep"
+    _run_script(
+        "unlearning_report.py",
+        *("--data", f"imagefolder:{root}", "--image-size", 32, "--arch", "cifar-small", "--epochs", 2),
+        *("--vector-epochs", 1, "--preset", "paper", "--classes", "0,1", "--baseline-classes", "0"),
+        *("--stages", "class", "--out", out),
+    )
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["image_size"] == 32 and rep["class_wise"]["classes"] == [0, 1]
+    assert set(rep["class_wise"]["per_class"][0]) >= {"retrain", "rl", "forget vector"}
