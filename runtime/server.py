@@ -214,6 +214,8 @@ _JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
 
 def _json_depth_ok(text: str, limit: int) -> bool:
     """Whether the nesting of brackets outside strings stays within ``limit``, before the parser recurses."""
+    if text.count("[") + text.count("{") <= limit:  # fewer openings than the limit: no nesting can exceed it
+        return True
     depth = 0
     for m in _JSON_TOKENS.finditer(text):
         ch = m.group()
@@ -427,6 +429,7 @@ class _Counted:
 
     def __init__(self, app, metrics: ServerMetrics) -> None:
         self.app, self.metrics = app, metrics
+        self._children: dict[tuple[str, int], Any] = {}  # at most routes x statuses entries
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -447,7 +450,10 @@ class _Counted:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.responses.labels(route=path, status=str(status["code"])).inc()
+            key = (path, status["code"])
+            if (counter := self._children.get(key)) is None:  # labels() costs a lock and a tuple build per call
+                counter = self._children[key] = self.metrics.responses.labels(route=path, status=str(key[1]))
+            counter.inc()
 
 
 INSTANCE_HEADER = "x-forgetrt-instance"
@@ -661,6 +667,9 @@ def create_app(
         return _error(500, "internal server error")
 
     routes = [
+        # inference first: Starlette tries routes in order, and this is the hot path
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/stats", model_stats),  # before /v2/models/{model}, which would take 'stats' as a name
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
@@ -673,8 +682,6 @@ def create_app(
         Route("/v2/models/{model}/versions/{version}/config", model_config),
         Route("/v2/models/{model}/stats", model_stats),
         Route("/v2/models/{model}/versions/{version}/stats", model_stats),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repo_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
         Route("/metrics", prom),
