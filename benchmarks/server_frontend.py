@@ -5,6 +5,11 @@ in-process bench on the same bundle.
     python benchmarks/server_frontend.py --bundle forgetrt-demo/bundle --json frontend.json
     python benchmarks/server_frontend.py --bundle forgetrt-demo/bundle --http-compare --json http.json
 
+`--wrk PATH` drives REST with Debian's wrk (C, one thread, keep-alive, closed loop per connection) instead
+of the Python client, beside it, so the load generator is not the bottleneck it is for tritonclient:
+`apt-get download wrk libluajit-5.1-2 libluajit-5.1-common`, `dpkg -x` each into a folder, and pass its
+`usr/bin/wrk` (the library folder is found beside it).
+
 `--http-compare` instead serves REST alone once per HTTP parser (h11, httptools) and event loop (asyncio,
 uvloop), and `--loop-compare` REST and gRPC once per event loop, idle dispatch on, beside the in-process rows.
 
@@ -59,6 +64,65 @@ def _serve(
     raise RuntimeError("server did not start")
 
 
+def _wrk(wrk: str, bundle: str, port: int, connections: int, duration: float) -> dict:
+    """One wrk run: batch-1 binary-extension requests naming one vector; requests/s, percentiles, non-2xx."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from forgetrt.runtime.bundle import Bundle
+
+    b = Bundle.load(bundle)
+    spec = b.iospec
+    x = np.random.default_rng(0).uniform(0, 1, (1, *spec.shape)).astype(np.float32)
+    raw = x.tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": spec.image_name, "shape": [1, *spec.shape], "datatype": "FP32"}
+                | {"parameters": {"binary_data_size": len(raw)}}
+            ],
+            "outputs": [{"name": spec.output_name, "parameters": {"binary_data": True}}],
+            "parameters": {"forget": b.manifest.vectors[0]},
+        }
+    ).encode()
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "body.bin").write_bytes(head + raw)
+        lua = Path(d) / "post.lua"
+        lua.write_text(
+            'local f = io.open("' + str(Path(d) / "body.bin") + '", "rb")\n'
+            'wrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
+            f'wrk.headers["Inference-Header-Content-Length"] = "{len(head)}"\n'
+            'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+        )
+        libs = Path(wrk).resolve().parents[1] / "lib" / "x86_64-linux-gnu"
+        env = {**os.environ, "LD_LIBRARY_PATH": str(libs)}
+        cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", "-s", str(lua)]
+        res = subprocess.run(
+            [*cmd, f"http://127.0.0.1:{port}/v2/models/m/infer"], capture_output=True, text=True, env=env, timeout=120
+        )
+    text = res.stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errs = re.search(r"Socket errors:.*", text)
+    return {
+        "requests_per_s": float(rps.group(1)) if rps else float("nan"),
+        "p50_ms": round(ms("50"), 3),
+        "p99_ms": round(ms("99"), 3),
+        "errors": int(bad.group(1)) if bad else 0,
+        "socket_errors": errs.group(0) if errs else "",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True)
@@ -71,6 +135,7 @@ def main() -> None:
     ap.add_argument(
         "--inline-compare", action="store_true", help="REST and gRPC with inline dispatch off (0) and on (default)"
     )
+    ap.add_argument("--wrk", help="path to a wrk binary: REST rows from wrk beside the Python client's")
     a = ap.parse_args()
     conc = tuple(int(c) for c in a.concurrency.split(","))
     cfg = BenchConfig(batches=(1,), concurrency=conc, active_vectors=(1,), duration=a.duration, warmup=1.0)
@@ -107,7 +172,24 @@ def main() -> None:
             proc.terminate()
             proc.wait(20)
 
-    if a.http_compare:
+    if a.wrk:
+        proc, port, _ = _serve(a.bundle, True, "auto")
+        try:
+            for c in conc:
+                for label, fn in (("python client", None), ("wrk", _wrk)):
+                    if fn is None:
+                        one = BenchConfig(batches=(1,), concurrency=(c,), active_vectors=(1,), duration=a.duration)
+                        target = RemoteTarget(f"http://127.0.0.1:{port}", "m", "rest", a.client_processes)
+                        for rec in run_remote_bench(target, one):
+                            row(f"rest, {label}", rec)
+                    else:
+                        r = fn(a.wrk, a.bundle, port, c, a.duration)
+                        out["rows"].append({"kind": "rest, wrk", "concurrency": c, **r})
+                        print(json.dumps(out["rows"][-1]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    elif a.http_compare:
         for http, loop in (("h11", "asyncio"), ("httptools", "asyncio"), ("h11", "uvloop"), ("httptools", "uvloop")):
             measure(f"{http}, {loop}", http=http, loop=loop)
     elif a.loop_compare:
