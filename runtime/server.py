@@ -412,7 +412,11 @@ async def _read_body(request: Request, limits: ServerLimits) -> bytes:
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(read(), limits.body_timeout_s)
+        if hasattr(asyncio, "timeout"):  # Python 3.11+: a deadline on this task, no extra task per request
+            async with asyncio.timeout(limits.body_timeout_s):
+                await read()
+        else:  # pragma: no cover - Python 3.10
+            await asyncio.wait_for(read(), limits.body_timeout_s)
     except asyncio.TimeoutError:
         raise BodyTimeout(f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
     except ClientDisconnect:
