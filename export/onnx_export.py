@@ -209,6 +209,8 @@ def export_onnx(
         model, info = load_model(model_dir, "cpu")
         bank.check_model(info.fingerprint, info.iospec, what=f"model {model_dir}")
         classifier = classifier_to_onnx(model, spec, opset)
+        # a torch.export bundle's own reference is the ONNX of its classifier: check the export against the program
+        program = model if info.arch == TORCH_EXPORT else None
         if info.arch == TORCH_EXPORT:
             # the program (a .pt2) never travels into a bundle: the bare classifier's ONNX stands in as the
             # reference (as for a grafted bundle), so serving never loads a program file
@@ -219,6 +221,7 @@ def export_onnx(
         source, arch, verified, clf_sha = "model", info.arch, True, None
     else:
         assert from_onnx is not None
+        program = None
         classifier = load_onnx_file(from_onnx)
         clf_sha = sha256_file(from_onnx)
         verified = clf_sha in bank.onnx_sha256
@@ -277,7 +280,7 @@ def export_onnx(
     files[MODEL_ONNX] = fused.SerializeToString()
     files[VECTORS_FILE] = _safetensors_bytes({n: bank.get(n) for n in [*names, *mandatory]})
     # parity before anything is written: onnxruntime on the fused graph vs the reference
-    ref = reference_logits(files, spec, stacked, mand, coeff_range, guard_classes)
+    ref = reference_logits(files, spec, stacked, mand, coeff_range, guard_classes, module=program)
     images, coeffs = parity_inputs(spec.shape, len(names))
     got = onnxruntime_logits(files[MODEL_ONNX], spec, images, coeffs)
     parity = compare_logits(got, ref(images, coeffs), "fp32", backend="onnxruntime")

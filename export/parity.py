@@ -124,14 +124,18 @@ def reference_logits(
     mand: np.ndarray | None,
     coeff_range,
     guard_classes: tuple[int, ...] = (),
+    module: Any = None,
 ) -> Reference:
-    """The reference for a bundle's files (see module docstring), with the output guard applied."""
-    if CLASSIFIER_WEIGHTS in files:
+    """The reference for a bundle's files (see module docstring), with the output guard applied; with
+    ``module`` (a PyTorch classifier in hand, e.g. a torch.export program's), that module is the reference."""
+    if module is not None or CLASSIFIER_WEIGHTS in files:
         import torch
 
         from forgetrt.runtime.model_folder import classifier_from_bytes
 
-        model, _ = classifier_from_bytes(files[CLASSIFIER_JSON], files[CLASSIFIER_WEIGHTS])
+        model = module
+        if model is None:
+            model, _ = classifier_from_bytes(files[CLASSIFIER_JSON], files[CLASSIFIER_WEIGHTS])
 
         def ref(images: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
             with torch.no_grad():

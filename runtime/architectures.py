@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,6 +162,9 @@ def _external_body(arch: str, num_classes: int, input_hw: tuple[int, int] | None
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
+_QUIET_LOCK = threading.Lock()
+
+
 class ExportedProgramModule(nn.Module):
     """A ``torch.export`` program's module as a classifier body. Such a module refuses ``train()``/``eval()``
     (its graph is fixed: exported in eval mode, batch norm uses its running statistics), so mode changes
@@ -185,6 +189,7 @@ def program_model(program: bytes | str, iospec: IOSpec) -> nn.Sequential:
     import warnings
 
     quiet = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export")]
+    _QUIET_LOCK.acquire()  # loads in several threads must not leave torch's logging silenced
     levels = [lg.level for lg in quiet]
     try:
         for lg in quiet:  # torch logs its own traceback for a file it cannot read: the error below says it
@@ -198,6 +203,7 @@ def program_model(program: bytes | str, iospec: IOSpec) -> nn.Sequential:
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
+        _QUIET_LOCK.release()
     return nn.Sequential(Normalize(iospec.mean, iospec.std), ExportedProgramModule(ep.module()))
 
 

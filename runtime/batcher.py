@@ -192,6 +192,9 @@ class DynamicBatcher:
         self.idle_dispatch = config.idle_dispatch
         self.inline_max_s = config.inline_max_us / 1e6 if config.idle_dispatch else 0.0
         self._per_image_s: float | None = None  # moving average of engine seconds per image (inline rule)
+        # (matrix version, images) of engine calls that succeeded: inline runs only a call of a size the
+        # engine has already run on this bank (a first call may capture a CUDA graph, which is slow)
+        self._warm: set[tuple[int, int]] = set()
         self._runners = list(runners)
         self._busy = 0  # workers (and inline calls) between taking a batch and the end of its engine call
         self.max_queue = config.max_queue
@@ -246,14 +249,14 @@ class DynamicBatcher:
             and job.n <= self.max_batch_size
             and not self._busy
             and not self._dq
+            and (job.snapshot.matrix_version, job.n) in self._warm
         )
 
     def run_inline(self, job: Job) -> InferResult | None:
         """Run ``job`` on the calling thread if it is a lone request (no engine call running, nobody
         queued) whose engine time is expected within ``inline_max_us``; None when it is not (submit it).
         The result, or the job's error raised, as a worker would have settled it."""
-        est = self._per_image_s
-        if not self.inline_max_s or est is None or est * job.n > self.inline_max_s or job.n > self.max_batch_size:
+        if not self.could_run_inline(job):
             return None
         with self._cv:
             if self._closed or self._busy or self._dq:
@@ -264,6 +267,7 @@ class DynamicBatcher:
         finally:
             with self._cv:
                 self._busy -= 1
+                self._cv.notify_all()  # shutdown waits for inline calls too
         if done is None:  # failed, expired or cancelled: settled on the job's own future
             return job.future.result()  # raises the job's error
         return done[1][0]
@@ -277,6 +281,10 @@ class DynamicBatcher:
             self._fail_queued(RuntimeClosedError("the runtime shut down before this request ran"))
         for t in self._threads:
             t.join(timeout)
+        with self._cv:  # an inline call runs on its caller's thread: let it finish before backends close
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._busy and (deadline is None or time.monotonic() < deadline):
+                self._cv.wait(0.05)
         # anything still queued (a worker died, or the join timed out) must not stay pending
         self._fail_queued(RuntimeClosedError("the runtime shut down before this request ran"))
 
@@ -414,6 +422,7 @@ class DynamicBatcher:
                 else EngineError(f"the backend failed on a batch of {len(images)} images: {e!r}")
             )
             settle(live, None, err)
+            self._per_image_s = None  # a failing engine may be slow: nothing inline until a call succeeds again
             if self._observer:
                 self._observer(len(live), len(images), queue_s, time.monotonic() - t0, False)
             return None
@@ -421,6 +430,8 @@ class DynamicBatcher:
         per_image = compute / len(images)
         est = self._per_image_s
         self._per_image_s = per_image if est is None else 0.8 * est + 0.2 * per_image
+        if len(self._warm) < 4096:  # (bounded: batch sizes x bank versions)
+            self._warm.add((snapshot.matrix_version, len(images)))
         results, s = [], 0
         for j, q in zip(live, queue_s):
             results.append(InferResult(out[s : s + j.n], snapshot.version, q * 1e6, compute * 1e6, len(images)))

@@ -208,6 +208,15 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> tuple[nn.Module,
     if not wfile.is_file():
         raise ArtifactError(f"model weights not found: {wfile}")
     program = (path / MODEL_PROGRAM).read_bytes() if (path / MODEL_PROGRAM).is_file() else None
+    if program is not None:  # the graph is not in the weights' fingerprint: its file hash is recorded instead
+        import hashlib
+
+        want = ((read_model_manifest(path).training.get("imported") or {}).get("sha256")) or ""
+        if hashlib.sha256(program).hexdigest() != want:
+            raise CorruptArtifactError(
+                f"model {path}: {MODEL_PROGRAM} does not match the program this folder was made from (sha256 "
+                f"{hashlib.sha256(program).hexdigest()[:16]}…, recorded {want[:16] or 'none'}…)"
+            )
     module, manifest = classifier_from_bytes(
         (path / MODEL_MANIFEST).read_bytes(), wfile.read_bytes(), where=f"model {path}", program=program
     )

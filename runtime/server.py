@@ -786,6 +786,17 @@ def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None
             def on_message_begin(self) -> None:
                 super().on_message_begin()
                 self._head_bytes = 0
+                self._in_head = True
+
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                # httptools reports a header only once its line is complete: count the raw bytes of a head
+                # that is still incomplete after this chunk (all of the chunk is head then)
+                if getattr(self, "_in_head", True) and not self.transport.is_closing():
+                    self._head_raw = getattr(self, "_head_raw", 0) + len(data)
+                    if self._head_raw > limits.max_header_bytes:
+                        self._head_too_big = True
+                        self.send_400_response("request headers too large")
 
             def _count(self, n: int) -> None:
                 self._head_bytes += n
@@ -803,6 +814,7 @@ def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None
 
             def on_headers_complete(self) -> None:
                 self._disarm()  # a request's headers arrived
+                self._in_head, self._head_raw = False, 0
                 super().on_headers_complete()
 
         else:
@@ -815,8 +827,10 @@ def _guarded_protocol(limits: ServerLimits, metrics: ServerMetrics | None = None
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # the next request's headers get the same time
+            # the next request's headers get the same time, unless a pipelined one already started
+            cycle = getattr(self, "cycle", None)
+            if not self.transport.is_closing() and (cycle is None or cycle.response_complete):
+                self._arm()
 
         def connection_lost(self, exc) -> None:
             self._disarm()

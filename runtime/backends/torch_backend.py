@@ -82,7 +82,10 @@ def _available(bundle: Bundle, device: str, options: TorchOptions) -> str | None
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed (pip install 'forgetrt[train]')"
     if not bundle.has_torch_classifier:
-        return "the bundle was grafted onto an ONNX classifier: it has no PyTorch weights"
+        return (
+            "the bundle has no PyTorch weights (grafted onto an ONNX classifier, or exported from a torch.export "
+            "program, which bundles never carry)"
+        )
     if device == "cuda":
         import torch
 

@@ -280,3 +280,63 @@ def test_inline_max_us_is_validated():
     for bad in (-1, 1.5, True):
         with pytest.raises(InvalidInputError, match="inline_max_us"):
             BatchingConfig(inline_max_us=bad)
+
+
+def test_inline_dispatch_waits_for_a_warm_size_and_stops_after_a_failure(digits_bundle):
+    rt, threads = _thread_recording_runtime(digits_bundle, inline_max_us=1000)
+    one = np.full((1, 1, 8, 8), 0.5, np.float32)
+    three = np.full((3, 1, 8, 8), 0.5, np.float32)
+    bad = one.copy()
+    bad[0, 0, 0, 0] = 0.25
+
+    async def main():
+        me = threading.get_ident()
+
+        async def where(x):
+            await rt.infer_async(x)
+            return threads[-1] == me
+
+        assert [await where(one), await where(one)] == [False, True]  # the size had to run once first
+        assert [await where(three), await where(three)] == [False, True]  # a new size: a worker first again
+        with pytest.raises(EngineError):
+            await rt.infer_async(bad)  # inline, and it fails
+        assert [await where(one), await where(one)] == [False, True]  # after a failure: a worker until one succeeds
+
+    with rt:
+        asyncio.run(main())
+
+
+def test_close_waits_for_an_inline_call(digits_bundle):
+    import time
+
+    events = []
+
+    class Slow(OnnxRuntimeBackend):
+        def _infer(self, images, coeffs, bank):
+            if (images[:, 0, 0, 0] == 0.75).any():
+                time.sleep(0.3)
+            out = super()._infer(images, coeffs, bank)
+            events.append("run done")
+            return out
+
+        def close(self):
+            events.append("close")
+            super().close()
+
+    b = Bundle.load(digits_bundle)
+    cfg = RuntimeConfig(batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=0, inline_max_us=10**6))
+    rt = Runtime(b, [Slow(b, "cpu")], cfg)
+    x = np.full((1, 1, 8, 8), 0.5, np.float32)
+    slow = x.copy()
+    slow[0, 0, 0, 0] = 0.75
+
+    async def main():
+        await rt.infer_async(x)
+        await rt.infer_async(x)  # warm
+        closer = threading.Timer(0.1, rt.close)  # closes while the slow call runs inline on this thread
+        closer.start()
+        await rt.infer_async(slow)
+        closer.join()
+
+    asyncio.run(main())
+    assert events[-2:] == ["run done", "close"], events

@@ -347,3 +347,47 @@ def test_http_stack_choices():
         _loop_factory("trio")
     with pytest.raises(InvalidInputError, match="unknown HTTP implementation"):
         _guarded_protocol(ServerLimits(), None, "h2")
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_pipelined_requests_are_not_cut_off_by_the_header_timer(http):
+    """A pipelined request whose headers arrived with its predecessor's runs longer than the header time
+    limit: the timer must not be armed for it when the first response completes."""
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from forgetrt.runtime.limits import ServerLimits
+    from forgetrt.runtime.server import uvicorn_config
+
+    async def fast(request):
+        return PlainTextResponse("fast")
+
+    async def slow(request):
+        await asyncio.sleep(0.6)
+        return PlainTextResponse("slow")
+
+    app = Starlette(routes=[Route("/fast", fast), Route("/slow", slow)])
+    limits = ServerLimits(header_timeout_s=0.3)
+    srv = uvicorn.Server(uvicorn_config(app, limits, port=0, log_level="critical", http=http))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.01)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /fast HTTP/1.1\r\nhost: x\r\n\r\nGET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            got = b""
+            while got.count(b"HTTP/1.1 200") < 2:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"slow"), got
+    finally:
+        srv.should_exit = True
+        th.join(10)

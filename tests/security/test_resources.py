@@ -319,3 +319,27 @@ def test_an_unexpected_failure_is_a_json_500(digits_bundle):
     finally:
         srv.close()
         rt.close()
+
+
+def test_a_header_line_that_never_ends_is_cut_off_at_the_size_limit(server):
+    """httptools reports a header only once its line ends: the raw bytes of an unfinished head count too."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-flood: ")
+        got, sent = b"", 0
+        try:
+            while sent < (4 << 20) and not got:
+                s.sendall(b"a" * 16384)  # never a CRLF
+                sent += 16384
+                s.settimeout(0.01)
+                try:
+                    got = s.recv(4096)
+                except TimeoutError:
+                    pass
+                s.settimeout(5)
+            if not got:
+                got = s.recv(4096)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    assert sent < (1 << 20), sent  # refused near the 64 KiB limit, not after megabytes
+    if got:
+        assert _status(got) == 400 and b"too large" in got.lower() or b"error" in got

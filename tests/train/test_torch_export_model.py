@@ -165,3 +165,18 @@ def test_a_file_that_is_not_a_program_gives_one_clean_line(tmp_path):
         ["import-model", "--program", str(junk), "--image-size", "8", "--labels", "a,b", "--out", str(tmp_path / "m")],
     )
     assert r.exit_code == 2 and "not a torch.export program" in r.output and "Traceback" not in r.output
+
+
+def test_a_swapped_program_is_refused(tmp_path):
+    """The graph is not in the weights' fingerprint: its file hash, recorded at import, is checked instead."""
+    from forgetrt.runtime.errors import CorruptArtifactError
+    from forgetrt.train.workflows import import_model
+
+    net = _net()
+    import_model(None, None, tmp_path / "m", labels=CLASSES, image_size=32, program=_program(tmp_path / "a.pt2", net))
+    other = nn.Sequential(*list(net.children()))  # the same weights and names, another graph
+    other[2] = nn.Tanh()
+    _program(tmp_path / "b.pt2", other)
+    (tmp_path / "m" / MODEL_PROGRAM).write_bytes((tmp_path / "b.pt2").read_bytes())
+    with pytest.raises(CorruptArtifactError, match="does not match the program this folder was made from"):
+        load_model(tmp_path / "m")
