@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from forgetrt.runtime import BatchingConfig, Runtime, RuntimeConfig
+from forgetrt.runtime.bench_remote import rest_binary_request
 from forgetrt.runtime.limits import ServerLimits
 from forgetrt.runtime.server import HEADER_LEN, _encode_json, _parse_infer, create_app, uvicorn_config
 
@@ -48,18 +49,8 @@ def main() -> None:
     spec = rt.iospec
     x = np.random.default_rng(0).uniform(0, 1, (1, *spec.shape)).astype(np.float32)
     name = rt.snapshot.names[0]
-    raw = x.tobytes()
-    head = json.dumps(
-        {
-            "inputs": [
-                {"name": spec.image_name, "shape": [1, *spec.shape], "datatype": "FP32"}
-                | {"parameters": {"binary_data_size": len(raw)}}
-            ],
-            "outputs": [{"name": spec.output_name, "parameters": {"binary_data": True}}],
-            "parameters": {"forget": name},
-        }
-    ).encode()
-    body, hl = head + raw, str(len(head))
+    req_headers, body = rest_binary_request(spec.image_name, spec.output_name, x, name)
+    hl = next(v for k, v in req_headers.items() if k.lower() == HEADER_LEN)
     rows: dict[str, float] = {}
     coeffs = rt.snapshot.coeff_row([name])[None]
     rows["engine call (backend.run)"] = _median_us(lambda: rt.backends[0].run(x, coeffs, rt.snapshot), a.runs)

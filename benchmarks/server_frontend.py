@@ -72,30 +72,20 @@ def _wrk(wrk: str, bundle: str, port: int, connections: int, duration: float) ->
 
     import numpy as np
 
+    from forgetrt.runtime.bench_remote import rest_binary_request
     from forgetrt.runtime.bundle import Bundle
 
     b = Bundle.load(bundle)
     spec = b.iospec
     x = np.random.default_rng(0).uniform(0, 1, (1, *spec.shape)).astype(np.float32)
-    raw = x.tobytes()
-    head = json.dumps(
-        {
-            "inputs": [
-                {"name": spec.image_name, "shape": [1, *spec.shape], "datatype": "FP32"}
-                | {"parameters": {"binary_data_size": len(raw)}}
-            ],
-            "outputs": [{"name": spec.output_name, "parameters": {"binary_data": True}}],
-            "parameters": {"forget": b.manifest.vectors[0]},
-        }
-    ).encode()
+    headers, body = rest_binary_request(spec.image_name, spec.output_name, x, b.manifest.vectors[0])
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "body.bin").write_bytes(head + raw)
+        (Path(d) / "body.bin").write_bytes(body)
         lua = Path(d) / "post.lua"
         lua.write_text(
             'local f = io.open("' + str(Path(d) / "body.bin") + '", "rb")\n'
             'wrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
-            f'wrk.headers["Inference-Header-Content-Length"] = "{len(head)}"\n'
-            'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
         )
         libs = Path(wrk).resolve().parents[1] / "lib" / "x86_64-linux-gnu"
         env = {**os.environ, "LD_LIBRARY_PATH": str(libs)}

@@ -58,6 +58,27 @@ class RemoteTarget:
 # ---------------------------------------------------------------------------------------------- discovery
 
 
+def rest_binary_request(image: str, output: str, x: np.ndarray, forget: Any = None) -> tuple[dict[str, str], bytes]:
+    """Headers and body of a KServe v2 REST request with the binary tensor extension: FP32 ``x`` as the
+    ``image`` input, ``output`` asked for in binary, and the ``forget`` parameter when given."""
+    raw = np.ascontiguousarray(x, np.float32).tobytes()
+    head: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": image,
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+    }
+    if forget:
+        head["parameters"] = {"forget": forget}
+    h = json.dumps(head).encode()
+    return {_HEADER_LEN: str(len(h)), "Content-Type": "application/octet-stream"}, h + raw
+
+
 def describe_model(target: RemoteTarget) -> dict[str, Any]:
     """Input shape, names and selectable vectors from the server's model configuration."""
     host, port = target.hostport
@@ -121,21 +142,7 @@ def _bodies(target: RemoteTarget, model: dict, batch: int, active: int, mix: str
         forget = _forget(model["vectors"], active, mix, rng, model["coeff_range"])
         raw = x.tobytes()
         if target.protocol == "rest":
-            head: dict[str, Any] = {
-                "inputs": [
-                    {
-                        "name": model["image"],
-                        "shape": list(x.shape),
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ],
-                "outputs": [{"name": model["output"], "parameters": {"binary_data": True}}],
-            }
-            if forget:
-                head["parameters"] = {"forget": forget}
-            h = json.dumps(head).encode()
-            out.append(({_HEADER_LEN: str(len(h)), "Content-Type": "application/octet-stream"}, h + raw))
+            out.append(rest_binary_request(model["image"], model["output"], x, forget))
         else:
             from tritonclient.grpc import service_pb2 as pb
 
