@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import warnings
@@ -98,6 +99,7 @@ class _Source:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._stats: dict[str, os.stat_result] | None = None
         name = path.name.lower()
         self.kind = "dir" if path.is_dir() else next((a for a in _ARCHIVES if name.endswith(a)), None)
         if not path.exists():
@@ -105,26 +107,34 @@ class _Source:
         if self.kind is None:
             raise DataError(f"ImageFolder source {path} is neither a folder nor a {'/'.join(_ARCHIVES)} archive")
 
-    def _walk(self) -> Iterator[Path]:
-        """Every file below the folder, following symbolic links (each real folder once: no cycles)."""
-        seen: set[str] = set()
-        for root, dirs, names in os.walk(self.path, followlinks=True):
-            real = os.path.realpath(root)
-            if real in seen:
-                dirs[:] = []
-                continue
-            seen.add(real)
-            dirs.sort()
-            for n in sorted(names):
-                p = Path(root) / n
-                if p.is_file():
-                    yield p
+    def stats(self) -> dict[str, os.stat_result]:
+        """Relative path -> stat of every regular file below the folder, following symbolic links (each
+        real folder once: no cycles); walked once, then kept (the listing and the cache key share it)."""
+        if self._stats is None:
+            out: dict[str, os.stat_result] = {}
+            seen: set[str] = set()
+            for root, dirs, names in os.walk(self.path, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                for n in names:
+                    p = Path(root) / n
+                    try:
+                        st = p.stat()
+                    except OSError:  # a dangling link
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        out[p.relative_to(self.path).as_posix()] = st
+            self._stats = out
+        return self._stats
 
     def files(self) -> list[str]:
         """Relative paths of every regular file (images and splits.csv); links and duplicates refused."""
         try:
             if self.kind == "dir":
-                return sorted(p.relative_to(self.path).as_posix() for p in self._walk())
+                return sorted(self.stats())
             if self.kind == ".zip":
                 with zipfile.ZipFile(self.path) as z:
                     names = [i.filename for i in z.infolist() if not i.is_dir()]
@@ -356,9 +366,7 @@ def _source_key(src: _Source, hw: tuple[int, int] | None) -> str:
     rewrite that keeps size and mtime still changes ctime), for an archive its sha256; and the size."""
     h = hashlib.sha256()
     if src.kind == "dir":
-        for p in src._walk():
-            st = p.stat()
-            rel = p.relative_to(src.path).as_posix()
+        for rel, st in sorted(src.stats().items()):
             line = f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n"
             h.update(line.encode("utf-8", "surrogateescape"))
     else:

@@ -70,14 +70,14 @@ class DeviceData:
     def __init__(
         self, x: np.ndarray, y: np.ndarray, scale: float, device: torch.device, rows: np.ndarray | None = None
     ) -> None:
+        rows = None if rows is None else _row_indices(rows)
         self.streamed = isinstance(x, np.memmap)
         if self.streamed:
             self.x = x
-            self.rows = np.arange(len(x)) if rows is None else _row_indices(rows)
+            self.rows = np.arange(len(x)) if rows is None else rows
         else:
-            rows = None if rows is None else _row_indices(rows)
             self.x = torch.from_numpy(np.ascontiguousarray(x if rows is None else x[rows])).to(device)
-        y = y if rows is None else y[_row_indices(rows)]
+        y = y if rows is None else y[rows]
         self.y = torch.from_numpy(np.ascontiguousarray(y)).long().to(device)
         self.scale = float(scale)
         self.device = device
