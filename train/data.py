@@ -27,7 +27,6 @@ import re
 import tarfile
 import zipfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,7 +352,9 @@ def _assemble(items: list[tuple[str, str, str, bytes]], source: Path) -> dict[st
                 decoded.append(_decode_many(c))
                 bar.update(len(c))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            from .imagefolder import decode_pool
+
+            with decode_pool(workers) as pool:
                 for arr in pool.map(_decode_many, chunks):
                     decoded.append(arr)
                     bar.update(len(arr))

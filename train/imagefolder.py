@@ -312,6 +312,14 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def decode_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for decoding, started fresh ("spawn"), never forked: a fork of a process with
+    threads (a server, onnxruntime's pools, a test run) can copy a lock held by another thread and hang."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _decode_into(
     src: _Source, order: dict[str, int], out: np.ndarray, hw: tuple[int, int] | None, workers: int
 ) -> None:
@@ -344,7 +352,8 @@ def _decode_into(
                 place(c, _decode_chunk(c, hw))
                 bar.update(len(c))
             return
-        with ProcessPoolExecutor(workers) as pool:
+        pool = decode_pool(workers)
+        try:
             pending: dict[Future, list[tuple[str, bytes]]] = {}
             for c in chunks():
                 pending[pool.submit(_decode_chunk, c, hw)] = c
@@ -356,6 +365,8 @@ def _decode_into(
             for f in list(pending):
                 place(pending.pop(f), f.result())
                 bar.update(len(f.result()))
+        finally:  # on an error, chunks not yet started are dropped rather than decoded for nothing
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- loading
