@@ -267,7 +267,8 @@ class DynamicBatcher:
         finally:
             with self._cv:
                 self._busy -= 1
-                self._cv.notify_all()  # shutdown waits for inline calls too
+                if self._closed:  # shutdown waits for inline calls; waking idle workers costs the GIL
+                    self._cv.notify_all()
         if done is None:  # failed, expired or cancelled: settled on the job's own future
             return job.future.result()  # raises the job's error
         return done[1][0]
