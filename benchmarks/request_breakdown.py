@@ -1,6 +1,8 @@
 """Where one batch-1 REST request's time goes in `forgetrt serve`, stage by stage, in one process:
 the engine alone, the runtime through the batcher, the server's parsing and encoding, the whole ASGI app
-without a network, and the app over a loopback socket with one keep-alive client.
+without a network, the app over a loopback socket with one keep-alive client, and the hop a front-end
+process adds (`serve --workers N`: a RemoteService here, the engine in a spawned process, a socket pair
+between them).
 
     python benchmarks/request_breakdown.py --bundle forgetrt-demo/bundle --runs 2000
 
@@ -38,6 +40,55 @@ def _median_us(fn, runs: int) -> float:
     return statistics.median(ts) * 1e6
 
 
+def _engine_process(bundle: str, sock, ready) -> None:
+    """The engine side of the front-end hop: a runtime and an EngineHub on ``sock`` until it closes."""
+    import uvloop
+
+    from forgetrt.runtime.frontends import EngineHub
+    from forgetrt.runtime.service import ModelService
+
+    config = RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64))
+    with Runtime.load(bundle, config, {"threads": 1}) as rt:
+
+        async def run() -> None:
+            hub = EngineHub(ModelService(rt, "m"))
+            await hub.attach(sock)
+            ready.set()
+            while hub.connections:
+                await asyncio.sleep(0.05)
+
+        uvloop.run(run())
+
+
+def _front_end_hop(bundle: str, x: np.ndarray, name: str, runs: int) -> float:
+    import multiprocessing
+    import socket
+
+    import uvloop
+
+    from forgetrt.runtime.bundle import Bundle
+    from forgetrt.runtime.frontends import RemoteService
+    from forgetrt.runtime.service import InferCall, RequestParameters
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = socket.socketpair()
+    ready = ctx.Event()
+    proc = ctx.Process(target=_engine_process, args=(bundle, theirs, ready))
+    proc.start()
+    theirs.close()
+    ready.wait(60)
+    svc = RemoteService(Bundle.load(bundle).iospec, "m")
+    call = InferCall(x, None, RequestParameters(forget=[name]))
+    loop = uvloop.new_event_loop()
+    loop.run_until_complete(svc.connect(ours))
+    try:
+        return _median_us(lambda: loop.run_until_complete(svc.infer(call)), runs)
+    finally:
+        ours.close()
+        proc.join(10)
+        loop.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True)
@@ -56,9 +107,13 @@ def main() -> None:
     rows["engine call (backend.run)"] = _median_us(lambda: rt.backends[0].run(x, coeffs, rt.snapshot), a.runs)
     rows["Runtime.infer (direct)"] = _median_us(lambda: rt.infer(x, [name]), a.runs)
     loop = asyncio.new_event_loop()
-    rows["Runtime.infer_async (batcher)"] = _median_us(
-        lambda: loop.run_until_complete(rt.infer_async(x, [name])), a.runs
+    batched_cfg = RuntimeConfig(
+        backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, inline_max_us=0)
     )
+    with Runtime.load(a.bundle, batched_cfg, {"threads": 1}) as rt_batched:
+        rows["Runtime.infer_async (batcher, --inline-max-us 0)"] = _median_us(
+            lambda: loop.run_until_complete(rt_batched.infer_async(x, [name])), a.runs
+        )
     inline_cfg = RuntimeConfig(
         backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=64, inline_max_us=1000)
     )
@@ -134,6 +189,9 @@ def main() -> None:
     server.should_exit = True
     th.join(10)
     rt.close()
+    rows["front-end hop: RemoteService.infer, engine in another process (--workers N)"] = _front_end_hop(
+        a.bundle, x, name, a.runs
+    )
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "median_us": rows}
     for k, v in rows.items():
         print(f"{v:9.1f} us  {k}")

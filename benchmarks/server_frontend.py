@@ -10,6 +10,9 @@ of the Python client, beside it, so the load generator is not the bottleneck it 
 `apt-get download wrk libluajit-5.1-2 libluajit-5.1-common`, `dpkg -x` each into a folder, and pass its
 `usr/bin/wrk` (the library folder is found beside it).
 
+`--workers-compare 1,2` serves REST and gRPC once per `--workers` count (front-end processes feeding one
+engine process); with `--wrk`, REST is driven by wrk, and gRPC by the Python client in either case.
+
 `--http-compare` instead serves REST alone once per HTTP parser (h11, httptools) and event loop (asyncio,
 uvloop), and `--loop-compare` REST and gRPC once per event loop, idle dispatch on, beside the in-process rows.
 
@@ -126,6 +129,7 @@ def main() -> None:
         "--inline-compare", action="store_true", help="REST and gRPC with inline dispatch off (0) and on (default)"
     )
     ap.add_argument("--wrk", help="path to a wrk binary: REST rows from wrk beside the Python client's")
+    ap.add_argument("--workers-compare", help="comma-separated --workers counts, e.g. 1,2: one server each")
     a = ap.parse_args()
     conc = tuple(int(c) for c in a.concurrency.split(","))
     cfg = BenchConfig(batches=(1,), concurrency=conc, active_vectors=(1,), duration=a.duration, warmup=1.0)
@@ -162,7 +166,27 @@ def main() -> None:
             proc.terminate()
             proc.wait(20)
 
-    if a.wrk:
+    if a.workers_compare:
+        for w in (int(v) for v in a.workers_compare.split(",")):
+            proc, port, gport = _serve(a.bundle, True, None, "auto", ("--workers", str(w)))
+            try:
+                time.sleep(1.0 + 0.3 * w)  # every front end up (the first one answering is not enough)
+                for c in conc:
+                    if a.wrk:
+                        r = _wrk(a.wrk, a.bundle, port, c, a.duration)
+                        out["rows"].append({"kind": f"rest, wrk, workers {w}", "concurrency": c, **r})
+                        print(json.dumps(out["rows"][-1]), flush=True)
+                    one = BenchConfig(batches=(1,), concurrency=(c,), active_vectors=(1,), duration=a.duration)
+                    protos = [("grpc", f"127.0.0.1:{gport}")]
+                    if not a.wrk:
+                        protos.insert(0, ("rest", f"http://127.0.0.1:{port}"))
+                    for proto, url in protos:
+                        for rec in run_remote_bench(RemoteTarget(url, "m", proto, a.client_processes), one):
+                            row(f"{proto}, python client, workers {w}", rec)
+            finally:
+                proc.terminate()
+                proc.wait(20)
+    elif a.wrk:
         proc, port, _ = _serve(a.bundle, True, "auto")
         try:
             for c in conc:

@@ -34,6 +34,8 @@ __all__ = ["ControlPlane", "TOKEN_ENV", "BankLoadRefused", "Unauthorized", "Cont
 
 TOKEN_ENV = "FORGETRT_ADMIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
+DISABLED_MESSAGE = "the control plane is disabled: start the server with an admin token to change banks"
+UNAUTHORIZED_MESSAGE = "a valid 'Authorization: Bearer <token>' header is required"
 
 
 class ControlDisabled(InvalidInputError):
@@ -117,10 +119,10 @@ class ControlPlane:
     def authorize(self, authorization: str | None) -> None:
         """Raise ControlDisabled (no credential configured) or Unauthorized (missing or wrong bearer)."""
         if self.token is None:
-            raise ControlDisabled("the control plane is disabled: start the server with an admin token to change banks")
+            raise ControlDisabled(DISABLED_MESSAGE)
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+            raise Unauthorized(UNAUTHORIZED_MESSAGE)
 
     def resolve_bank(self, raw: Any) -> Path:
         """A bank folder named relative to the root, resolved, inside it; else BankLoadRefused."""

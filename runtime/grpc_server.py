@@ -166,7 +166,7 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
                 svc.check_model(request.name, request.version)
             except ForgetRTError as e:
                 await _abort(context, e)
-            md = svc.metadata()
+            md = await svc.metadata()
             tm = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
                 name=md["name"],
@@ -181,7 +181,7 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
                 svc.check_model(request.name, request.version)
             except ForgetRTError as e:
                 await _abort(context, e)
-            return pb.ModelConfigResponse(config=json_format.ParseDict(svc.config(), mc.ModelConfig()))
+            return pb.ModelConfigResponse(config=json_format.ParseDict(await svc.config(), mc.ModelConfig()))
 
         async def ModelStatistics(self, request, context):  # noqa: N802
             try:
@@ -189,7 +189,7 @@ def _servicer(svc: ModelService, limits: ServerLimits, version: str) -> Any:
                     svc.check_model(request.name or svc.model_name, request.version)
             except ForgetRTError as e:
                 await _abort(context, e)
-            return json_format.ParseDict(svc.statistics(), pb.ModelStatisticsResponse())
+            return json_format.ParseDict(await svc.statistics(), pb.ModelStatisticsResponse())
 
         async def RepositoryIndex(self, request, context):  # noqa: N802
             idx = pb.RepositoryIndexResponse.ModelIndex(name=svc.model_name, version="1", state="READY")
@@ -271,10 +271,16 @@ def _handlers(servicer: Any, pbg: Any) -> Any:
 
 
 async def start_grpc_server(
-    svc: ModelService, *, host: str = "127.0.0.1", port: int = 8001, limits: ServerLimits = ServerLimits()
+    svc: ModelService,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    limits: ServerLimits = ServerLimits(),
+    reuse_port: bool = False,
 ) -> tuple[Any, int]:
     """Start the gRPC server on the running event loop; returns (server, bound port). Stop it with
-    ``await server.stop(grace)``."""
+    ``await server.stop(grace)``. ``reuse_port``: bind with SO_REUSEPORT, so that several front-end
+    processes share the port (off by default: a second server on a taken port is an error)."""
     import grpc
 
     from .server import _version
@@ -286,7 +292,7 @@ async def start_grpc_server(
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.max_concurrent_streams", max(1, limits.max_inflight)),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     server.add_generic_rpc_handlers((_handlers(servicer, pbg),))

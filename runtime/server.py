@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -499,7 +499,7 @@ def _decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def create_app(
-    runtime: Runtime,
+    runtime: Runtime | None,
     model_name: str,
     *,
     metrics: ServerMetrics | None = None,
@@ -514,16 +514,21 @@ def create_app(
     ``admission``: called before each inference and readiness check; a reason (str) refuses the request
     with 503 and makes the server unready (a cluster replica uses it to stop serving a stale bank).
     ``instance``: this server's id among several (a replica), sent as ``x-forgetrt-instance`` with each answer.
-    ``service``: the :class:`ModelService` to share with another front end (gRPC); made here if not given."""
+    ``service``: the :class:`ModelService` to share with another front end (gRPC); made here if not given.
+    ``runtime`` None: ``service`` runs the model elsewhere (a front-end process of :mod:`.frontends`),
+    which restores the control plane's bank itself."""
     extra_headers = {INSTANCE_HEADER: instance} if instance else {}
     metrics = metrics or ServerMetrics()
-    spec = runtime.iospec
-    restored = control.restore(runtime)
-    if restored:
-        log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
+    if runtime is not None:
+        restored = control.restore(runtime)
+        if restored:
+            log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
+    elif service is None:
+        raise InvalidInputError("create_app needs a runtime or a service")
     svc = service or ModelService(
         runtime, model_name, limits=limits, control=control, admission=admission, instance=instance, metrics=metrics
     )
+    spec = svc.spec
     offload = _Offloader(limits.parse_workers)
 
     def _model_or_404(request: Request) -> JSONResponse | None:
@@ -548,17 +553,17 @@ def create_app(
     async def model_meta(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
-        return JSONResponse(svc.metadata())
+        return JSONResponse(await svc.metadata())
 
     async def model_config(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
             return err
-        return JSONResponse(svc.config())
+        return JSONResponse(await svc.config())
 
     async def model_stats(request: Request) -> Response:
         if "model" in request.path_params and (err := _model_or_404(request)) is not None:
             return err
-        return JSONResponse(svc.statistics())
+        return JSONResponse(await svc.statistics())
 
     async def model_ready(request: Request) -> Response:
         if (err := _model_or_404(request)) is not None:
@@ -661,7 +666,7 @@ def create_app(
         return JSONResponse(res)
 
     async def prom(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await svc.exposition(metrics), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
@@ -893,17 +898,45 @@ def serve(
     verify_key: str | None = None,
     http: str = "auto",
     loop: str = "auto",
+    workers: int = 1,
+    log_format: str = "text",
 ) -> None:
     """Load the bundle (its signature checked against ``verify_key`` when given) and serve it until
     interrupted (blocking): REST on ``port`` and, with ``grpc_port``, KServe v2 gRPC on that port, both in
-    one event loop over one runtime."""
+    one event loop over one runtime. ``workers`` > 1: that many front-end processes serve REST (and gRPC)
+    and feed this process's runtime (:mod:`.frontends`)."""
     import uvicorn
 
+    if not 1 <= workers <= 64:
+        raise InvalidInputError(f"workers must be in 1..64, got {workers}")
     metrics = ServerMetrics()
     runtime = Runtime.load(bundle, config, backend_options, observer=metrics.observe_batch, verify_key=verify_key)
     try:
         name = model_name or Path(bundle).resolve().name
         svc = ModelService(runtime, name, limits=limits, control=control, metrics=metrics)
+        if workers > 1:
+            from .frontends import FrontEndPool, run_pool
+
+            restored = control.restore(runtime)
+            if restored:
+                log.info("control plane: restored bank %s (%s…)", restored["bank"], restored["vectors_sha256"][:12])
+            log.info("serving %s as model %r (backend %s)", bundle, name, runtime.backend_name)
+            pool = FrontEndPool(
+                svc,
+                workers=workers,
+                host=host,
+                port=port,
+                grpc_port=grpc_port,
+                limits=limits,
+                control=control,
+                metrics=metrics,
+                http=http,
+                loop=loop,
+                log_level=log_level,
+                log_format=log_format,
+            )
+            run_pool(pool)
+            return
         app = create_app(runtime, name, metrics=metrics, limits=limits, control=control, service=svc)
         log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
         cfg = uvicorn_config(app, limits, host=host, port=port, log_level=log_level, http=http)

@@ -215,6 +215,10 @@ def parse_request_parameters(params: Mapping[str, Any] | None) -> RequestParamet
 # ---------------------------------------------------------------------------------------------- calls
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class OutputRequest:
     name: str
@@ -289,9 +293,9 @@ class ModelStats:
                 slot[0] += 1
                 slot[1] += int(ns)
 
-    def failed(self, total_s: float) -> None:
+    def failed(self, total_s: float, n: int = 1) -> None:
         with self._lock:
-            self.fail[0] += 1
+            self.fail[0] += n
             self.fail[1] += int(total_s * 1e9)
 
     def to_dict(self, name: str, executions: int = 0) -> dict[str, Any]:
@@ -365,7 +369,7 @@ class ModelService:
             raise UnknownModel(f"unknown version {version[:40]!r} of model {self.model_name!r}; valid: 1")
 
     # ------------------------------------------------------------------ descriptions
-    def metadata(self) -> dict[str, Any]:
+    async def metadata(self) -> dict[str, Any]:
         spec, bank = self.spec, self.runtime.snapshot
         return {
             "name": self.model_name,
@@ -391,7 +395,7 @@ class ModelService:
             "bundle_id": self.runtime.bundle.bundle_id,
         }
 
-    def config(self) -> dict[str, Any]:
+    async def config(self) -> dict[str, Any]:
         """Triton's model configuration (its JSON form; the gRPC ModelConfig parses from it)."""
         spec, bank, batching = self.spec, self.runtime.snapshot, self.runtime.config.batching
         return {
@@ -419,17 +423,27 @@ class ModelService:
             "parameters": {k: {"string_value": str(v)} for k, v in self._bank_parameters().items()},
         }
 
-    def statistics(self) -> dict[str, Any]:
+    async def statistics(self) -> dict[str, Any]:
         return {"model_stats": [self.stats.to_dict(self.model_name, getattr(self.metrics, "executions", 0))]}
+
+    async def exposition(self, metrics: Any) -> bytes:
+        """The Prometheus text of ``metrics`` (the server's registry)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(metrics.registry)
 
     def count_failure(self, e: ForgetRTError, status: int, *, inference: bool = True) -> None:
         """Count a request that ended in ``e`` (answered with HTTP ``status`` or its gRPC equivalent);
         ``inference``: an inference request (also counted as failed in the model's statistics)."""
+        self.count_failure_named(type(e).__name__, status, inference=inference)
+
+    def count_failure_named(self, error: str, status: int, *, inference: bool = True, n: int = 1) -> None:
+        """``count_failure`` by the error type's name, ``n`` times (front-end processes report so)."""
         if inference:
-            self.stats.failed(0.0)
+            self.stats.failed(0.0, n)
         if self.metrics is not None:
-            self.metrics.requests.labels(status=str(status)).inc()
-            self.metrics.failures.labels(error=type(e).__name__).inc()
+            self.metrics.requests.labels(status=str(status)).inc(n)
+            self.metrics.failures.labels(error=error).inc(n)
 
     # ------------------------------------------------------------------ health
     async def readiness(self) -> str | None:
@@ -491,8 +505,10 @@ class ModelService:
             )
         return out
 
-    async def infer(self, call: InferCall) -> InferOutcome:
-        """Run one request (``admit`` must have passed); typed errors for everything a client can get wrong."""
+    async def infer(self, call: InferCall, *, peer_alone: bool = True) -> InferOutcome:
+        """Run one request (``admit`` must have passed); typed errors for everything a client can get wrong.
+        ``peer_alone``: false when the front end that sent it has other requests under way (the process
+        front ends of :mod:`.frontends`), so it is not run inline."""
         t0 = time.perf_counter()
         self.inflight += 1
         try:
@@ -503,7 +519,7 @@ class ModelService:
                 call.params.forget,
                 coeffs=call.coeffs,
                 deadline_ms=None if timeout is None else timeout / 1e3,
-                alone=self._alone,
+                alone=self._alone if peer_alone else _never,
             )
         except ForgetRTError as e:
             if isinstance(e, EngineError):

@@ -212,3 +212,19 @@ def test_unlearning_report_on_a_resized_imagefolder(tmp_path, monkeypatch):
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["image_size"] == 32 and rep["class_wise"]["classes"] == [0, 1]
     assert set(rep["class_wise"]["per_class"][0]) >= {"retrain", "rl", "forget vector"}
+
+
+def test_request_breakdown_small(tmp_path, digits_bundle):
+    out = tmp_path / "rb.json"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "request_breakdown.py"), "--bundle", str(digits_bundle)]
+        + ["--runs", "30", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["median_us"]
+    assert len(rows) == 9 and all(v > 0 for v in rows.values())
+    hop = next(v for k, v in rows.items() if k.startswith("front-end hop"))
+    assert hop > rows["Runtime.infer (direct)"]  # a round trip to another process costs more than the call

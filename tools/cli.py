@@ -1081,6 +1081,14 @@ def _limit_options(f: Callable) -> Callable:
     show_default=True,
     help="Event loop for REST and gRPC: uvloop (libuv) or asyncio's own; auto takes uvloop when installed.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Front-end processes that parse REST (and gRPC) requests and feed this process's engine over Unix "
+    "sockets; more than 1 lifts the one-process limit on requests/s. Server limits apply per front end.",
+)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--model-name", help="Model name in the URLs (default: the bundle folder's name).")
@@ -1123,6 +1131,7 @@ def serve_cmd(
     grpc_port: int | None,
     http_impl: str,
     event_loop: str,
+    workers: int,
     model_name,
     pixel_policy: str,
     admin_token_file,
@@ -1153,6 +1162,8 @@ def serve_cmd(
     cluster = {f.name: v for f, _ in _CLUSTER_OPTIONS if (v := kw.pop(f.name, None)) is not None}
     if ray and grpc_port is not None:
         raise InvalidInputError("--grpc-port is not available with --ray (Ray Serve's proxy serves REST here)")
+    if ray and workers > 1:
+        raise InvalidInputError("--workers is not available with --ray (Ray Serve's proxies and replicas scale out)")
     if not ray and (scale or cluster or ray_address):
         raise InvalidInputError(f"--{next(iter([*scale, *cluster, 'ray_address'])).replace('_', '-')} needs --ray")
     config = _runtime_config(kw, batching=_batching(kw), pixel_policy=pixel_policy)
@@ -1184,7 +1195,9 @@ def serve_cmd(
         verify_key=verify_key,
         http=http_impl,
         loop=event_loop,
+        workers=workers,
         log_level=click.get_current_context().find_root().params["log_level"],
+        log_format=click.get_current_context().find_root().params["log_format"],
     )
 
 

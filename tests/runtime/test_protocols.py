@@ -26,9 +26,11 @@ from forgetrt.runtime.service import ModelService  # noqa: E402
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def both(digits_bundle):
-    """REST and gRPC on ephemeral ports, one event loop, one runtime (as `forgetrt serve --grpc-port`)."""
+@pytest.fixture(scope="module", params=["one-process", "front-ends"])
+def both(digits_bundle, request):
+    """REST and gRPC on ephemeral ports over one runtime: in one event loop (as `forgetrt serve
+    --grpc-port`), or from two front-end processes feeding this process's runtime (`--workers 2`). Every
+    test here runs against both, so the front ends keep the one-process server's semantics."""
     import uvicorn
 
     from forgetrt.runtime.grpc_server import start_grpc_server
@@ -40,6 +42,21 @@ def both(digits_bundle):
         observer=metrics.observe_batch,
     )
     svc = ModelService(rt, "digits", metrics=metrics)
+    if request.param == "front-ends":
+        from forgetrt.runtime.frontends import FrontEndPool
+
+        pool = FrontEndPool(svc, workers=2, port=0, grpc_port=0, metrics=metrics, log_level="warning")
+        loop = asyncio.new_event_loop()
+        th = threading.Thread(target=loop.run_forever, daemon=True)
+        th.start()
+        asyncio.run_coroutine_threadsafe(pool.start(), loop).result(60)
+        _wait_ready(f"127.0.0.1:{pool.http_port}", pool.workers)
+        yield {"http": f"127.0.0.1:{pool.http_port}", "grpc": f"127.0.0.1:{pool.grpc_port}", "rt": rt, "pool": pool}
+        asyncio.run_coroutine_threadsafe(pool.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(10)
+        rt.close()
+        return
     app = create_app(rt, "digits", metrics=metrics, service=svc)
     cfg = uvicorn_config(app, port=0, log_level="warning")
     server = uvicorn.Server(cfg)
@@ -62,6 +79,20 @@ def both(digits_bundle):
     server.should_exit = True
     th.join(10)
     rt.close()
+
+
+def _wait_ready(addr: str, workers: int, timeout: float = 60.0) -> None:
+    """Until every front end answers (each new connection may reach any of them)."""
+    deadline, seen = time.time() + timeout, 0
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://{addr}/v2/health/ready", timeout=2).status_code == 200:
+                seen += 1
+                if seen >= 4 * workers:
+                    return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(f"front ends at {addr} not ready in {timeout} s")
 
 
 def _x(n: int = 2, seed: int = 0) -> np.ndarray:
