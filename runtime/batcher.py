@@ -115,6 +115,10 @@ class InferResult:
         return out
 
 
+#: what run_inline returns when it settled an asyncio job's future with an error instead of returning
+SETTLED = object()
+
+
 class Job:
     """One request in the batcher: its images, coefficient row ([K] or [N, K]), bank snapshot, optional
     deadline (a ``time.monotonic()`` value) and the future that receives its result. ``future`` is a
@@ -252,10 +256,11 @@ class DynamicBatcher:
             and (job.snapshot.matrix_version, job.n) in self._warm
         )
 
-    def run_inline(self, job: Job) -> InferResult | None:
+    def run_inline(self, job: Job) -> Any:
         """Run ``job`` on the calling thread if it is a lone request (no engine call running, nobody
         queued) whose engine time is expected within ``inline_max_us``; None when it is not (submit it).
-        The result, or the job's error raised, as a worker would have settled it."""
+        The result, or the job's error raised, as a worker would have settled it; for a job with an
+        asyncio future that failed, :data:`SETTLED` (its future holds the error: await it)."""
         if not self.could_run_inline(job):
             return None
         with self._cv:
@@ -270,6 +275,8 @@ class DynamicBatcher:
                 if self._closed:  # shutdown waits for inline calls; waking idle workers costs the GIL
                     self._cv.notify_all()
         if done is None:  # failed, expired or cancelled: settled on the job's own future
+            if job.loop is not None:
+                return SETTLED  # an asyncio future is settled on the loop's next turn: await it
             return job.future.result()  # raises the job's error
         return done[1][0]
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -165,6 +166,7 @@ class EngineHub:
     def __init__(self, svc: ModelService, metrics: Any = None) -> None:
         self.svc, self.metrics = svc, metrics
         self.connections: set[_EngineSide] = set()
+        self.forget_cache: dict[bytes, Any] = {}
 
     async def attach(self, sock: socket.socket) -> None:
         """Serve one front end's end of a socket pair on the running loop."""
@@ -203,6 +205,12 @@ class _EngineSide(_Framed):
         super().__init__()
         self.hub = hub
         self._tasks: set[asyncio.Task] = set()
+        self._incoming: list[tuple[int, InferCall, bool]] = []
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._incoming:
+            self._dispatch()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -219,8 +227,9 @@ class _EngineSide(_Framed):
             except Exception as e:  # noqa: BLE001 - answered, never dropped
                 self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
                 return
-            task = self._loop.create_task(self._infer(rid, call, alone))
-        elif kind == _RPC:
+            self._incoming.append((rid, call, alone))
+            return
+        if kind == _RPC:
             task = self._loop.create_task(self._rpc(rid, bytes(payload)))
         elif kind == _COUNTS:
             try:
@@ -237,7 +246,7 @@ class _EngineSide(_Framed):
     def _decode(self, p: memoryview) -> tuple[InferCall, bool]:
         flags, timeout_us, jlen, n, c, h, w, cn, ck = _REQ.unpack_from(p, 0)
         pos = _REQ.size
-        forget = json.loads(bytes(p[pos : pos + jlen])) if jlen else None
+        forget = self._forget(bytes(p[pos : pos + jlen])) if jlen else None
         pos += jlen
         size = n * c * h * w * 4
         images = np.frombuffer(p[pos : pos + size], np.float32).reshape(n, c, h, w).copy()
@@ -247,6 +256,46 @@ class _EngineSide(_Framed):
             coeffs = np.frombuffer(p[pos : pos + cn * ck * 4], np.float32).reshape(cn, ck).copy()
         params = _service_module.RequestParameters(forget=forget, timeout_us=timeout_us if timeout_us >= 0 else None)
         return InferCall(images, coeffs, params), bool(flags & _ALONE)
+
+    def _forget(self, raw: bytes) -> Any:
+        """A request's forget parameter; the last few distinct ones are kept decoded (clients repeat them)."""
+        cache = self.hub.forget_cache
+        if (value := cache.get(raw)) is None:
+            value = json.loads(raw)
+            if len(raw) <= 512:
+                if len(cache) >= 256:
+                    cache.clear()
+                cache[raw] = value
+        return value  # read only: the runtime never changes a composition it is given
+
+    def _dispatch(self) -> None:
+        """Run what one read brought: a lone request through ``ModelService.infer`` (it may run inline,
+        on this loop); under load, each straight into the batcher, answered from its future's callback
+        (no task or coroutine per request)."""
+        todo, self._incoming = self._incoming, []
+        svc = self.hub.svc
+        if len(todo) == 1 and todo[0][2] and svc.inflight == 0:
+            rid, call, alone = todo[0]
+            task = self._loop.create_task(self._infer(rid, call, alone))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        for rid, call, _ in todo:
+            try:
+                fut, finish = svc.submit(call)
+            except Exception as e:  # noqa: BLE001 - every failure goes back typed
+                self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
+                continue
+            fut.add_done_callback(functools.partial(self._answer, rid, finish))
+
+    def _answer(self, rid: int, finish: Callable[[asyncio.Future], InferOutcome], fut: asyncio.Future) -> None:
+        try:
+            o = finish(fut)
+        except BaseException as e:  # noqa: BLE001 - a callback: answer, never raise into the loop
+            self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
+            return
+        n, c = o.logits.shape
+        self.send(_INFER, rid, _RES.pack(0, o.bank_version, o.queue_us, o.compute_us, n, c), o.logits.tobytes())
 
     async def _infer(self, rid: int, call: InferCall, alone: bool) -> None:
         try:

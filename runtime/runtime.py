@@ -30,7 +30,7 @@ import numpy as np
 
 from .backends import DEVICES, Backend, create_backend
 from .bank import VectorBank, validate_vector_name
-from .batcher import BatchingConfig, BatchObserver, DynamicBatcher, InferResult, Job
+from .batcher import SETTLED, BatchingConfig, BatchObserver, DynamicBatcher, InferResult, Job
 from .bundle import Bundle
 from .compose import BankSnapshot, Composition
 from .errors import InvalidInputError, MismatchError, RuntimeClosedError, UnknownNameError, unknown
@@ -252,6 +252,13 @@ class Runtime:
         """Queue one request for the dynamic batcher; the future resolves to an :class:`InferResult`."""
         return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
 
+    def submit_async(
+        self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
+    ) -> asyncio.Future:
+        """``submit`` from the running event loop's thread, answered by an asyncio future of that loop (settled
+        once per batch, on the loop), with no coroutine of its own: for code that answers from a callback."""
+        return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, asyncio.get_running_loop()))
+
     async def infer_async(
         self,
         images: Any,
@@ -271,16 +278,14 @@ class Runtime:
             return await self._batcher.submit(self._job(images, forget, coeffs, deadline_ms, loop))
         self._async_inflight += 1
         try:
-            job = self._job(images, forget, coeffs, deadline_ms)
+            job = self._job(images, forget, coeffs, deadline_ms, asyncio.get_running_loop())
             if self._batcher.could_run_inline(job):
                 # one turn of the loop first: callers that are ready to run (other requests already read)
                 # arrive here meanwhile and count as in flight, and then this one is not alone
                 await asyncio.sleep(0)
                 lone = self._async_inflight == 1 and (alone is None or alone())
                 if lone and (res := self._batcher.run_inline(job)) is not None:
-                    return res
-            loop = asyncio.get_running_loop()
-            job.future, job.loop = loop.create_future(), loop
+                    return await job.future if res is SETTLED else res
             return await self._batcher.submit(job)
         finally:
             self._async_inflight -= 1

@@ -357,6 +357,8 @@ class ModelService:
         self.stats = stats or ModelStats()
         self.health = _Health()
         self.inflight = 0
+        self._ok_counter: Any = None
+        self._gauge_version: int | None = None
         self._load_lock: asyncio.Lock | None = None
         labels = list(runtime.bundle.iospec.labels or [])
         self.labels = labels if len(labels) == self.spec.num_classes else None
@@ -522,19 +524,56 @@ class ModelService:
                 alone=self._alone if peer_alone else _never,
             )
         except ForgetRTError as e:
-            if isinstance(e, EngineError):
-                self.health.engine_failures += 1
+            self._failed(e)
             raise
         finally:
             self.inflight -= 1
+        return self._done(out, result, t0)
+
+    def submit(self, call: InferCall) -> tuple[asyncio.Future, Callable[[asyncio.Future], InferOutcome]]:
+        """``infer`` without a coroutine, for a caller on the event loop that answers from a callback (the
+        engine side of :mod:`.frontends`, many requests per loop turn): the runtime's future, and the
+        function that turns it, once done, into the outcome (or raises the request's typed error). Never
+        runs inline."""
+        t0 = time.perf_counter()
+        out = self.check_call(call)
+        timeout = call.params.timeout_us
+        fut = self.runtime.submit_async(
+            call.images,
+            call.params.forget,
+            coeffs=call.coeffs,
+            deadline_ms=None if timeout is None else timeout / 1e3,
+        )
+        self.inflight += 1
+
+        def finish(f: asyncio.Future) -> InferOutcome:
+            self.inflight -= 1
+            try:
+                result = f.result()
+            except ForgetRTError as e:
+                self._failed(e)
+                raise
+            return self._done(out, result, t0)
+
+        return fut, finish
+
+    def _failed(self, e: ForgetRTError) -> None:
+        if isinstance(e, EngineError):
+            self.health.engine_failures += 1
+
+    def _done(self, out: OutputRequest, result: Any, t0: float) -> InferOutcome:
         self.health.engine_failures = 0
-        if not np.all(np.isfinite(result.logits)):  # e.g. a weight of 3e38 on an unbounded bundle
+        if not np.isfinite(result.logits).all():  # e.g. a weight of 3e38 on an unbounded bundle
             raise InvalidInputError(
                 "the composition's weights make the logits overflow (not finite): use smaller weights"
             )
         if self.metrics is not None:
-            self.metrics.requests.labels(status="200").inc()
-            self.metrics.bank_version.set(result.bank_version)
+            if self._ok_counter is None:  # labels() costs a lock and a tuple per call
+                self._ok_counter = self.metrics.requests.labels(status="200")
+            self._ok_counter.inc()
+            if result.bank_version != self._gauge_version:
+                self._gauge_version = result.bank_version
+                self.metrics.bank_version.set(result.bank_version)
         logits = np.ascontiguousarray(result.logits, np.float32)
         self.stats.ok(len(logits), time.perf_counter() - t0, result.queue_us, result.compute_us)
         classes = self.classify(logits, out.class_count) if out.class_count else None

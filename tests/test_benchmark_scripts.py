@@ -228,3 +228,18 @@ def test_request_breakdown_small(tmp_path, digits_bundle):
     assert len(rows) == 9 and all(v > 0 for v in rows.values())
     hop = next(v for k, v in rows.items() if k.startswith("front-end hop"))
     assert hop > rows["Runtime.infer (direct)"]  # a round trip to another process costs more than the call
+
+
+def test_engine_hub_small(tmp_path, digits_bundle):
+    out = tmp_path / "hub.json"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "engine_hub.py"), "--bundle", str(digits_bundle)]
+        + ["--outstanding", "1,8", "--duration", "0.5", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["outstanding_per_client"] for row in rows] == [1, 8]
+    assert all(row["requests_per_s"] > 0 and row["engine_cpu_us_per_request"] > 0 for row in rows)

@@ -150,6 +150,49 @@ def test_errors_cross_the_wire_with_their_types(rt, monkeypatch):
     assert status_for(got[4]) == 500 and "secret" not in str(got[4])  # nothing of the engine's internals leaks
 
 
+def test_many_requests_in_one_read_are_answered_each_with_its_own_result_or_error(rt):
+    """Requests sent in one loop turn arrive in one read and go straight to the batcher, each answered from
+    its future's callback: good and bad ones mixed, every answer is its own."""
+    from forgetrt.runtime.errors import DeadlineExceededError
+
+    xs = [_x(1, seed=i) for i in range(40)]
+
+    def call(i):
+        if i % 5 == 1:
+            return InferCall(xs[i], None, RequestParameters(forget=["nope"]))
+        if i % 5 == 2:
+            return InferCall(_x(1, seed=i, lo=2.0, hi=3.0))
+        if i % 5 == 3:
+            return InferCall(xs[i], None, RequestParameters(forget=["forget-3"], timeout_us=1))
+        return InferCall(xs[i], None, RequestParameters(forget={"forget-1": 0.5 * (i % 3)}))
+
+    async def body(front, svc, _):
+        submitted = []
+        orig = svc.submit
+
+        def counted(c):
+            submitted.append(1)
+            return orig(c)
+
+        svc.submit = counted
+        got = await asyncio.gather(*(front.infer(call(i)) for i in range(40)), return_exceptions=True)
+        return got, len(submitted)
+
+    (got, submitted), _, _ = _linked(rt, body)
+    assert submitted >= 39  # (at most one lone request may have taken the coroutine path)
+    for i, r in enumerate(got):
+        if i % 5 == 1:
+            assert isinstance(r, UnknownNameError), (i, r)
+        elif i % 5 == 2:
+            assert isinstance(r, InvalidInputError) and "pixels" in str(r), (i, r)
+        elif i % 5 == 3:
+            assert isinstance(r, DeadlineExceededError) or not isinstance(r, Exception), (i, r)
+        else:
+            want = rt.infer(xs[i], {"forget-1": 0.5 * (i % 3)}).logits
+            np.testing.assert_allclose(r.logits, want, atol=1e-5, err_msg=str(i))
+    assert any(isinstance(r, DeadlineExceededError) for r in got)  # 1 us is past by the time a batch runs
+
+
 def test_an_error_type_the_front_end_does_not_know_becomes_its_nearest_known_base():
     classes = _error_classes()
     raw = json.dumps({"type": ["PluginError", "InvalidInputError", "ForgetRTError"], "message": "m"}).encode()
