@@ -11,7 +11,9 @@ of the Python client, beside it, so the load generator is not the bottleneck it 
 `usr/bin/wrk` (the library folder is found beside it).
 
 `--workers-compare 1,2` serves REST and gRPC once per `--workers` count (front-end processes feeding one
-engine process); with `--wrk`, REST is driven by wrk, and gRPC by the Python client in either case.
+engine process); with `--wrk`, REST is driven by wrk (`--wrk-threads`), and gRPC by the Python client in
+either case; each wrk row records the engine's and the front ends' CPU per request. `--engine cuda` serves
+on the GPU (torch, CUDA graphs) instead of onnxruntime on the CPU (`benchmarks/gpu_frontend.sh`).
 
 `--http-compare` instead serves REST alone once per HTTP parser (h11, httptools) and event loop (asyncio,
 uvloop), and `--loop-compare` REST and gRPC once per event loop, idle dispatch on, beside the in-process rows.
@@ -42,15 +44,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: how the server and the in-process rows run the engine (``--engine``: torch on CUDA with graphs on a GPU host)
+ENGINE = ["--device", "cpu", "--backend", "onnxruntime", "--threads", "1"]
+WRK_THREADS = 1
+
+
 def _serve(
     bundle: str, idle: bool, http: str | None = None, loop: str = "auto", extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, int, int]:
     port, gport = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "forgetrt.tools.cli", "--log-level", "warning", "serve", bundle]
-    cmd += ["--port", str(port), "--device", "cpu", "--backend", "onnxruntime", "--loop", loop]
+    cmd += ["--port", str(port), "--loop", loop, *ENGINE]
     cmd += ["--http", http] if http else ["--grpc-port", str(gport)]
     cmd += list(extra)
-    cmd += ["--model-name", "m", "--idle-dispatch" if idle else "--no-idle-dispatch", "--threads", "1"]
+    cmd += ["--model-name", "m", "--idle-dispatch" if idle else "--no-idle-dispatch"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import http.client
 
@@ -65,6 +72,35 @@ def _serve(
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (front ends, their parse pools, multiprocessing's resource tracker)."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
 
 
 def _wrk(wrk: str, bundle: str, port: int, connections: int, duration: float) -> dict:
@@ -92,7 +128,15 @@ def _wrk(wrk: str, bundle: str, port: int, connections: int, duration: float) ->
         )
         libs = Path(wrk).resolve().parents[1] / "lib" / "x86_64-linux-gnu"
         env = {**os.environ, "LD_LIBRARY_PATH": str(libs)}
-        cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", "-s", str(lua)]
+        cmd = [
+            wrk,
+            f"-t{min(WRK_THREADS, connections)}",
+            f"-c{connections}",
+            f"-d{max(1, int(duration))}s",
+            "--latency",
+            "-s",
+            str(lua),
+        ]
         res = subprocess.run(
             [*cmd, f"http://127.0.0.1:{port}/v2/models/m/infer"], capture_output=True, text=True, env=env, timeout=120
         )
@@ -105,10 +149,12 @@ def _wrk(wrk: str, bundle: str, port: int, connections: int, duration: float) ->
         return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     errs = re.search(r"Socket errors:.*", text)
     return {
         "requests_per_s": float(rps.group(1)) if rps else float("nan"),
+        "requests": int(total.group(1)) if total else 0,
         "p50_ms": round(ms("50"), 3),
         "p99_ms": round(ms("99"), 3),
         "errors": int(bad.group(1)) if bad else 0,
@@ -130,7 +176,18 @@ def main() -> None:
     )
     ap.add_argument("--wrk", help="path to a wrk binary: REST rows from wrk beside the Python client's")
     ap.add_argument("--workers-compare", help="comma-separated --workers counts, e.g. 1,2: one server each")
+    ap.add_argument(
+        "--engine",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu: onnxruntime, 1 thread (the CPU rows); cuda: torch with CUDA graphs on the GPU",
+    )
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (at most one per connection)")
     a = ap.parse_args()
+    global WRK_THREADS
+    WRK_THREADS = a.wrk_threads
+    if a.engine == "cuda":
+        ENGINE[:] = ["--device", "cuda", "--backend", "torch", "--cuda-graphs"]
     conc = tuple(int(c) for c in a.concurrency.split(","))
     cfg = BenchConfig(batches=(1,), concurrency=conc, active_vectors=(1,), duration=a.duration, warmup=1.0)
     out: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": []}
@@ -148,9 +205,13 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     batching = BatchingConfig(max_batch_size=64)
-    with Runtime.load(
-        a.bundle, RuntimeConfig(backend="onnxruntime", device="cpu", batching=batching), {"threads": 1}
-    ) as rt:
+    engine = (
+        (RuntimeConfig(backend="torch", device="cuda", batching=batching), {"cuda_graphs": True})
+        if a.engine == "cuda"
+        else (RuntimeConfig(backend="onnxruntime", device="cpu", batching=batching), {"threads": 1})
+    )
+    out["engine"] = a.engine
+    with Runtime.load(a.bundle, *engine) as rt:
         for rec in run_bench(rt, cfg, progress=False):
             row("in-process", rec)
 
@@ -173,7 +234,16 @@ def main() -> None:
                 time.sleep(1.0 + 0.3 * w)  # every front end up (the first one answering is not enough)
                 for c in conc:
                     if a.wrk:
+                        fronts = _descendants(proc.pid)
+                        before = (_cpu_s(proc.pid), sum(_cpu_s(p) for p in fronts))
                         r = _wrk(a.wrk, a.bundle, port, c, a.duration)
+                        engine_s = _cpu_s(proc.pid) - before[0]
+                        front_s = sum(_cpu_s(p) for p in fronts) - before[1]
+                        n = r["requests"]  # wrk's count; the CPU includes its few seconds' start and end
+                        r["cpu_us_per_request"] = {
+                            "engine process": round(1e6 * engine_s / max(n, 1), 1),
+                            "front ends (all)": round(1e6 * front_s / max(n, 1), 1),
+                        }
                         out["rows"].append({"kind": f"rest, wrk, workers {w}", "concurrency": c, **r})
                         print(json.dumps(out["rows"][-1]), flush=True)
                     one = BenchConfig(batches=(1,), concurrency=(c,), active_vectors=(1,), duration=a.duration)
