@@ -54,6 +54,7 @@ from .control import ControlDisabled, ControlPlane, Unauthorized
 from .errors import EngineError, ForgetRTError, InvalidInputError
 from .iospec import IOSpec
 from .limits import ServerLimits
+from .runtime import dtype_error
 from .service import InferCall, InferOutcome, ModelService, ModelStats, WorkerLost
 
 __all__ = ["FrontEndPool", "RemoteService", "EngineHub", "EngineUnavailable", "MAX_WORKERS"]
@@ -66,6 +67,7 @@ _HEAD = struct.Struct("<IBQ")
 _INFER = 1  # front end -> engine: one inference; engine -> front end: its answer
 _RPC = 2  # front end -> engine: a JSON call (metadata, config, load_bank...); the engine answers in kind
 _COUNTS = 3  # front end -> engine: counter deltas (no answer)
+_CANCEL = 4  # front end -> engine: the client gave up on this inference (no answer)
 #: an inference: flags, timeout (us, -1: none), forget JSON length, image shape (4), coeffs shape (2)
 _REQ = struct.Struct("<BqIIIIIII")
 _ALONE, _HAS_COEFFS = 1, 2
@@ -130,7 +132,10 @@ class _Framed(asyncio.Protocol):
                 stop = pos + 4 + length
                 if stop > end:
                     break
-                self.frame(kind, rid, view[pos + _HEAD.size : stop])
+                try:
+                    self.frame(kind, rid, view[pos + _HEAD.size : stop])
+                except Exception as e:  # noqa: BLE001 - one bad frame must not close the connection
+                    self.frame_failed(kind, rid, e)
                 pos = stop
         finally:
             view.release()
@@ -140,18 +145,30 @@ class _Framed(asyncio.Protocol):
     def frame(self, kind: int, rid: int, payload: memoryview) -> None:
         raise NotImplementedError
 
-    def send(self, kind: int, rid: int, *parts: bytes) -> None:
+    def frame_failed(self, kind: int, rid: int, e: BaseException) -> None:
+        log.error("a frame (kind %d) could not be handled: %r", kind, e)
+
+    def send(self, kind: int, rid: int, *parts: bytes, now: bool = False) -> None:
+        """Queue a frame for the end of this loop turn; ``now``: write it (and anything queued) at once,
+        for a lone request that nothing else would join."""
         length = _HEAD.size - 4 + sum(len(p) for p in parts)
         if length > MAX_FRAME:
             raise InvalidInputError("a message between front end and engine is over 4 GiB")
         self._out.append(_HEAD.pack(length, kind, rid))
         self._out.extend(parts)
-        if not self._flush_scheduled:
+        if now:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if not self._out:
+            return
         out, self._out = self._out, []
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
@@ -168,10 +185,11 @@ class EngineHub:
         self.connections: set[_EngineSide] = set()
         self.forget_cache: dict[bytes, Any] = {}
 
-    async def attach(self, sock: socket.socket) -> None:
+    async def attach(self, sock: socket.socket) -> _EngineSide:
         """Serve one front end's end of a socket pair on the running loop."""
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: _EngineSide(self), sock)
+        _, side = await loop.connect_accepted_socket(lambda: _EngineSide(self), sock)
+        return side
 
     # ------------------------------------------------------------------ calls
     async def rpc(self, op: str, args: dict[str, Any]) -> Any:
@@ -206,11 +224,19 @@ class _EngineSide(_Framed):
         self.hub = hub
         self._tasks: set[asyncio.Task] = set()
         self._incoming: list[tuple[int, InferCall, bool]] = []
+        self._running: dict[int, asyncio.Future] = {}  # inferences under way, by request id (to cancel)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._incoming:
             self._dispatch()
+
+    def frame_failed(self, kind: int, rid: int, e: BaseException) -> None:
+        super().frame_failed(kind, rid, e)
+        if kind == _INFER:  # the front end waits for an answer: it gets one
+            self.send(kind, rid, _ERR.pack(1), _error_payload(e))
+        elif kind == _RPC:
+            self.send(kind, rid, json.dumps({"error": json.loads(_error_payload(e))}).encode())
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -228,6 +254,10 @@ class _EngineSide(_Framed):
                 self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
                 return
             self._incoming.append((rid, call, alone))
+            return
+        if kind == _CANCEL:  # the batcher skips a cancelled job; a running one ends unanswered
+            if (running := self._running.pop(rid, None)) is not None:
+                running.cancel()
             return
         if kind == _RPC:
             task = self._loop.create_task(self._rpc(rid, bytes(payload)))
@@ -276,9 +306,20 @@ class _EngineSide(_Framed):
         svc = self.hub.svc
         if len(todo) == 1 and todo[0][2] and svc.inflight == 0:
             rid, call, alone = todo[0]
+            try:  # alone in its front end and here: run it now if the engine is idle and the call short
+                o = svc.infer_now(call)
+            except Exception as e:  # noqa: BLE001 - every failure goes back typed
+                self.send(_INFER, rid, _ERR.pack(1), _error_payload(e), now=True)
+                return
+            if o is not None:
+                n, c = o.logits.shape
+                head = _RES.pack(0, o.bank_version, o.queue_us, o.compute_us, n, c)
+                self.send(_INFER, rid, head, o.logits.tobytes(), now=True)
+                return
             task = self._loop.create_task(self._infer(rid, call, alone))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._running[rid] = task
+            task.add_done_callback(functools.partial(self._ran, rid))
             return
         for rid, call, _ in todo:
             try:
@@ -286,9 +327,15 @@ class _EngineSide(_Framed):
             except Exception as e:  # noqa: BLE001 - every failure goes back typed
                 self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
                 continue
+            self._running[rid] = fut
             fut.add_done_callback(functools.partial(self._answer, rid, finish))
 
+    def _ran(self, rid: int, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._running.pop(rid, None)
+
     def _answer(self, rid: int, finish: Callable[[asyncio.Future], InferOutcome], fut: asyncio.Future) -> None:
+        self._running.pop(rid, None)
         try:
             o = finish(fut)
         except BaseException as e:  # noqa: BLE001 - a callback: answer, never raise into the loop
@@ -340,14 +387,19 @@ class _FrontSide(_Framed):
         self.pending.clear()
         self._lost_cb()
 
-    def request(self, kind: int, *parts: bytes) -> asyncio.Future:
+    def request(self, kind: int, *parts: bytes, now: bool = False) -> tuple[int, asyncio.Future]:
         if self.closed:
             raise EngineUnavailable("the engine process is gone; retry shortly")
         self._next += 1
         fut = self._loop.create_future()
         self.pending[self._next] = fut
-        self.send(kind, self._next, *parts)
-        return fut
+        self.send(kind, self._next, *parts, now=now)
+        return self._next, fut
+
+    def cancel(self, rid: int) -> None:
+        """The caller gave up on ``rid``: tell the engine, so it does not run (or count) it."""
+        if self.pending.pop(rid, None) is not None and not self.closed:
+            self.send(_CANCEL, rid)
 
     def frame(self, kind: int, rid: int, payload: memoryview) -> None:
         fut = self.pending.pop(rid, None)
@@ -440,7 +492,8 @@ class RemoteService(ModelService):
     # ------------------------------------------------------------------ calls to the engine
     async def _call(self, op: str, **args: Any) -> Any:
         self.flush_counts()  # a reader of statistics or metrics sees this front end's failures so far
-        kind, raw = await self._link().request(_RPC, json.dumps({"op": op, "args": args}).encode())
+        _, fut = self._link().request(_RPC, json.dumps({"op": op, "args": args}).encode())
+        kind, raw = await fut
         d = json.loads(raw)
         if "error" in d:
             raise _raise_payload(json.dumps(d["error"]).encode(), self._errors)
@@ -487,21 +540,28 @@ class RemoteService(ModelService):
     async def infer(self, call: InferCall, *, peer_alone: bool = True) -> InferOutcome:
         out = self.check_call(call)
         images = call.images
-        if images.dtype != np.float32:
-            raise InvalidInputError(f"input {self.spec.image_name!r} must be FP32")
+        if images.dtype != np.float32:  # the runtime's own words (the wire carries float32)
+            raise dtype_error(images.dtype, self.spec.input_range)
         params = call.params
         forget = b"" if params.forget is None else json.dumps(params.forget).encode()
         coeffs = call.coeffs
-        flags = (_ALONE if self.inflight <= 1 else 0) | (_HAS_COEFFS if coeffs is not None else 0)
+        # alone: nothing else in this front end is being read, parsed or run (this request is not counted yet)
+        flags = (_ALONE if self.inflight == 0 else 0) | (_HAS_COEFFS if coeffs is not None else 0)
         n, c, h, w = images.shape
         cn, ck = coeffs.shape if coeffs is not None else (0, 0)
         head = _REQ.pack(flags, -1 if params.timeout_us is None else params.timeout_us, len(forget), n, c, h, w, cn, ck)
         parts = [head, forget, np.ascontiguousarray(images).tobytes()]
         if coeffs is not None:
             parts.append(np.ascontiguousarray(coeffs).tobytes())
+        link = self._link()
         self.inflight += 1
         try:
-            kind, raw = await self._link().request(_INFER, *parts)
+            rid, fut = link.request(_INFER, *parts, now=bool(flags & _ALONE))
+            try:
+                kind, raw = await fut
+            except asyncio.CancelledError:  # the client went away (a gRPC deadline, a cancelled call)
+                link.cancel(rid)
+                raise
         finally:
             self.inflight -= 1
         if raw[0] != 0:
@@ -538,6 +598,8 @@ def _front_end_main(fe: FrontEndSpec, rest_sock: socket.socket, engine_sock: soc
 
     configure_logging(fe.log_level, fe.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process stops us (SIGTERM), not the terminal
+    with contextlib.suppress(OSError):  # a group of our own: what we leave behind if killed can be reaped
+        os.setpgid(0, 0)
     import uvicorn
 
     from .server import _loop_factory, create_app, uvicorn_config
@@ -581,14 +643,21 @@ def _front_end_main(fe: FrontEndSpec, rest_sock: socket.socket, engine_sock: soc
 
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A bound, never-listening SO_REUSEPORT socket: it holds ``port`` (or picks one for 0) for the
-    front ends' gRPC servers, which bind it with SO_REUSEPORT too; a port another program holds is refused."""
+    front ends' gRPC servers, which bind it with SO_REUSEPORT too. A port anyone holds, with or without
+    SO_REUSEPORT (another ``--workers`` server, say), is refused: a plain bind is tried first."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        s.bind((host, port))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # fails on a port held in any way
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            raise
     except OSError as e:
-        s.close()
         raise InvalidInputError(f"cannot listen for gRPC on {host}:{port}: {e.strerror}") from None
     return s
 
@@ -599,6 +668,19 @@ class _Worker:
     process: Any
     engine_end: socket.socket
     started: float = field(default_factory=time.monotonic)
+    side: _EngineSide | None = None  # the engine's end of its connection, once attached
+
+    def reap(self) -> None:
+        """Kill what a dead front end left behind (its parse pool's workers, in its process group)."""
+        if self.process.pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.side is not None and self.side.transport is not None:
+            self.side.transport.close()  # the transport owns the socket once attached
+        elif self.side is None:
+            self.engine_end.close()
 
 
 class FrontEndPool:
@@ -670,33 +752,47 @@ class FrontEndPool:
             name=f"forgetrt-frontend-{index}",
             daemon=False,  # a front end has children of its own (its parse pool); it exits when the engine does
         )
-        await asyncio.to_thread(p.start)
-        front_end.close()
-        await self.hub.attach(engine_end)
-        self._procs[index] = _Worker(index, p, engine_end)
+        w = self._procs[index] = _Worker(index, p, engine_end)  # known before it starts: stop() sees it
+        try:
+            await asyncio.to_thread(p.start)
+        finally:
+            front_end.close()
+        w.side = await self.hub.attach(engine_end)
+
+    def _dead(self) -> list[_Worker]:
+        return [w for w in self._procs.values() if w.process.pid is not None and not w.process.is_alive()]
 
     async def _supervise(self) -> None:
         quick: dict[int, int] = {}  # front ends that died soon after starting, in a row
         while not self._stopping:
             await asyncio.sleep(0.25)
-            for i, w in list(self._procs.items()):
-                if w.process.is_alive() or self._stopping:
-                    continue
-                w.engine_end.close()
-                quick[i] = quick.get(i, 0) + 1 if time.monotonic() - w.started < QUICK_EXIT_S else 0
-                if quick[i] >= START_TRIES:
-                    self.failed = f"front end {i} exited {START_TRIES} times within {QUICK_EXIT_S:g} s of starting"
-                    log.error("%s (last exit code %s): stopping", self.failed, w.process.exitcode)
-                    self._failed_event.set()
+            for w in self._dead():
+                if self._stopping:
                     return
-                log.error("front end %d exited (code %s); starting it again", i, w.process.exitcode)
-                await asyncio.sleep(0.5 * quick[i])
-                if not self._stopping:
-                    self.restarts += 1
-                    await self._spawn(i)
+                i = w.index
+                w.reap()
+                w.close()
+                quick[i] = quick.get(i, 0) + 1 if time.monotonic() - w.started < QUICK_EXIT_S else 0
+                while True:
+                    if quick[i] >= START_TRIES:
+                        self.failed = f"front end {i} failed {START_TRIES} times within {QUICK_EXIT_S:g} s of starting"
+                        log.error("%s (last exit code %s): stopping", self.failed, w.process.exitcode)
+                        self._failed_event.set()
+                        return
+                    log.error("front end %d exited (code %s); starting it again", i, w.process.exitcode)
+                    await asyncio.sleep(0.5 * quick[i])
+                    if self._stopping:
+                        return
+                    try:
+                        self.restarts += 1
+                        await self._spawn(i)
+                        break
+                    except Exception as e:  # noqa: BLE001 - e.g. out of file descriptors: try again, then stop
+                        log.error("front end %d could not be started: %r", i, e)
+                        quick[i] += 1
 
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._procs.values()]
+        return [w.process.pid for w in self._procs.values() if w.process.pid is not None]
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
@@ -704,25 +800,30 @@ class FrontEndPool:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        # our copy of the listening socket goes first: once the front ends close theirs (uvicorn does on
+        # SIGTERM, before draining), new connections are refused instead of waiting in a backlog nobody reads
+        for s in (self._rest, self._grpc_hold):
+            if s is not None:
+                s.close()
         for w in self._procs.values():
-            if w.process.is_alive():
+            if w.process.pid is not None and w.process.is_alive():
                 w.process.terminate()  # uvicorn's SIGTERM: stop accepting, finish what is in flight
 
         def join() -> None:
             deadline = time.monotonic() + grace_s
             for w in self._procs.values():
+                if w.process.pid is None:
+                    continue
                 w.process.join(max(0.0, deadline - time.monotonic()))
                 if w.process.is_alive():
                     w.process.kill()
                     w.process.join(2.0)
+                w.reap()
 
         await asyncio.to_thread(join)
         await asyncio.sleep(0.05)  # the last counter updates
         for w in self._procs.values():
-            w.engine_end.close()
-        for s in (self._rest, self._grpc_hold):
-            if s is not None:
-                s.close()
+            w.close()
 
 
 def run_pool(pool: FrontEndPool, on_started: Callable[[FrontEndPool], None] | None = None) -> None:

@@ -67,6 +67,12 @@ class RuntimeConfig:
         return asdict(self)
 
 
+def dtype_error(dtype: Any, input_range: tuple[float, float]) -> InvalidInputError:
+    """The error for images that are not float32 (one wording, wherever the check runs)."""
+    lo, hi = (float(v) for v in input_range)
+    return InvalidInputError(f"images must be float32 in [{lo}, {hi}], got dtype {dtype}")
+
+
 class Runtime:
     def __init__(
         self,
@@ -167,7 +173,7 @@ class Runtime:
         if not isinstance(images, np.ndarray):
             raise InvalidInputError(f"images must be a numpy array, got {type(images).__name__}")
         if images.dtype != np.float32:
-            raise InvalidInputError(f"images must be float32 in [{self._lo}, {self._hi}], got dtype {images.dtype}")
+            raise dtype_error(images.dtype, (self._lo, self._hi))
         if images.ndim == 3:
             images = images[None]
         if images.shape[1:] != self._shape or images.ndim != 4:
@@ -251,6 +257,20 @@ class Runtime:
     ) -> Future:
         """Queue one request for the dynamic batcher; the future resolves to an :class:`InferResult`."""
         return self._batcher.submit(self._job(images, forget, coeffs, deadline_ms))
+
+    def infer_now(
+        self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None
+    ) -> InferResult | None:
+        """Run one request right here, as inline dispatch would (the batcher idle, this batch size already
+        run on this bank, the engine call expected within ``inline_max_us``), or return None (then submit
+        it). For a caller that knows the request is alone and is on the thread that should run it: the
+        engine side of :mod:`.frontends`, which sees every request of a read before running any."""
+        if not self._batcher.inline_max_s:
+            return None
+        job = self._job(images, forget, coeffs, deadline_ms)
+        if not self._batcher.could_run_inline(job):
+            return None
+        return self._batcher.run_inline(job)  # the result, None (no longer idle), or the job's error raised
 
     def submit_async(
         self, images: Any, forget: Composition | None = None, *, coeffs: Any = None, deadline_ms: float | None = None

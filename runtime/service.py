@@ -59,6 +59,9 @@ ENGINE_FAILURES_UNREADY = 3  # failed batches in a row after which readiness tur
 #: request parameters this server understands; anything else is refused rather than silently ignored
 REQUEST_PARAMETERS = ("forget", "policy", "binary_data_output", "timeout", "priority", "sequence_id")
 _NAME_WEIGHT = ","
+#: the largest ``forget`` parameter accepted: far beyond any bank, small enough to decode in a few ms
+MAX_FORGET_CHARS = 1 << 20
+MAX_FORGET_ITEMS = 1 << 16
 
 
 class TooLarge(InvalidInputError):
@@ -135,6 +138,10 @@ def parse_forget(value: Any) -> Any:
     """
     if value is None:
         return None
+    if isinstance(value, str) and len(value) > MAX_FORGET_CHARS:
+        raise InvalidInputError(f"'forget' is longer than {MAX_FORGET_CHARS} characters")
+    if isinstance(value, (dict, list)) and len(value) > MAX_FORGET_ITEMS:
+        raise InvalidInputError(f"'forget' names more than {MAX_FORGET_ITEMS} vectors")
     if isinstance(value, str):
         text = value.strip()
         if text.startswith(("{", "[")):
@@ -142,10 +149,14 @@ def parse_forget(value: Any) -> Any:
                 value = json.loads(text)
             except (ValueError, RecursionError) as e:  # ValueError: also integers past Python's digit limit
                 raise InvalidInputError(f"'forget' is not valid JSON: {str(e)[:200]}") from None
+            if isinstance(value, (dict, list)) and len(value) > MAX_FORGET_ITEMS:
+                raise InvalidInputError(f"'forget' names more than {MAX_FORGET_ITEMS} vectors")
         else:
             items = [s.strip() for s in text.split(_NAME_WEIGHT) if s.strip()]
             if not items:
                 raise InvalidInputError("'forget' names no vector")
+            if len(items) > MAX_FORGET_ITEMS:
+                raise InvalidInputError(f"'forget' names more than {MAX_FORGET_ITEMS} vectors")
             if not any("=" in s for s in items):
                 return items
             out: dict[str, float] = {}
@@ -529,6 +540,27 @@ class ModelService:
         finally:
             self.inflight -= 1
         return self._done(out, result, t0)
+
+    def infer_now(self, call: InferCall) -> InferOutcome | None:
+        """``infer`` run on the calling thread now when the runtime would run it inline
+        (:meth:`Runtime.infer_now`), else None; for a caller that knows no other request is under way."""
+        t0 = time.perf_counter()
+        out = self.check_call(call)
+        timeout = call.params.timeout_us
+        self.inflight += 1
+        try:
+            result = self.runtime.infer_now(
+                call.images,
+                call.params.forget,
+                coeffs=call.coeffs,
+                deadline_ms=None if timeout is None else timeout / 1e3,
+            )
+        except ForgetRTError as e:
+            self._failed(e)
+            raise
+        finally:
+            self.inflight -= 1
+        return None if result is None else self._done(out, result, t0)
 
     def submit(self, call: InferCall) -> tuple[asyncio.Future, Callable[[asyncio.Future], InferOutcome]]:
         """``infer`` without a coroutine, for a caller on the event loop that answers from a callback (the

@@ -118,6 +118,43 @@ def test_inference_over_the_wire_is_the_runtime_answer(rt):
     assert svc.stats.inference_count == 3 * 7  # the engine keeps the model's statistics
 
 
+def test_a_lone_request_runs_at_once_on_the_engine_when_the_runtime_would_run_it_inline(digits_bundle):
+    x = _x(1, seed=9)
+    cfg = RuntimeConfig(backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=16))
+    with Runtime.load(digits_bundle, cfg) as r:
+        assert r.infer_now(x, ["forget-3"]) is None  # this size has not run on this bank yet
+        asyncio.run(r.infer_async(x, ["forget-3"]))
+        got = r.infer_now(x, ["forget-3"])
+        np.testing.assert_allclose(got.logits, r.infer(x, ["forget-3"]).logits, atol=1e-6)
+        with pytest.raises(UnknownNameError):
+            r.infer_now(x, ["nope"])
+        ran = []
+        svc = ModelService(r, "digits")
+        orig = svc.infer_now
+        svc.infer_now = lambda call: ran.append(orig(call)) or ran[-1]
+
+        async def body():
+            a, b = socket.socketpair()
+            await EngineHub(svc).attach(a)
+            front = RemoteService(r.iospec, "digits")
+            await front.connect(b)
+            outs = [await front.infer(InferCall(x, None, RequestParameters(forget=["forget-3"]))) for _ in range(5)]
+            a.close()
+            b.close()
+            return outs
+
+        outs = asyncio.run(body())
+        assert len(ran) == 5 and all(o is not None for o in ran)  # one at a time: each ran at once
+        for o in outs:
+            np.testing.assert_allclose(o.logits, got.logits, atol=1e-6)
+    off = RuntimeConfig(
+        backend="onnxruntime", device="cpu", batching=BatchingConfig(max_batch_size=16, inline_max_us=0)
+    )
+    with Runtime.load(digits_bundle, off) as r:
+        asyncio.run(r.infer_async(x))
+        assert r.infer_now(x) is None  # inline dispatch off: never
+
+
 def test_errors_cross_the_wire_with_their_types(rt, monkeypatch):
     x = _x(1)
 
@@ -136,7 +173,11 @@ def test_errors_cross_the_wire_with_their_types(rt, monkeypatch):
         async def boom(*_, **__):
             raise RuntimeError("secret internals /etc/passwd")
 
+        def boom_now(*_, **__):
+            raise RuntimeError("secret internals /etc/passwd")
+
         monkeypatch.setattr(svc, "infer", boom)
+        monkeypatch.setattr(svc, "infer_now", boom_now)
         with pytest.raises(EngineError) as e:
             await front.infer(InferCall(x))
         got.append(e.value)
@@ -191,6 +232,73 @@ def test_many_requests_in_one_read_are_answered_each_with_its_own_result_or_erro
             want = rt.infer(xs[i], {"forget-1": 0.5 * (i % 3)}).logits
             np.testing.assert_allclose(r.logits, want, atol=1e-5, err_msg=str(i))
     assert any(isinstance(r, DeadlineExceededError) for r in got)  # 1 us is past by the time a batch runs
+
+
+def test_a_request_its_client_gave_up_on_is_cancelled_on_the_engine_and_not_counted(digits_bundle):
+    """A gRPC deadline or a cancelled call cancels the front end's wait; the engine hears of it, so the
+    batcher skips the job and nothing is counted as served (as in one process)."""
+    cfg = RuntimeConfig(
+        backend="onnxruntime",
+        device="cpu",
+        batching=BatchingConfig(max_batch_size=16, max_queue_delay_us=300_000, idle_dispatch=False, inline_max_us=0),
+    )
+    with Runtime.load(digits_bundle, cfg) as r:
+        executions = []
+        r._batcher._observer = lambda *a: executions.append(a)
+
+        async def body(front, svc, _):
+            calls = [InferCall(_x(1, seed=i)) for i in range(3)]
+            with pytest.raises(asyncio.TimeoutError):  # one alone (the coroutine path on the engine)
+                await asyncio.wait_for(front.infer(calls[0]), 0.05)
+            many = [asyncio.wait_for(front.infer(c), 0.05) for c in calls[1:]]  # together (the callback path)
+            got = await asyncio.gather(*many, return_exceptions=True)
+            await asyncio.sleep(0.6)  # past the batcher's collection delay
+            return got, (await svc.statistics())["model_stats"][0], svc.inflight
+
+        (got, stats, inflight), _, _ = _linked(r, body)
+    assert all(isinstance(g, asyncio.TimeoutError) for g in got)
+    assert stats["inference_stats"]["success"]["count"] == 0 and stats["inference_count"] == 0
+    assert executions == [] and inflight == 0  # the engine never ran them
+
+
+def test_errors_read_as_in_one_process_and_oversized_forget_parameters_are_refused(rt):
+    from forgetrt.runtime.service import MAX_FORGET_ITEMS, parse_forget
+
+    x64 = _x(1).astype(np.float64)
+
+    async def body(front, svc, _):
+        with pytest.raises(InvalidInputError) as remote:
+            await front.infer(InferCall(x64))
+        return str(remote.value)
+
+    msg, _, _ = _linked(rt, body)
+    with pytest.raises(InvalidInputError) as local:
+        rt.infer(x64)
+    assert msg == str(local.value)  # the same words with and without front ends
+    for bad in (
+        ",".join(f"v{i}" for i in range(MAX_FORGET_ITEMS + 1)),
+        "x" * ((1 << 20) + 1),
+        json.dumps({f"v{i}": 1 for i in range(MAX_FORGET_ITEMS + 1)}),
+        [f"v{i}" for i in range(MAX_FORGET_ITEMS + 1)],
+    ):
+        with pytest.raises(InvalidInputError, match="forget"):
+            parse_forget(bad)
+
+
+def test_a_grpc_port_held_by_anyone_is_refused():
+    from forgetrt.runtime.frontends import _reserve_port
+
+    held = _reserve_port("127.0.0.1", 0)  # as a --workers server holds it: SO_REUSEPORT, not listening
+    try:
+        with pytest.raises(InvalidInputError, match="cannot listen for gRPC"):
+            _reserve_port("127.0.0.1", held.getsockname()[1])
+        with socket.socket() as plain:
+            plain.bind(("127.0.0.1", 0))
+            plain.listen()
+            with pytest.raises(InvalidInputError, match="cannot listen for gRPC"):
+                _reserve_port("127.0.0.1", plain.getsockname()[1])
+    finally:
+        held.close()
 
 
 def test_an_error_type_the_front_end_does_not_know_becomes_its_nearest_known_base():
@@ -270,6 +378,7 @@ def test_a_front_end_whose_engine_is_gone_answers_503_and_is_unready(rt):
             await release.wait()
 
         svc.infer = slow
+        svc.infer_now = lambda call: None  # not run at once: it takes the path that waits
         pending = asyncio.ensure_future(front.infer(InferCall(_x(1))))
         await started
         engine_sock.shutdown(socket.SHUT_RDWR)  # the engine process dies with a request in flight
@@ -333,11 +442,20 @@ def test_a_killed_front_end_is_started_again_and_bank_changes_reach_every_front_
     p = _Pool(svc, workers=2, control=control, metrics=metrics)
     try:
         victim = p.pool.pids()[0]
+        deadline = time.time() + 30
+        while not _group(victim) - {victim} and time.time() < deadline:  # its parse pool starts with it
+            time.sleep(0.1)
+        left = _group(victim) - {victim}
+        assert left, "a front end's parse pool runs in its process group"
         os.kill(victim, signal.SIGKILL)
         deadline = time.time() + 30
         while p.pool.restarts < 1 and time.time() < deadline:
             time.sleep(0.1)
         assert p.pool.restarts == 1 and victim not in p.pool.pids() and len(p.pool.pids()) == 2
+        deadline = time.time() + 10
+        while any(_alive(c) for c in left) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in left)  # what the killed front end left behind is reaped
         p.wait_ready()
         assert all(_infer(p.url).status_code == 200 for _ in range(10))
 
@@ -356,6 +474,48 @@ def test_a_killed_front_end_is_started_again_and_bank_changes_reach_every_front_
     finally:
         p.close()
     assert not any(w.process.is_alive() for w in p.pool._procs.values())
+
+
+def _group(pgid):
+    """The live processes in process group ``pgid``."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.add(int(d))
+    return out
+
+
+def test_a_stopping_server_refuses_new_connections_while_it_drains(rt):
+    svc = ModelService(rt, "digits")
+    orig = svc.infer
+
+    async def slow(call, **kw):
+        await asyncio.sleep(2.0)
+        return await orig(call, **kw)
+
+    svc.infer, svc.infer_now = slow, lambda call: None
+    p = _Pool(svc, workers=1)
+    results = {}
+    th = threading.Thread(target=lambda: results.setdefault("r", _infer(p.url)))
+    th.start()
+    time.sleep(0.5)  # the request is in flight
+    stopping = asyncio.run_coroutine_threadsafe(p.pool.stop(grace_s=10), p.loop)
+    time.sleep(0.5)
+    t0 = time.time()
+    with pytest.raises(httpx.ConnectError):  # refused at once, not left waiting in a backlog
+        httpx.get(f"{p.url}/v2/health/live", timeout=5)
+    assert time.time() - t0 < 1.0
+    stopping.result(30)
+    th.join(10)
+    assert results["r"].status_code == 200  # what was in flight finished
+    p.loop.call_soon_threadsafe(p.loop.stop)
+    p.thread.join(10)
 
 
 def _free_port():
