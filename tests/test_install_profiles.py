@@ -110,9 +110,10 @@ def test_serving_works_where_torch_cannot_be_imported(digits_bundle, tmp_path):
     "environment (.ci/run builds one)",
 )
 def test_a_separate_serving_only_install_serves(digits_bundle):
+    """...with front-end processes (`--workers 2`: spawned, they import the runtime without torch too)."""
     py = os.environ["FORGETRT_SERVING_PYTHON"]
     r = subprocess.run(
-        [py, "-m", "forgetrt.tools.serving_check", str(digits_bundle)],
+        [py, "-m", "forgetrt.tools.serving_check", str(digits_bundle), "--workers", "2"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -120,7 +121,7 @@ def test_a_separate_serving_only_install_serves(digits_bundle):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["train_names_extra"] and out["answers"] >= 3
+    assert out["train_names_extra"] and out["answers"] >= 3 and out["workers"] == 2
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0  # truly absent, not hidden
 

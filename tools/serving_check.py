@@ -1,7 +1,7 @@
 """Serve a bundle and answer ``tritonclient.http`` requests from the environment this runs in: the check
 that a serving-only install (``pip install "forgetrt[cpu]"``, no torch) loads, serves and answers.
 
-    python -m forgetrt.tools.serving_check BUNDLE [--expect-no torch,sklearn,matplotlib]
+    python -m forgetrt.tools.serving_check BUNDLE [--expect-no torch,sklearn,matplotlib] [--workers 2]
 
 Starts ``forgetrt serve`` on a free port in a child process, sends one request per policy and one with
 explicit coefficients, checks each answer's shape and finiteness, that a composition changes the logits,
@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def check(bundle: str, expect_missing: list[str], timeout_s: float = 60.0) -> dict:
+def check(bundle: str, expect_missing: list[str], timeout_s: float = 60.0, workers: int = 1) -> dict:
     import tritonclient.http as th
 
     from forgetrt.runtime.bundle import Bundle
@@ -40,7 +40,7 @@ def check(bundle: str, expect_missing: list[str], timeout_s: float = 60.0) -> di
     port = _free_port()
     cli = [sys.executable, "-m", "forgetrt.tools.cli"]
     proc = subprocess.Popen(
-        [*cli, "serve", bundle, "--port", str(port), "--device", "cpu", "--model-name", "m"],
+        [*cli, "serve", bundle, "--port", str(port), "--device", "cpu", "--model-name", "m", "--workers", str(workers)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -87,6 +87,7 @@ def check(bundle: str, expect_missing: list[str], timeout_s: float = 60.0) -> di
         )
     return {
         "served": bundle,
+        "workers": workers,
         "answers": len(answers),
         "policies_change_logits": changed,
         "train_names_extra": names_extra,
@@ -99,8 +100,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
     ap.add_argument("--expect-no", default="torch,sklearn,matplotlib", help="modules that must not be importable")
+    ap.add_argument("--workers", type=int, default=1, help="serve --workers: front-end processes [default: 1]")
     a = ap.parse_args()
-    print(json.dumps(check(a.bundle, [m for m in a.expect_no.split(",") if m])))
+    print(json.dumps(check(a.bundle, [m for m in a.expect_no.split(",") if m], workers=a.workers)))
 
 
 if __name__ == "__main__":
