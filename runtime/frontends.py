@@ -589,6 +589,7 @@ class FrontEndSpec:
     loop: str
     log_level: str
     log_format: str
+    access_log: bool = False
     index: int = 0
 
 
@@ -607,7 +608,7 @@ def _front_end_main(fe: FrontEndSpec, rest_sock: socket.socket, engine_sock: soc
     metrics = FrontEndMetrics()
     svc = RemoteService(fe.spec, fe.model_name, limits=fe.limits, token_digest=fe.token_digest, metrics=metrics)
     app = create_app(None, fe.model_name, metrics=metrics, limits=fe.limits, service=svc)  # type: ignore[arg-type]
-    cfg = uvicorn_config(app, fe.limits, host=fe.host, log_level=fe.log_level, http=fe.http)
+    cfg = uvicorn_config(app, fe.limits, host=fe.host, log_level=fe.log_level, http=fe.http, access_log=fe.access_log)
     cfg.loop = "none"
     server = uvicorn.Server(cfg)
 
@@ -705,6 +706,7 @@ class FrontEndPool:
         loop: str = "auto",
         log_level: str = "info",
         log_format: str = "text",
+        access_log: bool = False,
     ) -> None:
         if not 1 <= int(workers) <= MAX_WORKERS:
             raise InvalidInputError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
@@ -712,7 +714,7 @@ class FrontEndPool:
         self.hub = EngineHub(svc, metrics)
         digest = hashlib.sha256(control.token.encode()).digest() if control.token is not None else None
         self._fe = FrontEndSpec(
-            svc.spec, svc.model_name, limits, digest, host, grpc_port, http, loop, log_level, log_format
+            svc.spec, svc.model_name, limits, digest, host, grpc_port, http, loop, log_level, log_format, access_log
         )
         self._host, self._port = host, port
         self._ctx = multiprocessing.get_context("spawn")

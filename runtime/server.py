@@ -866,9 +866,12 @@ def uvicorn_config(
     port: int = 8000,
     log_level: str = "info",
     http: str = "auto",
+    access_log: bool = False,
 ):
     """The uvicorn configuration that enforces ``limits`` (header size, keep-alive, the guarded protocol)
-    with the ``http`` implementation (auto: httptools when installed, else h11)."""
+    with the ``http`` implementation (auto: httptools when installed, else h11). ``access_log``: uvicorn's
+    line per request at INFO (off by default: it costs each request a formatted write; /metrics counts
+    every response)."""
     import uvicorn
 
     return uvicorn.Config(
@@ -880,6 +883,7 @@ def uvicorn_config(
         http=_guarded_protocol(limits, getattr(app, "metrics", None), http),
         timeout_keep_alive=int(math.ceil(limits.keep_alive_s)),
         h11_max_incomplete_event_size=limits.max_header_bytes,
+        access_log=access_log,
     )
 
 
@@ -900,6 +904,7 @@ def serve(
     loop: str = "auto",
     workers: int = 1,
     log_format: str = "text",
+    access_log: bool = False,
 ) -> None:
     """Load the bundle (its signature checked against ``verify_key`` when given) and serve it until
     interrupted (blocking): REST on ``port`` and, with ``grpc_port``, KServe v2 gRPC on that port, both in
@@ -934,12 +939,13 @@ def serve(
                 loop=loop,
                 log_level=log_level,
                 log_format=log_format,
+                access_log=access_log,
             )
             run_pool(pool)
             return
         app = create_app(runtime, name, metrics=metrics, limits=limits, control=control, service=svc)
         log.info("serving %s as model %r on http://%s:%d (backend %s)", bundle, name, host, port, runtime.backend_name)
-        cfg = uvicorn_config(app, limits, host=host, port=port, log_level=log_level, http=http)
+        cfg = uvicorn_config(app, limits, host=host, port=port, log_level=log_level, http=http, access_log=access_log)
         factory = _loop_factory(loop)
         cfg.loop = "none"  # the loop is ours (below), for REST alone and REST beside gRPC alike
         server = uvicorn.Server(cfg)

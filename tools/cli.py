@@ -1082,6 +1082,12 @@ def _limit_options(f: Callable) -> Callable:
     help="Event loop for REST and gRPC: uvloop (libuv) or asyncio's own; auto takes uvloop when installed.",
 )
 @click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log one line per HTTP request (uvicorn's access log, at INFO); off, /metrics still counts every response.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=1,
@@ -1132,6 +1138,7 @@ def serve_cmd(
     http_impl: str,
     event_loop: str,
     workers: int,
+    access_log: bool,
     model_name,
     pixel_policy: str,
     admin_token_file,
@@ -1196,6 +1203,7 @@ def serve_cmd(
         http=http_impl,
         loop=event_loop,
         workers=workers,
+        access_log=access_log,
         log_level=click.get_current_context().find_root().params["log_level"],
         log_format=click.get_current_context().find_root().params["log_format"],
     )

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -109,7 +110,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_cli_end_to_end(digits_bundle):
+@pytest.mark.parametrize("access_log", [False, True])
+def test_serve_cli_end_to_end(digits_bundle, access_log):
+    """Served as a user starts it (default log level info); uvicorn's access log only when asked for."""
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -126,6 +129,7 @@ def test_serve_cli_end_to_end(digits_bundle):
             "cpu",
             "--model-name",
             "digits",
+            *(["--access-log"] if access_log else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -151,6 +155,7 @@ def test_serve_cli_end_to_end(digits_bundle):
         proc.terminate()
         out = proc.communicate(timeout=20)[0].decode()
     assert "serving" in out
+    assert ('"POST /v2/models/digits/infer HTTP/1.1" 200' in out) == access_log, out
 
 
 def test_serve_cli_missing_bundle(tmp_path):
