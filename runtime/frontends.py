@@ -258,6 +258,8 @@ class _EngineSide(_Framed):
         if kind == _CANCEL:  # the batcher skips a cancelled job; a running one ends unanswered
             if (running := self._running.pop(rid, None)) is not None:
                 running.cancel()
+            else:  # its request came in this same read and waits for dispatch: drop it
+                self._incoming = [t for t in self._incoming if t[0] != rid]
             return
         if kind == _RPC:
             task = self._loop.create_task(self._rpc(rid, bytes(payload)))
@@ -338,6 +340,8 @@ class _EngineSide(_Framed):
         self._running.pop(rid, None)
         try:
             o = finish(fut)
+        except asyncio.CancelledError:  # the front end cancelled it and expects no answer
+            return
         except BaseException as e:  # noqa: BLE001 - a callback: answer, never raise into the loop
             self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
             return
@@ -347,6 +351,8 @@ class _EngineSide(_Framed):
     async def _infer(self, rid: int, call: InferCall, alone: bool) -> None:
         try:
             o = await self.hub.svc.infer(call, peer_alone=alone)
+        except asyncio.CancelledError:  # the front end cancelled it and expects no answer
+            raise
         except BaseException as e:  # noqa: BLE001 - every failure goes back typed
             self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
             if not isinstance(e, Exception):
@@ -644,14 +650,19 @@ def _front_end_main(fe: FrontEndSpec, rest_sock: socket.socket, engine_sock: soc
 
 def _reserve_port(host: str, port: int) -> socket.socket:
     """A bound, never-listening SO_REUSEPORT socket: it holds ``port`` (or picks one for 0) for the
-    front ends' gRPC servers, which bind it with SO_REUSEPORT too. A port anyone holds, with or without
-    SO_REUSEPORT (another ``--workers`` server, say), is refused: a plain bind is tried first."""
+    front ends' gRPC servers, which bind it with SO_REUSEPORT too. A port that anything listens on, with or
+    without SO_REUSEPORT (another ``--workers`` server's front ends, say), is refused: a plain bind is tried
+    first; connections in TIME_WAIT do not count, as for the one-process server. (Two ``--workers`` servers
+    started within the same second could still both reserve a port before either listens.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:  # fails on a port held in any way
+            # as the one-process gRPC server binds: a port with connections in TIME_WAIT is free to use
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
             port = probe.getsockname()[1]
         s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             s.bind((host, port))
@@ -671,11 +682,31 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
     side: _EngineSide | None = None  # the engine's end of its connection, once attached
 
+    def exited(self) -> bool:
+        """Whether the front end has exited, without reaping it: until it is joined its pid, and so its
+        process group's id, cannot be taken by another process."""
+        pid = self.process.pid
+        if pid is None:
+            return False
+        if not self._uncollected():
+            return True
+        try:
+            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def _uncollected(self) -> bool:
+        # multiprocessing's exitcode and is_alive() collect the child (waitpid): read its Popen instead
+        popen = getattr(self.process, "_popen", None)
+        return popen is not None and getattr(popen, "returncode", None) is None
+
     def reap(self) -> None:
-        """Kill what a dead front end left behind (its parse pool's workers, in its process group)."""
-        if self.process.pid is not None:
+        """Kill what an exited front end left behind (its parse pool's workers, in its process group),
+        then collect it. Call only once :meth:`exited` is true and before anything joins the process."""
+        if self.process.pid is not None and self._uncollected():  # a zombie still holds its group's id
             with contextlib.suppress(OSError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.join(5.0)
 
     def close(self) -> None:
         if self.side is not None and self.side.transport is not None:
@@ -759,10 +790,14 @@ class FrontEndPool:
             await asyncio.to_thread(p.start)
         finally:
             front_end.close()
-        w.side = await self.hub.attach(engine_end)
+        try:
+            w.side = await self.hub.attach(engine_end)
+        except BaseException:
+            p.kill()  # a front end nobody can talk to must not keep serving its socket
+            raise
 
     def _dead(self) -> list[_Worker]:
-        return [w for w in self._procs.values() if w.process.pid is not None and not w.process.is_alive()]
+        return [w for w in self._procs.values() if w.exited()]
 
     async def _supervise(self) -> None:
         quick: dict[int, int] = {}  # front ends that died soon after starting, in a row
@@ -808,18 +843,22 @@ class FrontEndPool:
             if s is not None:
                 s.close()
         for w in self._procs.values():
-            if w.process.pid is not None and w.process.is_alive():
+            if w.process.pid is not None and not w.exited():
                 w.process.terminate()  # uvicorn's SIGTERM: stop accepting, finish what is in flight
+
+        def wait(w: _Worker, until: float) -> bool:
+            while not w.exited() and time.monotonic() < until:
+                time.sleep(0.02)
+            return w.exited()
 
         def join() -> None:
             deadline = time.monotonic() + grace_s
             for w in self._procs.values():
                 if w.process.pid is None:
                     continue
-                w.process.join(max(0.0, deadline - time.monotonic()))
-                if w.process.is_alive():
+                if not wait(w, deadline):
                     w.process.kill()
-                    w.process.join(2.0)
+                    wait(w, time.monotonic() + 2.0)
                 w.reap()
 
         await asyncio.to_thread(join)

@@ -130,6 +130,21 @@ def _weight(name: str, text: str) -> float:
     return w
 
 
+def _check_forget_size(value: Any) -> None:
+    """Refuse a ``forget`` larger than any bank could need: over MAX_FORGET_ITEMS names, or over
+    MAX_FORGET_CHARS characters (a string, or the names of a list or mapping together)."""
+    if isinstance(value, str):
+        size = len(value)
+    elif isinstance(value, (dict, list)):
+        if len(value) > MAX_FORGET_ITEMS:
+            raise InvalidInputError(f"'forget' names more than {MAX_FORGET_ITEMS} vectors")
+        size = sum(len(n) for n in value if isinstance(n, str))
+    else:
+        return
+    if size > MAX_FORGET_CHARS:
+        raise InvalidInputError(f"'forget' is longer than {MAX_FORGET_CHARS} characters")
+
+
 def parse_forget(value: Any) -> Any:
     """A request's ``forget`` parameter as a composition the runtime takes.
 
@@ -138,10 +153,7 @@ def parse_forget(value: Any) -> Any:
     """
     if value is None:
         return None
-    if isinstance(value, str) and len(value) > MAX_FORGET_CHARS:
-        raise InvalidInputError(f"'forget' is longer than {MAX_FORGET_CHARS} characters")
-    if isinstance(value, (dict, list)) and len(value) > MAX_FORGET_ITEMS:
-        raise InvalidInputError(f"'forget' names more than {MAX_FORGET_ITEMS} vectors")
+    _check_forget_size(value)
     if isinstance(value, str):
         text = value.strip()
         if text.startswith(("{", "[")):
@@ -149,8 +161,7 @@ def parse_forget(value: Any) -> Any:
                 value = json.loads(text)
             except (ValueError, RecursionError) as e:  # ValueError: also integers past Python's digit limit
                 raise InvalidInputError(f"'forget' is not valid JSON: {str(e)[:200]}") from None
-            if isinstance(value, (dict, list)) and len(value) > MAX_FORGET_ITEMS:
-                raise InvalidInputError(f"'forget' names more than {MAX_FORGET_ITEMS} vectors")
+            _check_forget_size(value)
         else:
             items = [s.strip() for s in text.split(_NAME_WEIGHT) if s.strip()]
             if not items:

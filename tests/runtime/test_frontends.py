@@ -234,7 +234,7 @@ def test_many_requests_in_one_read_are_answered_each_with_its_own_result_or_erro
     assert any(isinstance(r, DeadlineExceededError) for r in got)  # 1 us is past by the time a batch runs
 
 
-def test_a_request_its_client_gave_up_on_is_cancelled_on_the_engine_and_not_counted(digits_bundle):
+def test_a_request_its_client_gave_up_on_is_cancelled_on_the_engine_and_not_counted(digits_bundle, caplog):
     """A gRPC deadline or a cancelled call cancels the front end's wait; the engine hears of it, so the
     batcher skips the job and nothing is counted as served (as in one process)."""
     cfg = RuntimeConfig(
@@ -259,6 +259,32 @@ def test_a_request_its_client_gave_up_on_is_cancelled_on_the_engine_and_not_coun
     assert all(isinstance(g, asyncio.TimeoutError) for g in got)
     assert stats["inference_stats"]["success"]["count"] == 0 and stats["inference_count"] == 0
     assert executions == [] and inflight == 0  # the engine never ran them
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a client's deadline is not an error
+
+
+def test_a_cancel_in_the_same_read_as_its_request_drops_it(rt):
+    """A busy engine reads a request and its cancel together: the request is never run."""
+    from forgetrt.runtime.frontends import _CANCEL, _INFER, _REQ
+
+    x = _x(1)
+    forget = json.dumps(["forget-3"]).encode()
+    req = _REQ.pack(0, -1, len(forget), 1, 1, 8, 8, 0, 0) + forget + x.tobytes()
+    frames = _HEAD.pack(9 + len(req), _INFER, 1) + req + _HEAD.pack(9, _CANCEL, 1)
+    frames += _HEAD.pack(9 + len(req), _INFER, 2) + req  # and one that stays
+
+    async def body(front, svc, engine_sock):
+        ran = []
+        orig_submit, orig_now = svc.submit, svc.infer_now
+        svc.submit = lambda c: ran.append("submit") or orig_submit(c)
+        svc.infer_now = lambda c: ran.append("now") or orig_now(c)
+        answers = []
+        front.link.frame = lambda kind, rid, payload: answers.append(rid)
+        front.link.transport.write(frames)
+        await asyncio.sleep(0.5)
+        return ran, answers
+
+    (ran, answers), svc, _ = _linked(rt, body)
+    assert answers == [2] and len(ran) == 1 and svc.inflight == 0
 
 
 def test_errors_read_as_in_one_process_and_oversized_forget_parameters_are_refused(rt):
@@ -280,6 +306,8 @@ def test_errors_read_as_in_one_process_and_oversized_forget_parameters_are_refus
         "x" * ((1 << 20) + 1),
         json.dumps({f"v{i}": 1 for i in range(MAX_FORGET_ITEMS + 1)}),
         [f"v{i}" for i in range(MAX_FORGET_ITEMS + 1)],
+        ["n" * 900 + str(i) for i in range(1200)],  # few names, over 1 MiB of them
+        {"n" * 900 + str(i): 1.0 for i in range(1200)},
     ):
         with pytest.raises(InvalidInputError, match="forget"):
             parse_forget(bad)
@@ -288,7 +316,25 @@ def test_errors_read_as_in_one_process_and_oversized_forget_parameters_are_refus
 def test_a_grpc_port_held_by_anyone_is_refused():
     from forgetrt.runtime.frontends import _reserve_port
 
-    held = _reserve_port("127.0.0.1", 0)  # as a --workers server holds it: SO_REUSEPORT, not listening
+    # a port whose last server closed its connections first (TIME_WAIT) is free, as for one process
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+    _reserve_port("127.0.0.1", port).close()
+
+    held = _reserve_port("127.0.0.1", 0)
+    serving = socket.socket()  # a running --workers server's front ends listen with both options, as grpc does
+    serving.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    serving.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    serving.bind(("127.0.0.1", held.getsockname()[1]))
+    serving.listen()
     try:
         with pytest.raises(InvalidInputError, match="cannot listen for gRPC"):
             _reserve_port("127.0.0.1", held.getsockname()[1])
@@ -298,6 +344,7 @@ def test_a_grpc_port_held_by_anyone_is_refused():
             with pytest.raises(InvalidInputError, match="cannot listen for gRPC"):
                 _reserve_port("127.0.0.1", plain.getsockname()[1])
     finally:
+        serving.close()
         held.close()
 
 
