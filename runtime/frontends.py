@@ -94,18 +94,21 @@ def _error_classes() -> dict[str, type[ForgetRTError]]:
     return out
 
 
-def _error_payload(e: BaseException) -> bytes:
+def _error_dict(e: BaseException) -> dict[str, Any]:
     if isinstance(e, ForgetRTError):  # the type and its bases: the front end raises the nearest it knows
         mro = [c.__name__ for c in type(e).__mro__ if issubclass(c, ForgetRTError)]
-        return json.dumps({"type": mro, "message": str(e)}).encode()
+        return {"type": mro, "message": str(e)}
     log.exception("engine: unexpected %s", type(e).__name__, exc_info=e)
-    return json.dumps({"type": ["EngineError"], "message": f"engine failure ({type(e).__name__})"}).encode()
+    return {"type": ["EngineError"], "message": f"engine failure ({type(e).__name__})"}
+
+
+def _error_from(d: dict[str, Any], classes: dict[str, type[ForgetRTError]]) -> ForgetRTError:
+    cls = next((classes[n] for n in d.get("type", ()) if n in classes), EngineError)
+    return cls(d.get("message", ""))
 
 
 def _raise_payload(raw: bytes | memoryview, classes: dict[str, type[ForgetRTError]]) -> ForgetRTError:
-    d = json.loads(bytes(raw))
-    cls = next((classes[n] for n in d.get("type", ()) if n in classes), EngineError)
-    return cls(d.get("message", ""))
+    return _error_from(json.loads(bytes(raw)), classes)
 
 
 class _Framed(asyncio.Protocol):
@@ -234,9 +237,20 @@ class _EngineSide(_Framed):
     def frame_failed(self, kind: int, rid: int, e: BaseException) -> None:
         super().frame_failed(kind, rid, e)
         if kind == _INFER:  # the front end waits for an answer: it gets one
-            self.send(kind, rid, _ERR.pack(1), _error_payload(e))
+            self._reply_error(rid, e)
         elif kind == _RPC:
-            self.send(kind, rid, json.dumps({"error": json.loads(_error_payload(e))}).encode())
+            self.send(kind, rid, json.dumps({"error": _error_dict(e)}).encode())
+
+    def _reply_error(self, rid: int, e: BaseException, *, now: bool = False) -> None:
+        """Answer inference ``rid`` with its typed error."""
+        self.send(_INFER, rid, _ERR.pack(1), json.dumps(_error_dict(e)).encode(), now=now)
+
+    def _reply(self, rid: int, o: InferOutcome, *, now: bool = False) -> None:
+        """Answer inference ``rid`` with its logits and bank version."""
+        n, c = o.logits.shape
+        self.send(
+            _INFER, rid, _RES.pack(0, o.bank_version, o.queue_us, o.compute_us, n, c), o.logits.tobytes(), now=now
+        )
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -251,7 +265,7 @@ class _EngineSide(_Framed):
             try:
                 call, alone = self._decode(payload)
             except Exception as e:  # noqa: BLE001 - answered, never dropped
-                self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
+                self._reply_error(rid, e)
                 return
             self._incoming.append((rid, call, alone))
             return
@@ -311,12 +325,10 @@ class _EngineSide(_Framed):
             try:  # alone in its front end and here: run it now if the engine is idle and the call short
                 o = svc.infer_now(call)
             except Exception as e:  # noqa: BLE001 - every failure goes back typed
-                self.send(_INFER, rid, _ERR.pack(1), _error_payload(e), now=True)
+                self._reply_error(rid, e, now=True)
                 return
             if o is not None:
-                n, c = o.logits.shape
-                head = _RES.pack(0, o.bank_version, o.queue_us, o.compute_us, n, c)
-                self.send(_INFER, rid, head, o.logits.tobytes(), now=True)
+                self._reply(rid, o, now=True)
                 return
             task = self._loop.create_task(self._infer(rid, call, alone))
             self._tasks.add(task)
@@ -327,7 +339,7 @@ class _EngineSide(_Framed):
             try:
                 fut, finish = svc.submit(call)
             except Exception as e:  # noqa: BLE001 - every failure goes back typed
-                self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
+                self._reply_error(rid, e)
                 continue
             self._running[rid] = fut
             fut.add_done_callback(functools.partial(self._answer, rid, finish))
@@ -343,10 +355,9 @@ class _EngineSide(_Framed):
         except asyncio.CancelledError:  # the front end cancelled it and expects no answer
             return
         except BaseException as e:  # noqa: BLE001 - a callback: answer, never raise into the loop
-            self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
+            self._reply_error(rid, e)
             return
-        n, c = o.logits.shape
-        self.send(_INFER, rid, _RES.pack(0, o.bank_version, o.queue_us, o.compute_us, n, c), o.logits.tobytes())
+        self._reply(rid, o)
 
     async def _infer(self, rid: int, call: InferCall, alone: bool) -> None:
         try:
@@ -354,13 +365,11 @@ class _EngineSide(_Framed):
         except asyncio.CancelledError:  # the front end cancelled it and expects no answer
             raise
         except BaseException as e:  # noqa: BLE001 - every failure goes back typed
-            self.send(_INFER, rid, _ERR.pack(1), _error_payload(e))
+            self._reply_error(rid, e)
             if not isinstance(e, Exception):
                 raise
             return
-        n, c = o.logits.shape
-        head = _RES.pack(0, o.bank_version, o.queue_us, o.compute_us, n, c)
-        self.send(_INFER, rid, head, o.logits.tobytes())
+        self._reply(rid, o)
 
     async def _rpc(self, rid: int, raw: bytes) -> None:
         try:
@@ -368,7 +377,7 @@ class _EngineSide(_Framed):
             value = await self.hub.rpc(str(d.get("op")), d.get("args") or {})
             out = json.dumps({"ok": value}).encode()
         except Exception as e:  # noqa: BLE001
-            out = json.dumps({"error": json.loads(_error_payload(e))}).encode()
+            out = json.dumps({"error": _error_dict(e)}).encode()
         self.send(_RPC, rid, out)
 
 
@@ -502,7 +511,7 @@ class RemoteService(ModelService):
         kind, raw = await fut
         d = json.loads(raw)
         if "error" in d:
-            raise _raise_payload(json.dumps(d["error"]).encode(), self._errors)
+            raise _error_from(d["error"], self._errors)
         return d["ok"]
 
     async def metadata(self) -> dict[str, Any]:

@@ -241,6 +241,17 @@ def _never() -> bool:
     return False
 
 
+def _runtime_args(call: InferCall) -> dict[str, Any]:
+    """A call as the arguments every runtime entry point takes (images, forget, coeffs, deadline_ms)."""
+    timeout = call.params.timeout_us
+    return {
+        "images": call.images,
+        "forget": call.params.forget,
+        "coeffs": call.coeffs,
+        "deadline_ms": None if timeout is None else timeout / 1e3,
+    }
+
+
 @dataclass(frozen=True)
 class OutputRequest:
     name: str
@@ -537,14 +548,7 @@ class ModelService:
         self.inflight += 1
         try:
             out = self.check_call(call)
-            timeout = call.params.timeout_us
-            result = await self.runtime.infer_async(
-                call.images,
-                call.params.forget,
-                coeffs=call.coeffs,
-                deadline_ms=None if timeout is None else timeout / 1e3,
-                alone=self._alone if peer_alone else _never,
-            )
+            result = await self.runtime.infer_async(**_runtime_args(call), alone=self._alone if peer_alone else _never)
         except ForgetRTError as e:
             self._failed(e)
             raise
@@ -557,15 +561,9 @@ class ModelService:
         (:meth:`Runtime.infer_now`), else None; for a caller that knows no other request is under way."""
         t0 = time.perf_counter()
         out = self.check_call(call)
-        timeout = call.params.timeout_us
         self.inflight += 1
         try:
-            result = self.runtime.infer_now(
-                call.images,
-                call.params.forget,
-                coeffs=call.coeffs,
-                deadline_ms=None if timeout is None else timeout / 1e3,
-            )
+            result = self.runtime.infer_now(**_runtime_args(call))
         except ForgetRTError as e:
             self._failed(e)
             raise
@@ -580,13 +578,7 @@ class ModelService:
         runs inline."""
         t0 = time.perf_counter()
         out = self.check_call(call)
-        timeout = call.params.timeout_us
-        fut = self.runtime.submit_async(
-            call.images,
-            call.params.forget,
-            coeffs=call.coeffs,
-            deadline_ms=None if timeout is None else timeout / 1e3,
-        )
+        fut = self.runtime.submit_async(**_runtime_args(call))
         self.inflight += 1
 
         def finish(f: asyncio.Future) -> InferOutcome:
