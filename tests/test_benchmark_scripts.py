@@ -19,7 +19,7 @@ def test_unlearning_report_small(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env={"TQDM_DISABLE": "1", **__import__("os").environ},
+        env=(env := {"TQDM_DISABLE": "1", **__import__("os").environ}),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
@@ -52,6 +52,21 @@ def test_unlearning_report_small(tmp_path):
     text = (out / "report.md").read_text()
     assert "Class-wise forgetting" in text and "Forget-vector arithmetic" in text and "output mask" in text
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the arithmetic probe runs on the report's model and class vectors
+    probe = tmp_path / "probe.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "arithmetic_probe.py"), "--report", str(out)]
+    cmd += ["--preset", "digits:distill=2,epochs=2", "--tasks", "0,3;3,5", "--json", str(probe)]
+    r = subprocess.run([*cmd, "--variant", "slow=all:lr_scale=0.1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(probe.read_text())
+    assert set(res["summary"]) == {"direct vector", "plain sum", "slow"}
+    assert res["summary"]["direct vector"]["TA_below_direct_mean"] == 0.0
+    assert set(res["per_task"]["slow"]) == {"0,3", "3,5"}
+    assert set(res["per_task"]["slow"]["0,3"]["coefficients"]) == {"forget-0", "forget-3", "forget-5"}
+    missing = [*cmd[:-4], "--tasks", "0,7", "--json", str(probe)]
+    missing = subprocess.run(missing, capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "no class vector for classes [7]" in missing.stderr
 
 
 def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
