@@ -19,7 +19,8 @@ string) or ``{"policy": "eu"}``. The binary tensor data extension is supported b
 ``tritonclient.http`` client works unchanged. Every error is JSON ``{"error": "..."}``: 4xx for the
 client's mistakes (429 when the queue is full, 408 past a deadline, 413 too large), 5xx for engine
 failures; every response, failures included, is counted in ``/metrics``; the server keeps serving after
-any bad request.
+any bad request. The two inference routes are served on ASGI directly, ahead of Starlette (the hot path:
+no routing table, request or response objects); every other route is Starlette's.
 """
 
 from __future__ import annotations
@@ -391,9 +392,13 @@ def _parse_infer(body: bytes, header_len: str | None, spec, limits: ServerLimits
 
 
 async def _read_body(request: Request, limits: ServerLimits) -> bytes:
-    """The body, refused from its Content-Length if that is over the limit (before reading anything), cut
-    off at the limit while streaming, and within the body time limit."""
-    declared = request.headers.get("content-length")
+    """:func:`_read_asgi_body` for a Starlette request."""
+    return await _read_asgi_body(request.headers.get("content-length"), request.receive, limits)
+
+
+async def _read_asgi_body(declared: str | None, receive: Callable, limits: ServerLimits) -> bytes:
+    """The body, refused from its Content-Length (``declared``) if that is over the limit (before reading
+    anything), cut off at the limit while streaming, and within the body time limit."""
     if declared is not None:
         try:
             n = int(declared)
@@ -405,11 +410,19 @@ async def _read_body(request: Request, limits: ServerLimits) -> bytes:
 
     async def read() -> None:
         nonlocal size
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limits.max_body_bytes:
                 raise TooLarge(f"request body is over the limit of {limits.max_body_bytes} bytes")
             chunks.append(chunk)
+            if not message.get("more_body", False):
+                return
 
     try:
         if hasattr(asyncio, "timeout"):  # Python 3.11+: a deadline on this task, no extra task per request
@@ -421,7 +434,7 @@ async def _read_body(request: Request, limits: ServerLimits) -> bytes:
         raise BodyTimeout(f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
     except ClientDisconnect:
         raise InvalidInputError("the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -498,6 +511,61 @@ def _decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
     return bytes(out)
 
 
+_HEADER_LEN_B = HEADER_LEN.encode()
+_OCTET_STREAM = b"application/octet-stream"
+_APPLICATION_JSON = b"application/json"
+
+
+async def _send_ok(send, body: bytes, media_type: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """A 200 answer on ASGI directly (what a Starlette Response sends, without building one)."""
+    head = [(b"content-length", str(len(body)).encode()), (b"content-type", media_type), *headers]
+    await send({"type": "http.response.start", "status": 200, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Route:
+    """What ``scope["route"]`` holds for the inference routes (its ``path`` labels the response counter)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+_INFER = _Route("/v2/models/{model}/infer")
+_INFER_VERSION = _Route("/v2/models/{model}/versions/{version}/infer")
+
+
+class _InferRoutes:
+    """ASGI: ``/v2/models/NAME/infer`` and ``/v2/models/NAME/versions/V/infer`` go straight to the
+    inference handler, without Starlette's middleware, routing, request and response objects (about a
+    tenth of a front end's CPU per request); every other path goes to ``app``. Matching is Starlette's:
+    a name is one non-empty path segment, nothing may follow ``infer``; methods other than POST get a
+    JSON 405 with ``Allow: POST``."""
+
+    def __init__(self, app: Starlette, handler: Callable) -> None:
+        self.app, self.handler = app, handler
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            parts = scope["path"].split("/")
+            n = len(parts)
+            if (
+                (n == 5 or (n == 7 and parts[4] == "versions" and parts[5]))
+                and parts[-1] == "infer"
+                and parts[3]
+                and parts[2] == "models"
+                and parts[1] == "v2"
+                and not parts[0]
+            ):
+                scope["route"] = _INFER if n == 5 else _INFER_VERSION
+                if scope["method"] != "POST":
+                    return await _error(405, "Method Not Allowed", {"Allow": "POST"})(scope, receive, send)
+                return await self.handler(scope, receive, send, parts[3], parts[5] if n == 7 else None)
+        await self.app(scope, receive, send)
+
+
 def create_app(
     runtime: Runtime | None,
     model_name: str,
@@ -517,7 +585,7 @@ def create_app(
     ``service``: the :class:`ModelService` to share with another front end (gRPC); made here if not given.
     ``runtime`` None: ``service`` runs the model elsewhere (a front-end process of :mod:`.frontends`),
     which restores the control plane's bank itself."""
-    extra_headers = {INSTANCE_HEADER: instance} if instance else {}
+    extra_raw = [(INSTANCE_HEADER.encode(), instance.encode("latin-1"))] if instance else []
     metrics = metrics or ServerMetrics()
     if runtime is not None:
         restored = control.restore(runtime)
@@ -578,33 +646,42 @@ def create_app(
         svc.count_failure(e, status)
         return _error(status, str(e), close=isinstance(e, (TooLarge, BodyTimeout)))
 
-    async def infer(request: Request) -> Response:
-        if (err := _model_or_404(request)) is not None:
-            return err
+    async def infer(scope, receive, send, model: str, version: str | None) -> None:
+        """POST .../infer, on ASGI directly (see :class:`_InferRoutes`)."""
+        try:
+            svc.check_model(model, version)
+        except UnknownModel as e:
+            return await _error(404, str(e))(scope, receive, send)
         try:
             svc.admit()
         except ForgetRTError as e:
-            return _failed(e)
+            return await _failed(e)(scope, receive, send)
+        declared = encoding = header_len = None
+        for k, v in scope["headers"]:  # the first of each, as Starlette's Headers.get
+            if k == b"content-length":
+                declared = v.decode("latin-1") if declared is None else declared
+            elif k == b"content-encoding":
+                encoding = v.decode("latin-1") if encoding is None else encoding
+            elif k == _HEADER_LEN_B:
+                header_len = v.decode("latin-1") if header_len is None else header_len
         svc.inflight += 1  # reading and parsing count as in flight too
         t0 = time.perf_counter()
         try:
-            body = await _read_body(request, limits)
-            encoding = request.headers.get("content-encoding")
+            body = await _read_asgi_body(declared, receive, limits)
             if encoding is not None and encoding.strip().lower() != "identity":  # inflating is CPU work
                 body = await asyncio.to_thread(_decode_body, body, encoding, limits.max_body_bytes)
-            header_len = request.headers.get(HEADER_LEN)
             if _json_bytes(body, header_len) >= OFFLOAD_BYTES:  # big JSON is parsed off the event loop
                 call = await offload.run(_parse_infer, body, header_len, spec, limits)
             else:
                 call = _parse_infer(body, header_len, spec, limits)
         except ForgetRTError as e:
-            return _failed(e)
+            return await _failed(e)(scope, receive, send)
         finally:
             svc.inflight -= 1
         try:
             outcome = await svc.infer(call)
         except ForgetRTError as e:
-            return _failed(e)
+            return await _failed(e)(scope, receive, send)
         req_out = outcome.request
         data = outcome.classes if outcome.classes is not None else outcome.logits
         out: dict[str, Any] = {
@@ -629,17 +706,17 @@ def create_app(
             raw = _bytes_tensor(data) if data.dtype == object else data.tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(resp).encode()
-            return Response(
-                head + raw, media_type="application/octet-stream", headers={HEADER_LEN: str(len(head)), **extra_headers}
+            return await _send_ok(
+                send, head + raw, _OCTET_STREAM, [(_HEADER_LEN_B, str(len(head)).encode()), *extra_raw]
             )
         log.debug("infer %d images in %.2f ms", len(outcome.logits), 1e3 * (time.perf_counter() - t0))
         if data.size >= OFFLOAD_VALUES:
             try:
                 encoded = await offload.run(_encode_json, resp, data)
             except WorkerLost as e:
-                return _failed(e)
-            return Response(encoded, media_type="application/json", headers=extra_headers)
-        return Response(_encode_json(resp, data), media_type="application/json", headers=extra_headers)
+                return await _failed(e)(scope, receive, send)
+            return await _send_ok(send, encoded, _APPLICATION_JSON, extra_raw)
+        return await _send_ok(send, _encode_json(resp, data), _APPLICATION_JSON, extra_raw)
 
     async def repo_index(request: Request) -> Response:
         return JSONResponse([{"name": model_name, "version": "1", "state": "READY"}])
@@ -675,10 +752,7 @@ def create_app(
         log.error("unhandled %s on %s: %s", type(exc).__name__, request.url.path, exc)
         return _error(500, "internal server error")
 
-    routes = [
-        # inference first: Starlette tries routes in order, and this is the hot path
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+    routes = [  # (the inference routes are served before Starlette: _InferRoutes)
         Route("/v2/models/stats", model_stats),  # before /v2/models/{model}, which would take 'stats' as a name
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
@@ -708,7 +782,7 @@ def create_app(
     app.router.redirect_slashes = False  # no 307 to a client-named Host: a trailing slash is a JSON 404
     app.state.offload = offload
     app.state.service = svc
-    return _Counted(app, metrics)  # type: ignore[return-value]
+    return _Counted(_InferRoutes(app, infer), metrics)  # type: ignore[return-value]
 
 
 HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
