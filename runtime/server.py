@@ -540,16 +540,20 @@ class _InferRoutes:
     """ASGI: ``/v2/models/NAME/infer`` and ``/v2/models/NAME/versions/V/infer`` go straight to the
     inference handler, without Starlette's middleware, routing, request and response objects (about a
     tenth of a front end's CPU per request); every other path goes to ``app``. Matching is Starlette's:
-    a name is one non-empty path segment, nothing may follow ``infer``; methods other than POST get a
-    JSON 405 with ``Allow: POST``."""
+    a name is one non-empty path segment, nothing may follow ``infer``, and the path is taken after the
+    scope's ``root_path`` when it starts with it; methods other than POST get a JSON 405 with ``Allow: POST``.
+    (Unlike Starlette's ``$``, a final newline in the path is not ignored: ``.../infer%0A`` is a 404.)"""
 
     def __init__(self, app: Starlette, handler: Callable) -> None:
         self.app, self.handler = app, handler
         self.state = app.state
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
-            parts = scope["path"].split("/")
+        if scope["type"] == "http":
+            path, root = scope["path"], scope.get("root_path")
+            if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+                path = path[len(root) :]  # mounted under a prefix: match what follows it, as Starlette does
+            parts = path.split("/")
             n = len(parts)
             if (
                 (n == 5 or (n == 7 and parts[4] == "versions" and parts[5]))

@@ -20,7 +20,7 @@ def app(digits_bundle):
         yield create_app(rt, "digits", metrics=metrics, instance="replica-7"), metrics, rt
 
 
-def _call(app, method, path, messages, headers=()):
+def _call(app, method, path, messages, headers=(), root_path=""):
     """One ASGI request: ``messages`` are what receive() returns in turn (then it waits forever)."""
     scope = {
         "type": "http",
@@ -31,7 +31,7 @@ def _call(app, method, path, messages, headers=()):
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "root_path": "",
+        "root_path": root_path,
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
@@ -151,3 +151,27 @@ def test_an_oversized_declared_body_is_refused_before_reading(app):
     msgs = []  # nothing is ever received: the answer comes from the header alone
     status, head, out = _call(app, "POST", "/v2/models/digits/infer", msgs, [("content-length", str(1 << 40))])
     assert status == 413 and head.get("connection") == "close" and "limit" in json.loads(out)["error"]
+
+
+def test_under_a_root_path_the_routes_match_what_follows_it(app):
+    """Mounted under a prefix (uvicorn --root-path, a proxy that strips one, a Starlette Mount), as every
+    other route: the scope's path still starts with the root path."""
+    app, metrics, rt = app
+    _, headers, body = _request(rt)
+    msgs = [{"type": "http.request", "body": body}]
+    for path in ("/api/v2/models/digits/infer", "/api/v2/models/digits/versions/1/infer"):
+        status, _, out = _call(app, "POST", path, list(msgs), headers, root_path="/api")
+        assert status == 200, out[:200]
+    status, head, _ = _call(app, "GET", "/api/v2/models/digits/infer", list(msgs), headers, root_path="/api")
+    assert status == 405 and head["allow"] == "POST"
+    status, _, _ = _call(app, "GET", "/api/v2/models/digits", [], root_path="/api")  # Starlette's own routes
+    assert status == 200
+    status, _, _ = _call(app, "POST", "/apix/v2/models/digits/infer", list(msgs), headers, root_path="/api")
+    assert status == 404  # not under the prefix
+
+
+def test_a_final_newline_in_the_path_is_a_404(app):
+    app, _, rt = app
+    _, headers, body = _request(rt)
+    status, _, _ = _call(app, "POST", "/v2/models/digits/infer\n", [{"type": "http.request", "body": body}], headers)
+    assert status == 404
