@@ -258,3 +258,25 @@ def test_engine_hub_small(tmp_path, digits_bundle):
     rows = json.loads(out.read_text())["rows"]
     assert [row["outstanding_per_client"] for row in rows] == [1, 8]
     assert all(row["requests_per_s"] > 0 and row["engine_cpu_us_per_request"] > 0 for row in rows)
+
+
+def test_classwise_sweep_small(tmp_path, digits_model_dir):
+    out = tmp_path / "cw.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "classwise_sweep.py"), "--model", str(digits_model_dir)]
+    cmd += ["--classes", "0,1", "--device", "cpu", "--json", str(out)]
+    cmd += ["--recipe", "a=digits:epochs=1", "--recipe", "b=digits:epochs=1,alpha=1,distill=2"]
+    env = {"TQDM_DISABLE": "1", **__import__("os").environ}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"a", "b"}
+    run = res["runs"]["a"][str(digits_model_dir)]
+    assert set(run["per_class"]) == {"forget-0", "forget-1"}
+    assert {"val_drop_mean", "test_TA_drop_worst", "all_reached"} <= set(run["summary"])
+    scores = res["choice"]["validation_drop_by_recipe"]
+    eligible = [n for n, r in res["runs"].items() if r[str(digits_model_dir)]["summary"]["all_reached"]]
+    assert set(scores) == set(eligible)
+    if scores:  # the rule: the lowest mean validation drop among the eligible
+        assert res["choice"]["chosen"] == min(scores, key=scores.get)
+    bad = subprocess.run([*cmd[:-4], "--recipe", "x=paper:wings=2"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "wings" in bad.stderr

@@ -167,17 +167,19 @@ class VectorRecipe:
 
 
 #: Named recipes. "paper" is the default (the paper's constants). "digits" was tuned on sklearn's digits
-#: with digits-cnn: half of each batch from the forget set, a stronger retain term, a softer margin floor
-#: and per-problem gradient clipping (plain SGD at lr 0.2 overshot on some classes), plus distillation to
-#: the original model's outputs on retain samples (κ = 4, T = 2) with a stronger forget term (β = 20).
-#: Chosen on the validation split (2026-11-27, CPU, model holding out 10%, all ten classes, calibrated):
-#: accuracy lost on the held-out images of the other classes, mean 2.29 / worst 7.32 points without
-#: distillation (β = 10), 1.07 / 5.74 with it. On test, measured afterwards: remaining-class TA drop
-#: mean 2.17 / worst 3.71 without, 1.90 / 3.71 with (UA >= 99.18 and MIA-Efficacy 100 for every class).
+#: with digits-cnn: half of each batch from the forget set, a softer margin floor, per-problem gradient
+#: clipping (plain SGD at lr 0.2 overshot on some classes) and a stronger forget term (β = 20); the retain
+#: samples pay only distillation to the original model's outputs (κ = 16, T = 2), no cross-entropy (α = 0):
+#: cross-entropy rewards pushing the other classes past the original's confidence, distillation holds them
+#: where they were. Chosen on validation data (2026-11-28, CPU, `benchmarks/classwise_sweep.py`, two
+#: models holding out 30%, all ten classes, calibrated; benchmarks/RESULTS.md): accuracy the held-out
+#: images of the other classes lose, mean over the two models 1.17 points against 1.69 for the previous
+#: recipe (α = 8, κ = 4); on test, measured afterwards, remaining-class TA drop mean 1.36 and 1.31, worst
+#: class 2.96 and 2.22 (previous: 1.75 and 2.05, worst 3.70 and 6.67), UA and MIA-Efficacy 100 for every class.
 PRESETS: dict[str, VectorRecipe] = {
     "paper": VectorRecipe(),
     "digits": VectorRecipe(
-        epochs=20, batch_size=128, forget_share=0.5, alpha=8.0, beta=20.0, tau=0.75, grad_clip=0.5, distill=4.0
+        epochs=20, batch_size=128, forget_share=0.5, alpha=0.0, beta=20.0, tau=0.75, grad_clip=0.5, distill=16.0
     ),
     #: best of a 13-recipe sweep on CIFAR-10 class 0 with resnet18-cifar (H200, 2026-11-26; see
     #: benchmarks/RESULTS.md): UA 97.5%, MIA-Efficacy 98.5%, TA 83.0% (vs "paper" at 5 epochs: UA 86.6%,
