@@ -89,6 +89,47 @@ def _front_end_hop(bundle: str, x: np.ndarray, name: str, runs: int) -> float:
         loop.close()
 
 
+def asgi_call(app, body: bytes, header_len: str):
+    """A coroutine function that POSTs ``body`` to ``/v2/models/m/infer`` on the ASGI ``app`` (no network)
+    and checks for a 200."""
+    headers = [(HEADER_LEN.lower().encode(), header_len.encode()), (b"content-length", str(len(body)).encode())]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v2/models/m/infer",
+        "raw_path": b"/v2/models/m/infer",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def once() -> None:
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if sent:
+                await asyncio.sleep(3600)
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        status = {}
+
+        async def send(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+
+        await app(dict(scope), receive, send)
+        assert status["code"] == 200, status
+
+    return once
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True)
@@ -130,40 +171,7 @@ def main() -> None:
     )
 
     app = create_app(rt, "m")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v2/models/m/infer",
-        "raw_path": b"/v2/models/m/infer",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(HEADER_LEN.lower().encode(), hl.encode()), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
-
-    async def asgi_once() -> None:
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if sent:
-                await asyncio.sleep(3600)
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        status = {}
-
-        async def send(msg):
-            if msg["type"] == "http.response.start":
-                status["code"] = msg["status"]
-
-        await app(scope, receive, send)
-        assert status["code"] == 200, status
-
+    asgi_once = asgi_call(app, body, hl)
     rows["whole ASGI app, no network"] = _median_us(lambda: loop.run_until_complete(asgi_once()), a.runs)
 
     import http.client
