@@ -83,7 +83,7 @@ if [ -f "$MODEL/model.json" ]; then
     echo "== [$((SECONDS - T0))s] $alive of ${#pids[@]} running; $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
     ((alive == 0)) && break
   done
-  wait
+  wait "${pids[@]}"  # (a bare wait would also wait for the tee above, which ends only with this script)
   for f in "$OUT"/class-*.log "$OUT"/baselines.log "$OUT"/random.log; do echo "== $f"; cat "$f"; done
 fi
 pack=$(mktemp -d)
