@@ -25,6 +25,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from classwise_sweep import calibrated
 
 DEFAULT_TASKS = "0,3;1,7;2,8;4,9;5,6;0,3,5;1,4,7;2,6,9"
 DEFAULT_VARIANTS = ("learned=all", "learned, lr/10=all:lr_scale=0.1", "learned, targets only=targets")
@@ -58,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from forgetrt.runtime.bank import VectorBank
     from forgetrt.runtime.model_folder import load_model
     from forgetrt.train import workflows as wf
-    from forgetrt.train.calibrate import calibrate_vector
     from forgetrt.train.data import ForgetSpec
-    from forgetrt.train.loops import resolve_device
-    from forgetrt.train.metrics import evaluate
+    from forgetrt.train.loops import predict_logits, resolve_device
     from forgetrt.train.recipes import parse_recipe
     from forgetrt.train.vectors import learn_composition, train_vectors
 
@@ -83,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     compose = replace(recipe, epochs=max(1, recipe.epochs // 10))
 
     def score(vec: np.ndarray, spec: ForgetSpec) -> dict:
-        split = spec.resolve(ds, held)
-        cal = calibrate_vector(model, ds, split, vec, recipe, val_idx=val_idx, val_held_out=val_ho)
-        row = next(r for r in cal.grid if r["strength"] == cal.strength)
-        m = evaluate(model, ds, split, cal.strength * vec)
+        cal, row, m = calibrated(model, ds, spec.resolve(ds, held), vec, recipe, val_idx, val_ho)
         return {
             "strength": cal.strength,
             "reached": cal.reached,
@@ -105,11 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     for t, v in zip(tasks, direct):
         rows["direct vector"][t] = score(v.vector, specs[t])
         rows["plain sum"][t] = score(sum(basis_all[f"forget-{c}"] for c in t), specs[t])
+
     # why sums fail: each class vector sends its class to a neighbour; if that neighbour is forgotten too,
     # its own vector pulls images away from it (often back): per target class, the share still recognised
     # under the plain sum at strength 1 and where the rest go
-    from forgetrt.train.loops import predict_logits
-
     def share(pred: np.ndarray, c: int) -> float:
         return float(100 * np.mean(pred[ds.y_train == c] == c))
 
@@ -118,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         counts[c] = -1
         return int(counts.argmax())
 
+    alone = {c: predict_logits(model, ds.x_train, ds.scale, basis_all[f"forget-{c}"]).argmax(1) for c in needed}
     escape: dict[str, dict] = {}
     for t in tasks:
-        alone = {c: predict_logits(model, ds.x_train, ds.scale, basis_all[f"forget-{c}"]).argmax(1) for c in t}
         both = predict_logits(model, ds.x_train, ds.scale, sum(basis_all[f"forget-{c}"] for c in t)).argmax(1)
         escape[",".join(map(str, t))] = {
             str(c): {

@@ -25,6 +25,17 @@ import numpy as np
 from vector_sweep import parse_candidate
 
 
+def calibrated(model, ds, split, vector, recipe, val_idx, val_held_out) -> tuple:
+    """``vector`` calibrated on the validation split as the bank would, then measured: (the calibration,
+    its grid row at the chosen strength, the metrics of ``strength * vector``)."""
+    from forgetrt.train.calibrate import calibrate_vector
+    from forgetrt.train.metrics import evaluate
+
+    cal = calibrate_vector(model, ds, split, vector, recipe, val_idx=val_idx, val_held_out=val_held_out)
+    row = next(r for r in cal.grid if r["strength"] == cal.strength)
+    return cal, row, evaluate(model, ds, split, cal.strength * vector)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="a ForgetRT model folder; repeat")
@@ -38,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from forgetrt.runtime.model_folder import load_model
     from forgetrt.train import workflows as wf
-    from forgetrt.train.calibrate import calibrate_vector
     from forgetrt.train.data import ForgetSpec
     from forgetrt.train.loops import resolve_device
     from forgetrt.train.metrics import evaluate
@@ -63,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             per_class = {}
             for v in vectors:
-                cal = calibrate_vector(
-                    model, ds, splits[v.name], v.vector, recipe, val_idx=val_idx, val_held_out=val_ho
-                )
-                row = next(r for r in cal.grid if r["strength"] == cal.strength)
-                m = evaluate(model, ds, splits[v.name], cal.strength * v.vector)
+                cal, row, m = calibrated(model, ds, splits[v.name], v.vector, recipe, val_idx, val_ho)
                 per_class[v.name] = {
                     "strength": cal.strength,
                     "reached": cal.reached,

@@ -67,6 +67,8 @@ def test_unlearning_report_small(tmp_path):
     missing = [*cmd[:-4], "--tasks", "0,7", "--json", str(probe)]
     missing = subprocess.run(missing, capture_output=True, text=True, env=env)
     assert missing.returncode != 0 and "no class vector for classes [7]" in missing.stderr
+    bad = subprocess.run([*cmd, "--variant", "x=everything"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "bad --variant 'x=everything'" in bad.stderr
 
 
 def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
