@@ -243,10 +243,12 @@ def _recipe_options(f: Callable) -> Callable:
     )(f)
 
 
-def _recipe(kw: dict[str, Any], seed: int) -> VectorRecipe:
-    """The recipe the user asked for (popping its options from ``kw``)."""
+def _recipe(kw: dict[str, Any], seed: int, adapt: Callable[[VectorRecipe], VectorRecipe] | None = None) -> VectorRecipe:
+    """The recipe the user asked for (popping its options from ``kw``); ``adapt`` turns the preset into the
+    command's own defaults before the given options override it."""
     changes = {f.name: v for f, _ in _RECIPE_OPTIONS if (v := kw.pop(f.name, None)) is not None}
-    return dataclasses.replace(PRESETS[kw.pop("preset")], seed=seed, **changes)
+    base = PRESETS[kw.pop("preset")]
+    return dataclasses.replace(adapt(base) if adapt else base, seed=seed, **changes)
 
 
 def _echo_json(obj: Any) -> None:
@@ -553,8 +555,14 @@ def train_vector_cmd(
 @click.option("--name", required=True, help="Name of the new vector.")
 @click.option("--weights", type=WEIGHTS, help="Fixed combination, e.g. forget-0=1,forget-3=1.")
 @click.option("--learn", is_flag=True, help="Learn the coefficients over existing vectors instead.")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Model folder (--learn).")
-@click.option("--data", "data", type=DATA, default="digits", show_default=True, help="Data spec (--learn).")
+@click.option(
+    "--refine",
+    is_flag=True,
+    help="Start from the sum of the target classes' vectors and train the whole vector briefly: much less "
+    "damage than --learn where class vectors interfere; the result is a vector of its own, not a combination.",
+)
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="Model folder (--learn, --refine).")
+@click.option("--data", "data", type=DATA, default="digits", show_default=True, help="Data spec (--learn, --refine).")
 @_forget_options("target")
 @click.option("--basis", type=CSV, help="Vectors to combine (--learn; default: every non-composed vector).")
 @click.option(
@@ -573,6 +581,7 @@ def compose_cmd(
     name: str,
     weights,
     learn: bool,
+    refine: bool,
     model_dir,
     data: str,
     target_classes,
@@ -585,22 +594,40 @@ def compose_cmd(
     device: str,
     **kw: Any,
 ) -> None:
-    """Forget-vector arithmetic: a fixed or learned linear combination saved as a new vector."""
-    from forgetrt.train import workflows as wf
+    """Forget-vector arithmetic: a fixed or learned linear combination saved as a new vector, or (--refine) a
+    vector trained briefly from the sum of the target classes' vectors.
 
-    recipe = _recipe(kw, seed)
-    if learn == (weights is not None):
-        raise InvalidInputError("give exactly one of --weights or --learn")
-    if weights is not None and init != "forgets":
+    --learn and --refine train with the preset's recipe at a tenth of its epochs (--refine also with
+    --gamma 0.3) unless the recipe options say otherwise."""
+    from forgetrt.train import workflows as wf
+    from forgetrt.train.recipes import composition_recipe
+
+    method = "refine" if refine else "learn"
+    recipe = _recipe(kw, seed, adapt=lambda r: composition_recipe(r, method))
+    if learn + refine + (weights is not None) != 1:
+        raise InvalidInputError("give exactly one of --weights, --learn or --refine")
+    if not learn and init != "forgets":
         raise InvalidInputError("--init applies to --learn only")
+    if refine and basis:
+        raise InvalidInputError("--basis applies to --learn only (--refine starts from the target classes' vectors)")
     if weights is not None:
         _echo_json(wf.compose_fixed(bank_dir, name, weights, overwrite=overwrite))
         return
     if not model_dir:
-        raise InvalidInputError("--learn needs --model")
+        raise InvalidInputError(f"--{method} needs --model")
     spec = ForgetSpec.from_options(target_classes, target_fraction, target_indices, seed=seed, prefix="target")
     res = wf.compose_learned(
-        bank_dir, name, model_dir, data, spec, recipe, basis=basis, device=device, overwrite=overwrite, init=init
+        bank_dir,
+        name,
+        model_dir,
+        data,
+        spec,
+        recipe,
+        basis=basis,
+        device=device,
+        overwrite=overwrite,
+        init=init,
+        method=method,
     )
     _echo_json(res)
 

@@ -9,7 +9,7 @@ A recipe field with a ``help`` text in its metadata is a command-line option of 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from forgetrt.runtime.errors import InvalidInputError, unknown
@@ -17,6 +17,8 @@ from forgetrt.runtime.errors import InvalidInputError, unknown
 __all__ = [
     "AUGMENTATIONS",
     "CALIBRATIONS",
+    "COMPOSE_METHODS",
+    "composition_recipe",
     "VectorRecipe",
     "PRESETS",
     "parse_recipe",
@@ -193,7 +195,7 @@ PRESETS: dict[str, VectorRecipe] = {
 def parse_recipe(text: str) -> VectorRecipe:
     """``PRESET`` or ``PRESET:key=value,key=value`` (values typed from the recipe's fields), e.g.
     ``cifar:distill=4,epochs=8``: how benchmarks and sweeps name a candidate recipe."""
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     preset, _, overrides = text.partition(":")
     if preset not in PRESETS:
@@ -212,6 +214,24 @@ def parse_recipe(text: str) -> VectorRecipe:
         except ValueError:
             raise InvalidInputError(f"bad recipe {text!r}: {k} wants a number, got {v!r}") from None
     return replace(PRESETS[preset], **changes)
+
+
+#: how a composition is learned from the vectors in a bank: "learn" trains only one coefficient per vector
+#: (forget-vector arithmetic proper); "refine" starts from the arithmetic's guess (the sum of the target
+#: classes' vectors) and trains the whole vector briefly, a warm start that is no longer a combination
+COMPOSE_METHODS = ("learn", "refine")
+
+
+def composition_recipe(recipe: VectorRecipe, method: str = "learn") -> VectorRecipe:
+    """A composition's budget, from the recipe its target's direct vector would use: a tenth of its epochs
+    (both methods start from the arithmetic's guess; the bar is a tenth of a direct vector's time); "refine"
+    also lets the learning rate fall faster (γ = 0.3 per epoch instead of the recipe's), the best of γ 0.9,
+    0.5 and 0.3 on validation data (digits, three models, eight 2- and 3-class targets each, 2026-12-07,
+    ``benchmarks/arithmetic_probe.py``; benchmarks/RESULTS.md)."""
+    if method not in COMPOSE_METHODS:
+        raise unknown("composition method", method, COMPOSE_METHODS)
+    out = replace(recipe, epochs=max(1, recipe.epochs // 10))
+    return replace(out, gamma=0.3) if method == "refine" else out
 
 
 BASELINES = ("retrain", "ft", "ga", "rl")

@@ -5,7 +5,8 @@ classifier frozen and BatchNorm in eval mode, δ added in [0, 1] pixel space::
 
     α · Σ_retain CE(f(x+δ), y) / B  +  β · Σ_forget max(z_y − max_{j≠y} z_j, −τ) / B  +  λ · ‖δ‖₂
 
-optimized by SGD (momentum 0.9, lr 0.2) with ExponentialLR(0.9) per epoch, δ starting at 0.
+optimized by SGD (momentum 0.9, lr 0.2) with ExponentialLR(0.9) per epoch, δ starting at 0 (or at a
+given vector: a warm start, as ``compose --refine`` does from the sum of class vectors).
 
 Independent problems (one vector per class, say) are trained *together*: their parameters are
 stacked into one tensor [P, ...], each step draws one batch per problem, and all P·B perturbed
@@ -261,17 +262,25 @@ def train_vectors(
     device: torch.device | None = None,
     held_out: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
+    init: Mapping[str, np.ndarray] | None = None,
 ) -> list[TrainedVector]:
     """Train one forget vector per named spec, up to ``recipe.max_parallel`` problems per pass.
 
     ``held_out``: the classifier's held-out training indices (in no forget or retain set);
-    ``exclude``: training indices the vectors must not see (the validation split they are tuned on).
+    ``exclude``: training indices the vectors must not see (the validation split they are tuned on);
+    ``init``: starting vectors by name (a warm start, e.g. a composition to refine); the rest start at 0.
     """
     if not specs:
         raise InvalidInputError("no forget spec given")
     device = device or next(model.parameters()).device
     model = _frozen(model.to(device))
     names = list(specs)
+    init = dict(init or {})
+    if set(init) - set(names):
+        raise InvalidInputError(f"starting vectors for unknown problems {sorted(set(init) - set(names))}")
+    for n, v in init.items():
+        if np.shape(v) != tuple(ds.shape) or not np.isfinite(v).all():
+            raise InvalidInputError(f"starting vector {n!r} must be finite with shape {tuple(ds.shape)}")
     masks = _masks(ds, [specs[n] for n in names], held_out)  # validates every spec before any training
     data, masks = _training_set(ds, masks, _union(held_out, exclude), device)
     project = _norm_projection(recipe.norm_budget)
@@ -279,10 +288,13 @@ def train_vectors(
     for g in range(0, len(names), recipe.max_parallel):
         group = names[g : g + recipe.max_parallel]
         t0 = time.perf_counter()
-        init = torch.zeros(len(group), *ds.shape)
+        start = torch.zeros(len(group), *ds.shape)
+        for i, n in enumerate(group):
+            if n in init:
+                start[i] = torch.from_numpy(np.asarray(init[n], np.float32))
         label = group[0] if len(group) == 1 else f"{len(group)} vectors"
         deltas = _optimize(
-            model, data, masks[g : g + len(group)], init, lambda prm: prm, recipe, f"forget vectors ({label})", project
+            model, data, masks[g : g + len(group)], start, lambda prm: prm, recipe, f"forget vectors ({label})", project
         )
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -32,7 +32,7 @@ from .calibrate import calibrate_vector, calibration_mode
 from .data import Dataset, ForgetSpec, ForgetSplit, ValidationSplit, load_data
 from .loops import accuracy, iospec_for, predict_logits, resolve_device, train_classifier
 from .metrics import avg_gap, evaluate
-from .recipes import TrainConfig, VectorRecipe, default_baseline_config, default_train_config
+from .recipes import COMPOSE_METHODS, TrainConfig, VectorRecipe, default_baseline_config, default_train_config
 from .vectors import learn_composition, train_vectors
 
 log = logging.getLogger("forgetrt.train")
@@ -423,16 +423,31 @@ def compose_learned(
     evaluate_after: bool = True,
     overwrite: bool = False,
     init: str = "forgets",
+    method: str = "learn",
 ) -> dict[str, Any]:
-    """Learn only the coefficients over existing vectors (``basis``: all by default) for ``target``.
+    """A new vector for ``target`` from existing ones (``basis``: every non-composed vector by default).
 
-    ``init="forgets"`` starts from forget-vector arithmetic's own guess: coefficient 1 for every class-wise
-    basis vector whose classes the target forgets, 0 for the others (all 0 for a target that is not
-    class-wise); ``"zero"`` starts from 0. From the guess, a tenth of the epochs a vector needs is
-    usually enough.
+    ``method="learn"`` trains only the coefficients over the basis (forget-vector arithmetic; the entry
+    records them as its composition). ``init="forgets"`` starts from the arithmetic's own guess: coefficient
+    1 for every class-wise basis vector whose classes the target forgets, 0 for the others (all 0 for a
+    target that is not class-wise); ``"zero"`` starts from 0.
+
+    ``method="refine"`` starts from the guess's vector (the sum of the target classes' vectors) and trains
+    the whole vector with ``recipe``: far less damage than coefficients alone where class vectors interfere
+    (benchmarks/RESULTS.md), at the same budget, but the result is a vector of its own, not a combination
+    (its entry records the guess it started from). It needs a class-wise target whose classes have vectors.
+
+    Either way :func:`~forgetrt.train.recipes.composition_recipe` gives the budget the benchmarks use (a
+    tenth of a direct vector's epochs).
     """
     if init not in ("forgets", "zero"):
         raise unknown("composition init", init, ("forgets", "zero"))
+    if method not in COMPOSE_METHODS:
+        raise unknown("composition method", method, COMPOSE_METHODS)
+    if method == "refine" and init != "forgets":
+        raise InvalidInputError(
+            "refine starts from the arithmetic's guess (init 'forgets'); from zero it would be a direct vector"
+        )
     dev = resolve_device(device)
     model, info = load_model(model_dir, dev)
     bank = VectorBank.load(bank_dir)
@@ -451,22 +466,38 @@ def compose_learned(
     split = target.resolve(ds, held_out)
     calibration_mode(recipe, split)  # refused before training if it does not fit the target
     start = _arithmetic_guess(bank, names, target, ds) if init == "forgets" else None
-    tv = learn_composition(
-        model, ds, target, vectors, recipe, name=name, device=dev, held_out=held_out, exclude=exclude, init=start
-    )
+    if method == "refine":
+        if not start:
+            raise InvalidInputError(
+                f"refine starts from the target classes' own vectors and {bank_dir} has none among "
+                f"{names} for {target.describe(ds)}: train a direct vector instead (train-vector)"
+            )
+        guess = np.sum([w * vectors[k] for k, w in start.items()], axis=0, dtype=np.float32)
+        (tv,) = train_vectors(
+            model, ds, {name: target}, recipe, device=dev, held_out=held_out, exclude=exclude, init={name: guess}
+        )
+    else:
+        tv = learn_composition(
+            model, ds, target, vectors, recipe, name=name, device=dev, held_out=held_out, exclude=exclude, init=start
+        )
     t1 = time.perf_counter()
     cal = calibrate_vector(model, ds, split, tv.vector, recipe, val_idx=val_idx, val_held_out=val_is_held_out)
     seconds = tv.seconds + time.perf_counter() - t1
     vector = (np.float32(cal.strength) * tv.vector).astype(np.float32)
-    coefficients = {k: cal.strength * c for k, c in (tv.coefficients or {}).items()}
+    coefficients = None if tv.coefficients is None else {k: cal.strength * c for k, c in tv.coefficients.items()}
     metrics = evaluate(model, ds, split, vector) if evaluate_after else None
     if metrics is not None:
         metrics["seconds"] = seconds
         metrics.update(_per_class_ua(model, ds, split, vector))
-    record = {"method": "learned", **recipe.to_dict(), "data": _data_spec(data), "seconds": seconds}
+    record = {
+        "method": "learned" if method == "learn" else "refined",
+        **recipe.to_dict(),
+        "data": _data_spec(data),
+        "seconds": seconds,
+    }
     record.update(
-        parameters=len(names),
-        init=init,
+        parameters=len(names) if method == "learn" else int(np.prod(ds.shape)),
+        init=init if method == "learn" else {"sum": start},
         val_fraction=val_record["fraction"],
         validation=val_record,
         calibration=cal.to_dict(),
@@ -483,6 +514,7 @@ def compose_learned(
     bank.save()
     return {
         "name": name,
+        "method": method,
         "coefficients": coefficients,
         "forgets": target.describe(ds),
         "seconds": seconds,

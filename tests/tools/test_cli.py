@@ -105,9 +105,25 @@ def test_compose_fixed_and_learned(quick, tmp_path):
     )
     res = json.loads(r.stdout)
     assert set(res["coefficients"]) == {"forget-0", "forget-3"}
+    r = run(
+        "compose",
+        "--bank",
+        bank,
+        "--name",
+        "refined",
+        "--refine",
+        "--model",
+        quick / "model",
+        "--target-classes",
+        "0,3",
+    )
+    assert json.loads(r.stdout)["method"] == "refine"
     man = json.loads((bank / "manifest.json").read_text())
     assert man["vectors"]["both"]["composition"] == {"forget-0": 1.0, "forget-3": 0.5}
     assert man["vectors"]["learned"]["recipe"]["method"] == "learned"
+    refined = man["vectors"]["refined"]["recipe"]
+    # the composition budget by default: a tenth of the preset's epochs (paper: 10 -> 1), gamma 0.3
+    assert refined["method"] == "refined" and (refined["epochs"], refined["gamma"]) == (1, 0.3)
 
 
 def test_eval_json_reference_and_baselines(quick, tmp_path):

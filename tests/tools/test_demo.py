@@ -15,6 +15,7 @@ def test_demo_writes_report_with_bars_met(tmp_path):
     for c in range(10):
         assert rep["results"][f"forget-{c}"]["UA"] >= 95
     assert min(rep["results"]["learned-0-3"]["UA_per_class"].values()) >= 90
+    assert rep["results"]["refined-0-3"]["UA"] >= 90 and "refined-0-3" in r.output
     assert rep["export"]["parity"]["onnxruntime"]["status"] == "ok"
     assert "parity of" in r.output and "learned-0-3" in r.output
     assert (tmp_path / "demo" / "bundle" / "model.onnx").is_file()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from forgetrt.runtime.bank import VectorBank
-from forgetrt.runtime.errors import InvalidInputError
+from forgetrt.runtime.errors import InvalidInputError, UnknownNameError
 from forgetrt.runtime.model_folder import load_model
 from forgetrt.train.data import ForgetSpec, ValidationSplit
 from forgetrt.train.loops import accuracy, predict_logits
@@ -67,6 +67,59 @@ def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, d
     assert entry.recipe["method"] == "learned" and entry.composition == pytest.approx(res["coefficients"])
     # the saved vector is exactly the recorded combination
     np.testing.assert_allclose(bank.get("learned-0-3"), bank.combine(entry.composition), atol=1e-5)
+
+
+def test_refined_composition_starts_from_the_sum_and_records_it(digits, digits_model_dir, digits_bank, tmp_path):
+    import shutil
+
+    from forgetrt.train.recipes import composition_recipe
+    from forgetrt.train.workflows import compose_learned
+
+    bank_dir = tmp_path / "bank"
+    shutil.copytree(digits_bank[0], bank_dir)
+    recipe = composition_recipe(PRESETS["digits"], "refine")
+    assert (recipe.epochs, recipe.gamma) == (2, 0.3)  # a tenth of the digits preset's 20 epochs
+    res = compose_learned(
+        bank_dir, "refined-0-3", digits_model_dir, digits, ForgetSpec(classes=(0, 3)), recipe, method="refine"
+    )
+    assert res["method"] == "refine" and res["coefficients"] is None
+    assert min(res["metrics"]["UA_per_class"].values()) >= 90.0
+    bank = VectorBank.load(bank_dir)
+    entry = bank.entry("refined-0-3")
+    assert entry.recipe["method"] == "refined" and entry.recipe["init"] == {"sum": {"forget-0": 1.0, "forget-3": 1.0}}
+    assert entry.composition is None and entry.recipe["parameters"] == 64  # a vector of its own, 8x8
+    guess = bank.get("forget-0") + bank.get("forget-3")
+    assert not np.allclose(bank.get("refined-0-3") / entry.recipe["calibration"]["strength"], guess, atol=1e-3)
+    # a target none of whose classes has a vector: nothing to start from
+    with pytest.raises(InvalidInputError, match="train a direct vector"):
+        compose_learned(bank_dir, "r", digits_model_dir, digits, ForgetSpec(fraction=0.1), recipe, method="refine")
+    with pytest.raises(InvalidInputError, match="arithmetic's guess"):
+        compose_learned(
+            bank_dir, "r", digits_model_dir, digits, ForgetSpec(classes=(1,)), recipe, method="refine", init="zero"
+        )
+    with pytest.raises(UnknownNameError, match="composition method"):
+        compose_learned(bank_dir, "r", digits_model_dir, digits, ForgetSpec(classes=(1,)), recipe, method="sum")
+
+
+def test_warm_start_is_where_training_starts(digits, digits_model_dir):
+    """``init`` is the starting point: with a vanishing learning rate a vector stays where it started."""
+    import dataclasses
+
+    from forgetrt.train.vectors import train_vectors
+
+    model, _ = load_model(digits_model_dir)
+    start = np.random.default_rng(0).normal(0, 0.1, digits.shape).astype(np.float32)
+    r = dataclasses.replace(PRESETS["digits"], epochs=1, lr=1e-9)
+    specs = {"warm": ForgetSpec(classes=(2,)), "cold": ForgetSpec(classes=(5,))}
+    out = {v.name: v.vector for v in train_vectors(model, digits, specs, r, init={"warm": start})}
+    np.testing.assert_allclose(out["warm"], start, atol=1e-6)
+    np.testing.assert_allclose(out["cold"], 0, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="unknown problems"):
+        train_vectors(model, digits, specs, r, init={"other": start})
+    with pytest.raises(InvalidInputError, match="finite with shape"):
+        train_vectors(model, digits, specs, r, init={"warm": start[:, :4]})
+    with pytest.raises(InvalidInputError, match="finite with shape"):
+        train_vectors(model, digits, specs, r, init={"warm": np.full(digits.shape, np.nan, np.float32)})
 
 
 def test_problems_trained_together_stay_independent():
