@@ -48,7 +48,9 @@ def test_unlearning_report_small(tmp_path):
     ar = rep["arithmetic"]
     assert set(ar) == {"classes 0,3", "classes 0,3,5", "mixed 3=0.5,7=0.1"}
     assert ar["classes 0,3"]["learned composition"]["parameters"] == 3  # the basis: the three class vectors
-    assert rep["compose_recipe"]["epochs"] == 1
+    assert ar["classes 0,3"]["refined composition"]["parameters"] == 64  # a whole 8x8 vector
+    assert "refined composition" not in ar["mixed 3=0.5,7=0.1"]  # no class vectors to start from
+    assert rep["compose_recipe"]["epochs"] == 1 and rep["refine_recipe"]["gamma"] == 0.3
     text = (out / "report.md").read_text()
     assert "Class-wise forgetting" in text and "Forget-vector arithmetic" in text and "output mask" in text
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
@@ -57,11 +59,14 @@ def test_unlearning_report_small(tmp_path):
     probe = tmp_path / "probe.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "arithmetic_probe.py"), "--report", str(out)]
     cmd += ["--preset", "digits:distill=2,epochs=2", "--tasks", "0,3;3,5", "--json", str(probe)]
-    r = subprocess.run([*cmd, "--variant", "slow=all:lr_scale=0.1"], capture_output=True, text=True, env=env)
+    variants = ["--variant", "slow=all:lr_scale=0.1", "--variant", "warm=refine:gamma=0.5"]
+    r = subprocess.run([*cmd, *variants], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(probe.read_text())
-    assert set(res["summary"]) == {"direct vector", "plain sum", "slow"}
+    assert set(res["summary"]) == {"direct vector", "plain sum", "slow", "warm"}
     assert res["summary"]["direct vector"]["TA_below_direct_mean"] == 0.0
+    assert res["summary"]["direct vector"]["targets_within_2"] == 2
+    assert res["per_task"]["warm"]["0,3"]["coefficients"] is None  # a refined sum is a vector of its own
     assert set(res["per_task"]["slow"]) == {"0,3", "3,5"}
     assert set(res["per_task"]["slow"]["0,3"]["coefficients"]) == {"forget-0", "forget-3", "forget-5"}
     missing = [*cmd[:-4], "--tasks", "0,7", "--json", str(probe)]
@@ -90,6 +95,28 @@ def test_unlearning_report_time_budget_skips_and_says_so(tmp_path):
     assert rep["complete"] is False and rep["skipped"] == skipped
     assert rep["original"]["test_acc"] > 50 and "class_wise" not in rep and "arithmetic" not in rep
     assert f"**Incomplete**: skipped {', '.join(skipped)}" in (out / "report.md").read_text()
+
+
+def test_report_budget_learns_from_the_last_task_of_a_kind(monkeypatch):
+    """A stage's estimate is the larger of its formula and what the last task of its kind took: the CPU
+    smoke run of the quality suite ran into the suite's timeout because the formulas (multiples of the base
+    model's training time) were far too small where evaluation dominates."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unlearning_report", REPO / "benchmarks" / "unlearning_report.py")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    now = [0.0]
+    lines, skipped = [], []
+    b = mod.Budget(100.0, 0.0, lines.append, skipped, clock=lambda: now[0])
+    assert b.fits("random 0.01", 10.0, "random")
+    now[0] = 60.0  # the first random task took 60 s; 40 s are left
+    b.timed["random"] = 60.0
+    assert b.fits("arithmetic: classes 0,3", 10.0, "arithmetic")  # another kind: its formula alone
+    assert not b.fits("random 0.1", 10.0, "random")  # 10 s by the formula, 60 s as measured
+    assert skipped == ["random 0.1"] and "about 60s needed, 40s left" in lines[-1]
+    assert mod.Budget(None, 0.0, lines.append, skipped).fits("anything", 1e9)
 
 
 def test_vector_sweep_small(tmp_path):
