@@ -63,7 +63,7 @@ def test_many_async_requests_match_the_reference(digits_bundle, torch_reference)
         sizes = []
         for (x, f, c), r in zip(reqs, results):
             row = c if c is not None else np.tile(rt.snapshot.coeff_row(f), (len(x), 1))
-            np.testing.assert_allclose(r.logits, torch_reference(x, row), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(r.logits, torch_reference(x, row), atol=1e-5, rtol=1e-6)
             sizes.append(r.batch_images)
         assert max(sizes) > 3  # requests really shared engine calls
 
@@ -244,7 +244,7 @@ def test_inline_dispatch_runs_short_lone_requests_on_the_loop_thread(digits_bund
         assert threads[0] != loop_thread and threads[1] == loop_thread
         np.testing.assert_allclose(second.logits, first.logits, atol=0, rtol=0)
         row = np.tile(rt.snapshot.coeff_row(["forget-3"]), (2, 1))
-        np.testing.assert_allclose(second.logits, torch_reference(x, row), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(second.logits, torch_reference(x, row), atol=1e-5, rtol=1e-6)
         assert second.batch_images == 2 and second.bank_version == first.bank_version
         bad = x.copy()
         bad[0, 0, 0, 0] = 0.25

@@ -16,6 +16,9 @@ from forgetrt.runtime import BatchingConfig, Runtime, RuntimeConfig
 from forgetrt.runtime.server import ServerMetrics, create_app
 
 ATOL = 1e-5
+# engines differ from the torch reference by float32 rounding: a few ulps, which at logits near 16 exceed
+# ATOL alone (seen on an AVX2-only AMD EPYC); RTOL allows about 8 ulps of the value
+RTOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +81,11 @@ def test_tritonclient_infer_forms(server, torch_reference, binary):
     ]
     for params, row in cases:
         r = c.infer("digits", [_input(x, binary)], parameters=params, outputs=outs)
-        np.testing.assert_allclose(r.as_numpy("logits"), torch_reference(x, np.tile(row, (3, 1))), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(r.as_numpy("logits"), torch_reference(x, np.tile(row, (3, 1))), atol=ATOL, rtol=RTOL)
         assert r.get_response()["parameters"]["bank_version"] == 0
     coeffs = np.random.default_rng(1).uniform(-1, 1, (3, 9)).astype(np.float32)  # a different row per image
     r = c.infer("digits", [_input(x, binary), _input(coeffs, binary, "coeffs")], outputs=outs)
-    np.testing.assert_allclose(r.as_numpy("logits"), torch_reference(x, coeffs), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(r.as_numpy("logits"), torch_reference(x, coeffs), atol=ATOL, rtol=RTOL)
 
 
 def _post(url, body, headers=None, path="/v2/models/digits/infer"):
@@ -239,7 +242,7 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server, torch_refer
     res = c.infer("digits", [_input(x)], parameters={"policy": "pair"})
     eye = np.eye(9, dtype=np.float32)
     np.testing.assert_allclose(
-        res.as_numpy("logits"), torch_reference(x, np.tile(eye[0] + eye[3], (2, 1))), atol=ATOL, rtol=0
+        res.as_numpy("logits"), torch_reference(x, np.tile(eye[0] + eye[3], (2, 1))), atol=ATOL, rtol=RTOL
     )
     with pytest.raises(InferenceServerException, match="unknown vector"):
         c.infer("digits", [_input(x)], parameters={"forget": ["zzz"]})
@@ -256,7 +259,7 @@ def test_concurrent_clients_are_batched_and_metrics_exported(server, torch_refer
             for _ in range(10):
                 r = c.infer("digits", [_input(x)], parameters={"forget": {f"forget-{i % 9}": 1.0}})
                 want = torch_reference(x, np.eye(9, dtype=np.float32)[i % 9][None])
-                np.testing.assert_allclose(r.as_numpy("logits"), want, atol=ATOL, rtol=0)
+                np.testing.assert_allclose(r.as_numpy("logits"), want, atol=ATOL, rtol=RTOL)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -313,7 +316,7 @@ def test_bank_hot_swap_through_repository_endpoint(digits_bundle, digits_bank, t
         res = c.infer("digits", [_input(x)], parameters={"forget": ["forget-4"]})
         assert res.get_response()["parameters"]["bank_version"] == 1
         np.testing.assert_allclose(
-            res.as_numpy("logits"), torch_reference(x, np.eye(9, dtype=np.float32)[4][None]), atol=ATOL, rtol=0
+            res.as_numpy("logits"), torch_reference(x, np.eye(9, dtype=np.float32)[4][None]), atol=ATOL, rtol=RTOL
         )
         assert httpx.post(f"http://{url}/v2/repository/index").json()[0]["state"] == "READY"
     finally:
