@@ -524,14 +524,23 @@ def compose_learned(
 
 
 def _arithmetic_guess(bank: VectorBank, names: Sequence[str], target: ForgetSpec, ds: Dataset) -> dict[str, float]:
+    """Coefficient 1 for class-wise vectors that together forget the target's classes, each class counted once:
+    vectors with fewer classes first (so ``forget-0`` and ``forget-3`` rather than a 0+3 vector beside them),
+    in bank order, a vector taken only if none of its classes is covered yet."""
     if target.classes is None:
         return {}
     wanted = {ds.class_index(c) for c in target.classes}
-    guess = {}
+    candidates = []
     for n in names:
         f = bank.entry(n).forgets
         if f.get("kind") == "class" and set(f["classes"]) <= wanted:
+            candidates.append((len(f["classes"]), n, set(f["classes"])))
+    guess: dict[str, float] = {}
+    covered: set[int] = set()
+    for _, n, classes in sorted(candidates, key=lambda c: c[0]):  # stable: bank order within a size
+        if not classes & covered:
             guess[n] = 1.0
+            covered |= classes
     return guess
 
 

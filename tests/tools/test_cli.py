@@ -290,7 +290,7 @@ def test_other_model_bank_is_refused(quick, tmp_path):
         (["eval", "--model", "{q}/model", "--bank", "{t}/nobank", "--vector", "x"], 3, "not found"),
         (["compose", "--bank", "{q}/bank", "--name", "c", "--weights", "forget-0=abc"], 2, "must be a number"),
         (["compose", "--bank", "{q}/bank", "--name", "c", "--weights", "forget-0=1,zzz=1"], 2, "unknown vector 'zzz'"),
-        (["compose", "--bank", "{q}/bank", "--name", "c"], 2, "exactly one of --weights or --learn"),
+        (["compose", "--bank", "{q}/bank", "--name", "c"], 2, "exactly one of --weights, --learn or --refine"),
         (
             ["unlearn-baseline", "--method", "xx", "--model", "{q}/model", "--forget-classes", "1", "--out", "{t}/o"],
             2,

@@ -90,6 +90,14 @@ def test_refined_composition_starts_from_the_sum_and_records_it(digits, digits_m
     assert entry.composition is None and entry.recipe["parameters"] == 64  # a vector of its own, 8x8
     guess = bank.get("forget-0") + bank.get("forget-3")
     assert not np.allclose(bank.get("refined-0-3") / entry.recipe["calibration"]["strength"], guess, atol=1e-3)
+    # the guess counts each class once: forget-0 and forget-3, not also the 0+3 vector now in the bank
+    from forgetrt.train.workflows import _arithmetic_guess
+
+    assert _arithmetic_guess(bank, bank.names, ForgetSpec(classes=(0, 3)), digits) == {"forget-0": 1.0, "forget-3": 1.0}
+    assert _arithmetic_guess(bank, ["refined-0-3", "forget-5"], ForgetSpec(classes=(0, 3, 5)), digits) == {
+        "forget-5": 1.0,
+        "refined-0-3": 1.0,
+    }
     # a target none of whose classes has a vector: nothing to start from
     with pytest.raises(InvalidInputError, match="train a direct vector"):
         compose_learned(bank_dir, "r", digits_model_dir, digits, ForgetSpec(fraction=0.1), recipe, method="refine")
