@@ -8,11 +8,12 @@ learning rate) and refined sums, each calibrated on the validation split as the 
 
 ``--report`` is an ``unlearning_report.py`` output folder (its ``model/`` and ``bank/`` with
 ``forget-0`` ... ``forget-9``), or give ``--model`` and ``--bank`` folders; the class vectors are used as
-stored (already calibrated). A variant is ``NAME=KIND[:lr_scale=X,epochs=N,gamma=G]``: KIND ``all``
+stored (already calibrated). A variant is ``NAME=KIND[:lr_scale=X,epochs=N,gamma=G,batch_size=B]``: KIND ``all``
 (coefficients over every class vector, as the report does), ``targets`` (coefficients over the target
 classes' vectors only) or ``refine`` (the sum of the target classes' vectors, then the whole vector
 trained: ``compose --refine``); the budget is ``composition_recipe``'s (a tenth of the class recipe's
-epochs, as in the report; refine also gamma 0.3), which ``lr_scale``, ``epochs`` and ``gamma`` change.
+epochs, as in the report; refine also gamma 0.3), which ``lr_scale``, ``epochs``, ``gamma`` and
+``batch_size`` change.
 
 Choose on the validation columns (``val_drop``: accuracy the held-out images of the other classes lose
 at the calibrated strength); the test columns are reported beside them, not used to choose.
@@ -37,19 +38,20 @@ DEFAULT_VARIANTS = (
     "refined sum=refine",
 )
 KINDS = ("all", "targets", "refine")
+_KEYS = ("lr_scale", "epochs", "gamma", "batch_size")
 
 
 def _variant(text: str) -> tuple[str, str, dict]:
     name, eq, rest = text.partition("=")
     kind, _, over = rest.partition(":")
     if not eq or not name or kind not in KINDS:
-        raise SystemExit(f"bad --variant {text!r}: want NAME=all|targets|refine[:lr_scale=X,epochs=N,gamma=G]")
+        raise SystemExit(f"bad --variant {text!r}: want NAME=all|targets|refine[:{','.join(_KEYS)}=...]")
     kw: dict = {}
     for item in filter(None, over.split(",")):
         k, _, v = item.partition("=")
-        if k not in ("lr_scale", "epochs", "gamma"):
-            raise SystemExit(f"bad --variant {text!r}: {k!r} is not lr_scale, epochs or gamma")
-        kw[k] = int(v) if k == "epochs" else float(v)
+        if k not in _KEYS:
+            raise SystemExit(f"bad --variant {text!r}: {k!r} is not one of {', '.join(_KEYS)}")
+        kw[k] = int(v) if k in ("epochs", "batch_size") else float(v)
     return name, kind, kw
 
 
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a model folder (instead of --report)")
     p.add_argument("--bank", help="a bank with the model's class vectors forget-0 ... (instead of --report)")
     p.add_argument("--data", default="digits")
+    p.add_argument("--subset", help="N_TRAIN,N_TEST: the subset unlearning_report.py --subset trained on")
     p.add_argument("--preset", default="digits", help="the class vectors' recipe (PRESET[:key=value,...])")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="multi-class targets, ';'-separated")
-    p.add_argument("--variant", action="append", help="NAME=all|targets[:lr_scale=X,epochs=N]; repeat")
+    p.add_argument("--variant", action="append", help="NAME=all|targets|refine[:key=value,...]; repeat")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = resolve_device(a.device)
     model, info = load_model(model_dir, dev)
     ds = wf.as_dataset(a.data, info.iospec)
+    if a.subset:
+        ds = ds.subset(*(int(x) for x in a.subset.split(",")), seed=0)  # as unlearning_report.py draws it
     held = wf._held_out(info, ds)
     recipe = parse_recipe(a.preset)
     val_idx, val_ho, _ = wf._validation(info, ds, recipe, held)
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=base.lr * kw.get("lr_scale", 1.0),
             epochs=kw.get("epochs", base.epochs),
             gamma=kw.get("gamma", base.gamma),
+            batch_size=kw.get("batch_size", base.batch_size),
         )
         rows[name], spent = {}, 0.0
         recipes[name] = {"kind": kind, **rec.to_dict()}
