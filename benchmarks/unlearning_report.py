@@ -364,65 +364,44 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=True,
         )
         d = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"direct-{i}", forget=spec, **ev)
-        learned = wf.compose_learned(
-            out / "bank",
-            f"learned-{i}",
-            model_dir,
-            ds,
-            spec,
-            compose_recipe,
-            basis=basis_names,
-            device=a.device,
-            evaluate_after=False,
-            overwrite=True,
-        )
-        lm = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"learned-{i}", forget=spec, **ev)
-        refined = rm = None
-        if spec.classes is not None:  # refine starts from the target classes' vectors: class targets only
-            refined = wf.compose_learned(
-                out / "bank",
-                f"refined-{i}",
-                model_dir,
-                ds,
-                spec,
-                refine_recipe,
-                basis=basis_names,
-                device=a.device,
-                evaluate_after=False,
-                overwrite=True,
-                method="refine",
-            )
-            rm = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"refined-{i}", forget=spec, **ev)
         keep = (*KEYS, "TA_drop")
-        arithmetic[task] = {
+        rows = {
             "direct vector": {
                 **{k: d[k] for k in keep},
                 "parameters": int(np.prod(ds.shape)),
                 "seconds": direct[0]["seconds"],
-            },
-            "learned composition": {
-                **{k: lm[k] for k in keep},
-                "parameters": len(basis_names),
-                "seconds": learned["seconds"],
-                "coefficients": learned["coefficients"],
-                **({"UA_per_class": lm["UA_per_class"]} if "UA_per_class" in lm else {}),
-            },
-        }
-        if refined is not None:
-            arithmetic[task]["refined composition"] = {
-                **{k: rm[k] for k in keep},
-                "parameters": int(np.prod(ds.shape)),
-                "seconds": refined["seconds"],
-                **({"UA_per_class": rm["UA_per_class"]} if "UA_per_class" in rm else {}),
             }
+        }
+        # refine starts from the target classes' vectors: class targets only
+        for method in ("learn", "refine") if spec.classes is not None else ("learn",):
+            label = {"learn": "learned", "refine": "refined"}[method]
+            res = wf.compose_learned(
+                out / "bank",
+                f"{label}-{i}",
+                model_dir,
+                ds,
+                spec,
+                compose_recipe if method == "learn" else refine_recipe,
+                basis=basis_names,
+                device=a.device,
+                evaluate_after=False,
+                overwrite=True,
+                method=method,
+            )
+            m = wf.evaluate_result(model_dir, ds, bank_dir=out / "bank", vector=f"{label}-{i}", forget=spec, **ev)
+            rows[f"{label} composition"] = {
+                **{k: m[k] for k in keep},
+                "parameters": len(basis_names) if method == "learn" else int(np.prod(ds.shape)),
+                "seconds": res["seconds"],
+                **({"coefficients": res["coefficients"]} if method == "learn" else {}),
+                **({"UA_per_class": m["UA_per_class"]} if "UA_per_class" in m else {}),
+            }
+        arithmetic[task] = rows
         report["arithmetic"] = arithmetic
         save()
         budget.timed["arithmetic"] = time.perf_counter() - t0
-        log(
-            f"  {task}: direct UA {d['UA']:.1f} TA {d['TA']:.1f} ({direct[0]['seconds']:.1f}s) | "
-            f"learned UA {lm['UA']:.1f} TA {lm['TA']:.1f} ({learned['seconds']:.1f}s)"
-            + (f" | refined UA {rm['UA']:.1f} TA {rm['TA']:.1f} ({refined['seconds']:.1f}s)" if rm else "")
-        )
+        cells = (f"{k} UA {r['UA']:.1f} TA {r['TA']:.1f} ({r['seconds']:.1f}s)" for k, r in rows.items())
+        log(f"  {task}: " + " | ".join(cells))
     report["complete"] = not report["skipped"]
     save()
     log(
