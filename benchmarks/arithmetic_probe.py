@@ -12,8 +12,8 @@ stored (already calibrated). A variant is ``NAME=KIND[:lr_scale=X,epochs=N,gamma
 (coefficients over every class vector, as the report does), ``targets`` (coefficients over the target
 classes' vectors only) or ``refine`` (the sum of the target classes' vectors, then the whole vector
 trained: ``compose --refine``); the budget is ``composition_recipe``'s (a tenth of the class recipe's
-epochs, as in the report; refine also gamma 0.3), which ``lr_scale``, ``epochs``, ``gamma`` and
-``batch_size`` change.
+steps, as in the report; refine also gamma 0.3), which ``lr_scale``, ``epochs`` (N whole epochs),
+``gamma`` and ``batch_size`` change.
 
 Choose on the validation columns (``val_drop``: accuracy the held-out images of the other classes lose
 at the calibrated strength); the test columns are reported beside them, not used to choose.
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             base,
             lr=base.lr * kw.get("lr_scale", 1.0),
             epochs=kw.get("epochs", base.epochs),
+            epoch_share=1.0 if "epochs" in kw else base.epoch_share,  # N given: N whole epochs
             gamma=kw.get("gamma", base.gamma),
             batch_size=kw.get("batch_size", base.batch_size),
         )

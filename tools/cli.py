@@ -247,6 +247,8 @@ def _recipe(kw: dict[str, Any], seed: int, adapt: Callable[[VectorRecipe], Vecto
     """The recipe the user asked for (popping its options from ``kw``); ``adapt`` turns the preset into the
     command's own defaults before the given options override it."""
     changes = {f.name: v for f, _ in _RECIPE_OPTIONS if (v := kw.pop(f.name, None)) is not None}
+    if "epochs" in changes:  # --epochs N alone means N whole epochs, whatever share ``adapt`` chose
+        changes.setdefault("epoch_share", 1.0)
     base = PRESETS[kw.pop("preset")]
     return dataclasses.replace(adapt(base) if adapt else base, seed=seed, **changes)
 
@@ -597,8 +599,9 @@ def compose_cmd(
     """Forget-vector arithmetic: a fixed or learned linear combination saved as a new vector, or (--refine) a
     vector trained briefly from the sum of the target classes' vectors.
 
-    --learn and --refine train with the preset's recipe at a tenth of its epochs (--refine also with
-    --gamma 0.3) unless the recipe options say otherwise."""
+    --learn and --refine train with the preset's recipe for a tenth of its steps (a tenth of the epochs, or
+    epochs that run a share of their steps, --epoch-share; --refine also at least two epochs and --gamma
+    0.3) unless the recipe options say otherwise."""
     from forgetrt.train import workflows as wf
     from forgetrt.train.recipes import composition_recipe
 

@@ -66,7 +66,7 @@ def run_demo(out: str | os.PathLike, *, device: str = "cpu", log: Callable[[str]
     a, b = DEMO_PAIR
     log(
         f"[3/5] forget-vector arithmetic for classes {a} and {b}: fixed sum, learned coefficients and a refined sum "
-        "(a tenth of the epochs)"
+        "(a tenth of the training steps)"
     )
     wf.compose_fixed(bank_dir, f"sum-{a}-{b}", {f"forget-{a}": 1.0, f"forget-{b}": 1.0}, overwrite=True)
     composed = {

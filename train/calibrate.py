@@ -9,8 +9,11 @@ s·δ on a subsample of the forget set (training data) and on the validation spl
     the smallest s whose UA reaches ``recipe.ua_target`` on (a sample of) the forget set and, within two
     binomial standard errors, on the validation split's images of the forgotten classes (images of those
     classes the vector never trained on): the least collateral damage that still forgets. If no s
-    reaches it, the s with the highest UA, and the record says the target was missed. The record lists,
-    per s, both UAs and the accuracy the validation images of the other classes lose (the damage).
+    reaches it, the s with the highest UA, and the record says the target was missed. UA grows with s
+    along a trained vector, so the grid is walked from the strength nearest 1 (down while the next
+    strength still meets the target, else up until one does) instead of measured whole: two or three
+    strengths for a typical vector. The record lists, per s tried, both UAs and the accuracy the
+    validation images of the other classes lose (the damage).
 ``retrain-proxy`` (data-wise)
     a universal δ cannot tell random forget samples from retain samples, so the honest goal is
     Retrain-like behaviour, not misclassification. With a validation split the classifier never saw,
@@ -23,7 +26,8 @@ s·δ on a subsample of the forget set (training data) and on the validation spl
 
 A norm budget caps the grid: no strength takes ‖s·δ‖₂ over ``recipe.norm_budget``.
 
-Each record lists every strength tried with its validation metrics, so a reader sees the trade-off.
+Each record lists every strength tried with its validation metrics, so a reader sees the trade-off
+(around the chosen strength, for ``ua-target``).
 """
 
 from __future__ import annotations
@@ -151,21 +155,39 @@ def _ua_target(model, ds, split, delta, recipe, val_idx, rng) -> Calibration:
     # more than the estimate's noise: two binomial standard errors at the target
     n_val = len(sets.get("val_forget", ()))
     val_floor = recipe.ua_target - 2 * _se(recipe.ua_target, n_val) if n_val else None
-    grid = []
-    for s in _strengths(recipe, delta):
-        row = {"strength": float(s), "UA_forget": 100.0 - probe.acc("forget", s)}
-        if n_val:
-            row["UA_val"] = 100.0 - probe.acc("val_forget", s)
-        if len(sets["val_rest"]):
-            row["val_acc_drop"] = base_rest - probe.acc("val_rest", s)
-        row["meets"] = bool(row["UA_forget"] >= recipe.ua_target and (val_floor is None or row["UA_val"] >= val_floor))
-        grid.append(row)
+    strengths = _strengths(recipe, delta)
+    rows: dict[int, dict[str, Any]] = {}
+
+    def row(i: int) -> dict[str, Any]:
+        if i not in rows:
+            s = strengths[i]
+            r = {"strength": float(s), "UA_forget": 100.0 - probe.acc("forget", s)}
+            if n_val:
+                r["UA_val"] = 100.0 - probe.acc("val_forget", s)
+            if len(sets["val_rest"]):
+                r["val_acc_drop"] = base_rest - probe.acc("val_rest", s)
+            r["meets"] = bool(r["UA_forget"] >= recipe.ua_target and (val_floor is None or r["UA_val"] >= val_floor))
+            rows[i] = r
+        return rows[i]
+
+    # UA grows with the strength along a trained vector, so the smallest strength that meets the target is
+    # found without measuring the whole grid: start at the strength nearest 1 (where a trained vector
+    # lands), walk down while the next one still meets the target, else up until one does
+    i = min(range(len(strengths)), key=lambda k: (abs(strengths[k] - 1.0), strengths[k]))
+    if row(i)["meets"]:
+        while i > 0 and row(i - 1)["meets"]:
+            i -= 1
+    else:
+        while i < len(strengths) - 1 and not row(i)["meets"]:
+            i += 1
+        row(i)
+    grid = [rows[k] for k in sorted(rows)]
     what = f"UA >= {recipe.ua_target:g} on the forget set" + (
         f" and >= {val_floor:.2f} on the validation split's {n_val} images of the forgotten classes" if n_val else ""
     )
     hit = [r for r in grid if r["meets"]]
     if hit:
-        best = hit[0]  # grid is ascending: the smallest strength that forgets enough
+        best = hit[0]  # grid is ascending: the smallest strength tried that forgets enough
         return Calibration("ua-target", best["strength"], f"smallest strength with {what}", True, {}, grid)
 
     def score(r: dict) -> float:

@@ -88,6 +88,13 @@ class VectorRecipe:
     """Every constant of forget-vector training (defaults: the paper's recipe)."""
 
     epochs: int = field(default=10, metadata={"help": "Epochs (paper: 10)."})
+    epoch_share: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of an epoch's steps each epoch runs, in (0, 1] (compositions: a tenth of a direct "
+            "vector's steps where a tenth of its epochs is less than one each)."
+        },
+    )
     lr: float = field(default=0.2, metadata={"help": "SGD learning rate (paper: 0.2)."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
     gamma: float = field(default=0.9, metadata={"help": "ExponentialLR factor per epoch (paper: 0.9)."})
@@ -130,6 +137,8 @@ class VectorRecipe:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")
+        if not (math.isfinite(self.epoch_share) and 0.0 < self.epoch_share <= 1.0):
+            raise InvalidInputError(f"epoch share must be in (0, 1], got {self.epoch_share}")
         if self.batch_size < 2:
             raise InvalidInputError(f"batch size must be >= 2, got {self.batch_size}")
         for k in ("lr", "gamma"):
@@ -223,14 +232,19 @@ COMPOSE_METHODS = ("learn", "refine")
 
 
 def composition_recipe(recipe: VectorRecipe, method: str = "learn") -> VectorRecipe:
-    """A composition's budget, from the recipe its target's direct vector would use: a tenth of its epochs
-    (both methods start from the arithmetic's guess; the bar is a tenth of a direct vector's time); "refine"
-    also lets the learning rate fall faster (γ = 0.3 per epoch instead of the recipe's), the best of γ 0.9,
-    0.5 and 0.3 on validation data (digits, three models, eight 2- and 3-class targets each, 2026-12-07,
+    """A composition's budget, from the recipe its target's direct vector would use: a tenth of its steps
+    (both methods start from the arithmetic's guess; the bar is a tenth of a direct vector's time). Where a
+    tenth of the epochs is not a whole number of epochs (the CIFAR presets train 5 or 8), the budget is
+    spread over whole epochs that each run a share of their steps (``epoch_share``), so a 5-epoch recipe
+    gives half an epoch, never a whole one (a fifth). "refine" runs at least two epochs (the
+    schedule it was chosen with: its learning rate falls by γ = 0.3 after the first, the best of γ 0.9,
+    0.5 and 0.3 on validation data: digits, three models, eight 2- and 3-class targets each, 2026-12-07,
     ``benchmarks/arithmetic_probe.py``; benchmarks/RESULTS.md)."""
     if method not in COMPOSE_METHODS:
         raise unknown("composition method", method, COMPOSE_METHODS)
-    out = replace(recipe, epochs=max(1, recipe.epochs // 10))
+    total = recipe.epochs * recipe.epoch_share / 10  # in whole epochs' worth of steps
+    epochs = max(2 if method == "refine" else 1, math.ceil(total - 1e-9))
+    out = replace(recipe, epochs=epochs, epoch_share=min(1.0, total / epochs))
     return replace(out, gamma=0.3) if method == "refine" else out
 
 

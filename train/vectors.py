@@ -100,16 +100,16 @@ class _Sampler:
         self.gen = gen
         n = masks.shape[1]
         self.b = min(r.batch_size, n)
-        self.steps = math.ceil(n / self.b)
+        self.steps = max(1, round(math.ceil(n / self.b) * r.epoch_share))  # a share of an epoch: its first steps
 
     def epoch(self) -> list[torch.Tensor]:
         p, n = self.masks.shape
         if self.r.forget_share is None:
             perms = torch.stack([torch.randperm(n, generator=self.gen) for _ in range(p)])
             pad = self.steps * self.b - n  # last batch wraps around instead of being short
-            if pad:
+            if pad > 0:
                 perms = torch.cat([perms, perms[:, :pad]], 1)
-            return list(perms.view(p, self.steps, self.b).unbind(1))
+            return list(perms[:, : self.steps * self.b].reshape(p, self.steps, self.b).unbind(1))
         nf = max(1, int(round(self.r.forget_share * self.b)))
         nr = self.b - nf
         out = []

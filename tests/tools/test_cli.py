@@ -122,8 +122,15 @@ def test_compose_fixed_and_learned(quick, tmp_path):
     assert man["vectors"]["both"]["composition"] == {"forget-0": 1.0, "forget-3": 0.5}
     assert man["vectors"]["learned"]["recipe"]["method"] == "learned"
     refined = man["vectors"]["refined"]["recipe"]
-    # the composition budget by default: a tenth of the preset's epochs (paper: 10 -> 1), gamma 0.3
-    assert refined["method"] == "refined" and (refined["epochs"], refined["gamma"]) == (1, 0.3)
+    # the composition budget by default: a tenth of the preset's steps (paper: 10 epochs -> refine's two
+    # epochs at half their steps each), gamma 0.3
+    assert refined["method"] == "refined"
+    assert (refined["epochs"], refined["epoch_share"], refined["gamma"]) == (2, 0.5, 0.3)
+    # --epochs alone means whole epochs (the share the default chose does not linger)
+    run("compose", "--bank", bank, "--name", "r2", "--refine", "--model", quick / "model", "--target-classes", "0,3",
+        "--epochs", "2")  # fmt: skip
+    r2 = json.loads((bank / "manifest.json").read_text())["vectors"]["r2"]["recipe"]
+    assert (r2["epochs"], r2["epoch_share"], r2["gamma"]) == (2, 1.0, 0.3)
 
 
 def test_eval_json_reference_and_baselines(quick, tmp_path):

@@ -146,22 +146,34 @@ def test_vectors_never_see_the_validation_images(digits, digits_model_dir):
     assert not np.array_equal(a, c)
 
 
-def test_ua_target_picks_the_smallest_strength_that_forgets(digits, digits_model_dir, digits_bank):
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_ua_target_picks_the_smallest_strength_that_forgets(digits, digits_model_dir, digits_bank, scale):
+    """The walk from the strength nearest 1 (down for a vector that forgets at 1, up for a weak one, here
+    the same vector scaled by 0.3) picks what measuring every strength picks, measuring fewer of them."""
     model, info = load_model(digits_model_dir)
     held = ValidationSplit.from_description(info.validation, digits).indices(digits)
     split = ForgetSpec(classes=(7,)).resolve(digits, held)
-    delta = VectorBank.load(digits_bank[0]).get("forget-7")
-    r = dataclasses.replace(PRESETS["digits"], strengths=(0.1, 0.5, 1.0, 2.0))
+    delta = scale * VectorBank.load(digits_bank[0]).get("forget-7")
+    r = dataclasses.replace(PRESETS["digits"], strengths=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0))
     cal = calibrate_vector(model, digits, split, delta, r, val_idx=held, val_held_out=True)
-    uas = [g["UA_forget"] for g in cal.grid]
-    assert [g["strength"] for g in cal.grid] == [0.1, 0.5, 1.0, 2.0] and cal.mode == "ua-target"
-    first = next(g["strength"] for g in cal.grid if g["UA_forget"] >= r.ua_target)
-    assert cal.reached and cal.strength == first and uas[0] < r.ua_target
+    alone = {  # each strength measured on its own (the same seeded samples)
+        s: calibrate_vector(
+            model, digits, split, delta, dataclasses.replace(r, strengths=(s,)), val_idx=held, val_held_out=True
+        ).grid[0]
+        for s in r.strengths
+    }
+    assert not alone[0.1]["meets"] and alone[4.0]["meets"]  # the target lies inside the grid
+    assert cal.mode == "ua-target" and cal.reached
+    assert cal.strength == min(s for s, g in alone.items() if g["meets"])
+    assert 2 <= len(cal.grid) < len(r.strengths)
+    assert all(g == alone[g["strength"]] for g in cal.grid)  # the same measurements, ascending
+    assert [g["strength"] for g in cal.grid] == sorted(g["strength"] for g in cal.grid)
     assert all("UA_val" in g and "val_acc_drop" in g for g in cal.grid)
     unreachable = calibrate_vector(
         model, digits, split, delta, dataclasses.replace(r, strengths=(0.01, 0.02)), val_idx=held, val_held_out=True
     )
     assert unreachable.reached is False and "no strength reached" in unreachable.reason
+    assert [g["strength"] for g in unreachable.grid] == [0.02]  # from the strength nearest 1 up to the end
 
 
 def test_retrain_proxy_keeps_no_vector_for_one_that_only_costs_accuracy(digits, digits_model_dir):

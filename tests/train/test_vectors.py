@@ -69,6 +69,44 @@ def test_learned_two_class_composition_meets_the_bar(digits, digits_model_dir, d
     np.testing.assert_allclose(bank.get("learned-0-3"), bank.combine(entry.composition), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "epochs, learn, refine",
+    [(20, (2, 1.0), (2, 1.0)), (10, (1, 1.0), (2, 0.5)), (8, (1, 0.8), (2, 0.4)), (5, (1, 0.5), (2, 0.25))]
+    + [(15, (2, 0.75), (2, 0.75)), (1, (1, 0.1), (2, 0.05))],
+)
+def test_a_composition_trains_a_tenth_of_a_direct_vectors_steps(epochs, learn, refine):
+    """A tenth of the steps at any epoch count: a 5-epoch recipe (the CIFAR preset) gives half an epoch,
+    not a whole one (a fifth); refine keeps two epochs, so its learning rate still falls once."""
+    import dataclasses
+
+    from forgetrt.train.recipes import composition_recipe
+
+    r = dataclasses.replace(PRESETS["cifar"], epochs=epochs)
+    for method, want in (("learn", learn), ("refine", refine)):
+        c = composition_recipe(r, method)
+        assert (c.epochs, c.epoch_share) == pytest.approx(want)
+        assert c.epochs * c.epoch_share == pytest.approx(epochs / 10)
+    with pytest.raises(InvalidInputError, match="epoch share"):
+        VectorRecipe(epoch_share=0.0)
+    with pytest.raises(InvalidInputError, match="epoch share"):
+        VectorRecipe(epoch_share=1.5)
+
+
+@pytest.mark.parametrize("forget_share", [None, 0.5])
+def test_an_epoch_share_runs_that_share_of_the_steps(forget_share):
+    from forgetrt.train.vectors import _Sampler
+
+    masks = np.zeros((2, 1000), bool)
+    masks[:, :100] = True
+    for share, steps in ((1.0, 10), (0.5, 5), (0.25, 2), (0.01, 1)):
+        r = VectorRecipe(batch_size=100, forget_share=forget_share, epoch_share=share)
+        batches = _Sampler(masks, r, torch.Generator().manual_seed(0)).epoch()
+        assert len(batches) == steps and all(b.shape == (2, 100) for b in batches)
+        if forget_share is None:  # a share of one permutation: no image twice in an epoch
+            seen = torch.cat(batches, 1)
+            assert all(len(set(row.tolist())) == seen.shape[1] for row in seen)
+
+
 def test_refined_composition_starts_from_the_sum_and_records_it(digits, digits_model_dir, digits_bank, tmp_path):
     import shutil
 
