@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     report_data_s = time.perf_counter() - t_start
 
     def epochs(r):
-        return r if a.vector_epochs is None else replace(r, epochs=a.vector_epochs)
+        return r if a.vector_epochs is None else replace(r, epochs=a.vector_epochs, epoch_share=1.0)
 
     recipe, rand_recipe = epochs(parse_recipe(a.preset)), epochs(parse_recipe(a.random_preset))
     env = {
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     train_s = rec["training"]["seconds"]
     # a vector epoch costs about a training epoch of the classifier (a forward and a backward per image)
-    vector_s = train_s * recipe.epochs / max(1, int(rec["training"].get("epochs") or 1))
+    vector_s = train_s * recipe.epochs * recipe.epoch_share / max(1, int(rec["training"].get("epochs") or 1))
     report["original"] = {**rec["metrics"], "train_seconds": train_s, "epochs": rec["training"]["epochs"]}
     held_out = wf.held_out_indices(model_dir, ds)
     save()

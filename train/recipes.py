@@ -92,7 +92,7 @@ class VectorRecipe:
         default=1.0,
         metadata={
             "help": "Share of an epoch's steps each epoch runs, in (0, 1] (compositions: a tenth of a direct "
-            "vector's steps where a tenth of its epochs is less than one each)."
+            "vector's steps where a tenth of its epochs is not a whole number)."
         },
     )
     lr: float = field(default=0.2, metadata={"help": "SGD learning rate (paper: 0.2)."})

@@ -100,7 +100,8 @@ class _Sampler:
         self.gen = gen
         n = masks.shape[1]
         self.b = min(r.batch_size, n)
-        self.steps = max(1, round(math.ceil(n / self.b) * r.epoch_share))  # a share of an epoch: its first steps
+        # a share of an epoch: its first steps, rounded down (a composition never runs over its budget)
+        self.steps = max(1, math.floor(math.ceil(n / self.b) * r.epoch_share + 1e-9))
 
     def epoch(self) -> list[torch.Tensor]:
         p, n = self.masks.shape

@@ -173,7 +173,40 @@ def test_ua_target_picks_the_smallest_strength_that_forgets(digits, digits_model
         model, digits, split, delta, dataclasses.replace(r, strengths=(0.01, 0.02)), val_idx=held, val_held_out=True
     )
     assert unreachable.reached is False and "no strength reached" in unreachable.reason
-    assert [g["strength"] for g in unreachable.grid] == [0.02]  # from the strength nearest 1 up to the end
+    assert [g["strength"] for g in unreachable.grid] == [0.01, 0.02]  # missed everywhere: the whole grid
+
+
+@pytest.mark.parametrize(
+    "ua, strength, measured",
+    [
+        (lambda s: 100.0 if s >= 1.25 else 50.0, 1.25, [1.0, 1.125, 1.25]),  # up from 1
+        (lambda s: 100.0 if s >= 0.5 else 50.0, 0.5, [0.25, 0.5, 0.75, 0.875, 1.0]),  # down from 1
+        (lambda s: 98.0 if s >= 0.5 else 50.0, 0.5, None),  # missed everywhere, flat: the least damaging best
+        (lambda s: 100.0, 0.25, [0.25, 0.5, 0.75, 0.875, 1.0]),  # met down to the grid's floor
+    ],
+)
+def test_the_walk_over_the_strength_grid(monkeypatch, ua, strength, measured):
+    """The walk's logic with a stand-in for the model: UA as a function of the strength."""
+    from types import SimpleNamespace
+
+    from forgetrt.train import calibrate
+
+    class Probe:
+        def __init__(self, model, ds, delta, sets):
+            pass
+
+        def acc(self, name, s):
+            return 90.0 - s if name == "val_rest" else 100.0 - ua(s)
+
+    monkeypatch.setattr(calibrate, "_Probe", Probe)
+    y = np.repeat(np.arange(10), 50)
+    ds = SimpleNamespace(y_train=y)
+    split = SimpleNamespace(classes=(3,), forget=np.flatnonzero(y == 3)[:40])
+    val = np.flatnonzero(np.arange(500) % 10 == 0)
+    r = PRESETS["digits"]  # strengths 0.25 ... 2
+    cal = calibrate._ua_target(None, ds, split, np.zeros(4, np.float32), r, val, np.random.default_rng(0))
+    assert cal.strength == strength and cal.reached == (ua(2.0) >= r.ua_target)
+    assert [g["strength"] for g in cal.grid] == (measured or sorted(r.strengths))
 
 
 def test_retrain_proxy_keeps_no_vector_for_one_that_only_costs_accuracy(digits, digits_model_dir):
