@@ -156,16 +156,21 @@ def test_ua_target_picks_the_smallest_strength_that_forgets(digits, digits_model
     delta = scale * VectorBank.load(digits_bank[0]).get("forget-7")
     r = dataclasses.replace(PRESETS["digits"], strengths=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0))
     cal = calibrate_vector(model, digits, split, delta, r, val_idx=held, val_held_out=True)
+    grid = r.strengths + tuple((a + b) / 2 for a, b in zip(r.strengths, r.strengths[1:]))  # with the midpoints
     alone = {  # each strength measured on its own (the same seeded samples)
         s: calibrate_vector(
             model, digits, split, delta, dataclasses.replace(r, strengths=(s,)), val_idx=held, val_held_out=True
         ).grid[0]
-        for s in r.strengths
+        for s in grid
     }
     assert not alone[0.1]["meets"] and alone[4.0]["meets"]  # the target lies inside the grid
     assert cal.mode == "ua-target" and cal.reached
-    assert cal.strength == min(s for s, g in alone.items() if g["meets"])
-    assert 2 <= len(cal.grid) < len(r.strengths)
+    first = min(s for s in r.strengths if alone[s]["meets"])  # then one bisection step below it
+    below = max(s for s in r.strengths if s < first)
+    mid = (below + first) / 2
+    assert cal.strength == (mid if alone[mid]["meets"] else first)
+    assert mid in [g["strength"] for g in cal.grid]
+    assert 3 <= len(cal.grid) < len(r.strengths)
     assert all(g == alone[g["strength"]] for g in cal.grid)  # the same measurements, ascending
     assert [g["strength"] for g in cal.grid] == sorted(g["strength"] for g in cal.grid)
     assert all("UA_val" in g and "val_acc_drop" in g for g in cal.grid)
@@ -179,8 +184,9 @@ def test_ua_target_picks_the_smallest_strength_that_forgets(digits, digits_model
 @pytest.mark.parametrize(
     "ua, strength, measured",
     [
-        (lambda s: 100.0 if s >= 1.25 else 50.0, 1.25, [1.0, 1.125, 1.25]),  # up from 1
-        (lambda s: 100.0 if s >= 0.5 else 50.0, 0.5, [0.25, 0.5, 0.75, 0.875, 1.0]),  # down from 1
+        (lambda s: 100.0 if s >= 1.25 else 50.0, 1.25, [1.0, 1.125, 1.1875, 1.25]),  # up from 1, bisect
+        (lambda s: 100.0 if s >= 1.3 else 50.0, 1.375, [1.0, 1.125, 1.25, 1.375, 1.5]),  # the midpoint meets
+        (lambda s: 100.0 if s >= 0.5 else 50.0, 0.5, [0.25, 0.375, 0.5, 0.75, 0.875, 1.0]),  # down from 1
         (lambda s: 98.0 if s >= 0.5 else 50.0, 0.5, None),  # missed everywhere, flat: the least damaging best
         (lambda s: 100.0, 0.25, [0.25, 0.5, 0.75, 0.875, 1.0]),  # met down to the grid's floor
     ],
