@@ -186,8 +186,9 @@ def _ua_target(model, ds, split, delta, recipe, val_idx, rng) -> Calibration:
         if not row(i)["meets"]:  # missed everywhere: measure the rest too, to keep the least damaging best UA
             for k in range(len(strengths)):
                 row(k)
-    if row(i)["meets"] and i > 0 and i - 1 in rows:
-        # one bisection step between the smallest strength that meets and the one below it, which does not:
+    if row(i)["meets"] and i > 0:
+        # one bisection step between the smallest strength that meets and the one below it (the walk measured
+        # it, and it does not):
         # on CIFAR-10 (cifar-small, ten class vectors) it lowered the validation drop 5.88 -> 5.22 points
         strengths.append((strengths[i - 1] + strengths[i]) / 2)
         row(len(strengths) - 1)
