@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="digits")
     p.add_argument("--recipe", action="append", required=True, help="NAME=PRESET[:key=value,...]; repeat")
     p.add_argument("--classes", default="all", help="'all' or a comma list")
+    p.add_argument("--subset", help="N_TRAIN,N_TEST: the subset unlearning_report.py --subset trained on")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_dir in a.model:
         model, info = load_model(model_dir, dev)
         ds = wf.as_dataset(a.data, info.iospec)
+        if a.subset:
+            ds = ds.subset(*(int(x) for x in a.subset.split(",")), seed=0)  # as unlearning_report.py draws it
         held = wf._held_out(info, ds)
         classes = range(ds.num_classes) if a.classes == "all" else [int(c) for c in a.classes.split(",")]
         specs = {f"forget-{c}": ForgetSpec(classes=(c,)) for c in classes}

@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 AUGMENTATIONS = ("none", "shift", "crop-flip")
+#: the forget samples' term: "margin" the paper's hinge on z_y − max_{j≠y} z_j (floor −τ); "masked-kd"
+#: distillation to the original model's output with the sample's own class masked out (the output-mask
+#: reference, which behaves much like Retrain on a forgotten class), κ-free: weighted by β, at temperature T
+FORGET_LOSSES = ("margin", "masked-kd")
 #: how a trained vector's strength s (the vector used is s·δ) is chosen on validation data:
 #: "ua-target" the smallest s whose UA reaches ``ua_target`` (class-wise), "retrain-proxy" the s
 #: (0 included: no vector) closest to Retrain's expected behaviour (data-wise), "auto" the first for
@@ -115,6 +119,15 @@ class VectorRecipe:
         metadata={"help": "Weight κ of distillation to the original model's outputs on retain samples (0: off)."},
     )
     distill_temperature: float = field(default=2.0, metadata={"help": "Temperature T of the distillation term."})
+    forget_loss: str = field(
+        default="margin",
+        metadata={
+            "help": "Forget samples' term: margin (the paper's hinge, floor tau) or masked-kd (distil to the "
+            "original model's output with the forgotten class masked out, weight beta, temperature "
+            "--distill-temperature).",
+            "choices": FORGET_LOSSES,
+        },
+    )
     norm_budget: float | None = field(
         default=None, metadata={"help": "Largest L2 norm of δ, projected after every step (default: none)."}
     )
@@ -154,6 +167,8 @@ class VectorRecipe:
             raise InvalidInputError(f"grad clip must be > 0, got {self.grad_clip}")
         if self.augment not in AUGMENTATIONS:
             raise unknown("augmentation", self.augment, AUGMENTATIONS)
+        if self.forget_loss not in FORGET_LOSSES:
+            raise unknown("forget loss", self.forget_loss, FORGET_LOSSES)
         if self.calibrate not in CALIBRATIONS:
             raise unknown("calibration", self.calibrate, CALIBRATIONS)
         if not (math.isfinite(self.distill) and self.distill >= 0) or not (

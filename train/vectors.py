@@ -8,6 +8,12 @@ classifier frozen and BatchNorm in eval mode, δ added in [0, 1] pixel space::
 optimized by SGD (momentum 0.9, lr 0.2) with ExponentialLR(0.9) per epoch, δ starting at 0 (or at a
 given vector: a warm start, as ``compose --refine`` does from the sum of class vectors).
 
+Two optional terms (``VectorRecipe``): ``distill`` κ adds κ·T²·KL(softmax(z⁰/T) ‖ softmax(z/T)) on retain
+samples, z⁰ the frozen model's logits on the clean image; ``forget_loss="masked-kd"`` replaces the margin by
+β·T²·KL(softmax(m(z⁰)/T) ‖ softmax(z/T)) on forget samples, m setting the sample's own class logit to −∞:
+they are pulled towards what the original model would say with that class removed at the output, rather
+than pushed past whichever class is nearest.
+
 Independent problems (one vector per class, say) are trained *together*: their parameters are
 stacked into one tensor [P, ...], each step draws one batch per problem, and all P·B perturbed
 images go through the frozen model in one forward/backward pass. The problems stay independent
@@ -67,16 +73,17 @@ def _objective(
 
     ``original``: the frozen model's logits on the same clean images (no δ), needed when
     ``r.distill > 0``: the retain samples then also pay κ·T²·KL(softmax(original/T) ‖ softmax(logits/T)),
-    which holds the model's whole output on retain data where it was, not only its argmax.
+    which holds the model's whole output on retain data where it was, not only its argmax; and when
+    ``r.forget_loss == "masked-kd"`` (see the module's docstring).
     """
+    if original is None and (r.distill > 0 or r.forget_loss == "masked-kd"):
+        raise InvalidInputError("the distillation term needs the original model's logits")
     b = logits.shape[1]
     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     fmask = is_forget.float()
     retain_term = r.alpha * (ce * (1 - fmask)).sum(1) / b
+    t = r.distill_temperature
     if r.distill > 0:
-        if original is None:
-            raise InvalidInputError("the distillation term needs the original model's logits")
-        t = r.distill_temperature
         kl = nn.functional.kl_div(
             nn.functional.log_softmax(logits / t, -1),
             nn.functional.log_softmax(original / t, -1),
@@ -84,7 +91,12 @@ def _objective(
             log_target=True,
         ).sum(-1)
         retain_term = retain_term + r.distill * t * t * (kl * (1 - fmask)).sum(1) / b
-    forget_term = (_margin(logits, y).clamp(min=-r.tau) * fmask).sum(1) / b
+    if r.forget_loss == "masked-kd":
+        q = torch.softmax(original.scatter(-1, y.unsqueeze(-1), float("-inf")) / t, -1)  # q_y = 0
+        per_sample = (torch.special.xlogy(q, q) - q * nn.functional.log_softmax(logits / t, -1)).sum(-1) * t * t
+    else:
+        per_sample = _margin(logits, y).clamp(min=-r.tau)
+    forget_term = (per_sample * fmask).sum(1) / b
     reg = torch.linalg.vector_norm(params.flatten(1), dim=1)
     return retain_term + r.beta * forget_term + r.lam * reg
 
@@ -167,7 +179,7 @@ def _optimize(
                 original = None
                 with amp:
                     logits = model(_channels_last((x + delta[:, None]).flatten(0, 1))).float().view(p, x.shape[1], -1)
-                    if r.distill > 0:
+                    if r.distill > 0 or r.forget_loss == "masked-kd":
                         with torch.no_grad():
                             original = model(_channels_last(x.flatten(0, 1))).float().view_as(logits)
                 loss = _objective(logits, y, is_forget, params, r, original)

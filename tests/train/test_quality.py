@@ -81,6 +81,38 @@ def test_distillation_term():
         _objective(logits, y, is_forget, params, kd)
 
 
+def test_masked_kd_forget_term():
+    """forget_loss="masked-kd": forget samples pay β·T²·KL(softmax(m(original)/T) ‖ softmax(logits/T)), m masking
+    the sample's own class; retain samples pay nothing new; it pulls the forgotten class's logit down."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 5, 4, requires_grad=True)
+    y = torch.tensor([[2, 0, 1, 3, 2]])
+    is_forget = torch.tensor([[True, False, False, False, True]])
+    params = torch.zeros(1, 3)
+    original = torch.randn(1, 5, 4)
+    t, beta = 1.5, 3.0
+    r = VectorRecipe(forget_loss="masked-kd", beta=beta, distill_temperature=t, lam=0.0)
+    got = _objective(logits, y, is_forget, params, r, original=original)
+    masked = original[0].clone()
+    masked[torch.arange(5), y[0]] = float("-inf")
+    q = torch.softmax(masked / t, -1)
+    logp = torch.log_softmax(logits[0].detach() / t, -1)
+    kl = torch.where(q > 0, q * (torch.log(q) - logp), torch.zeros(())).sum(-1)
+    ce = torch.nn.functional.cross_entropy(logits[0].detach(), y[0], reduction="none")
+    expected = (ce[~is_forget[0]].sum() + beta * t * t * kl[is_forget[0]].sum()) / 5
+    torch.testing.assert_close(got.detach(), expected.view(1), rtol=1e-5, atol=1e-6)
+    assert bool((kl >= 0).all())
+    # retain samples' original logits do not enter the forget term (no distillation here)
+    other = original.clone()
+    other[0, 1] += 4.0
+    torch.testing.assert_close(_objective(logits, y, is_forget, params, r, original=other), got)
+    # descending the term lowers the forgotten class's share on the forget samples
+    got.sum().backward()
+    assert bool((logits.grad[0, is_forget[0], y[0][is_forget[0]]] > 0).all())
+    with pytest.raises(InvalidInputError, match="original model's logits"):
+        _objective(logits, y, is_forget, params, r)
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [
@@ -91,6 +123,7 @@ def test_distillation_term():
         ({"norm_budget": 0.0}, "norm budget must be > 0"),
         ({"val_fraction": 0.0}, "validation fraction"),
         ({"calibrate": "magic"}, "unknown calibration 'magic'"),
+        ({"forget_loss": "hinge"}, "unknown forget loss 'hinge'"),
         ({"ua_target": 101.0}, "UA target"),
         ({"strengths": (0.5, -1.0)}, "strengths must be positive"),
     ],
