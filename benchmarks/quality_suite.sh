@@ -25,9 +25,9 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PY:-python3}
 DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 TOTAL=${TOTAL:-575}               # seconds this call may take in all
-# kd4: the cifar preset plus distillation; kd16-a0-aug: a distillation-only retain term (alpha 0, kappa 16, what
-# validation chose on digits on 2026-11-28, benchmarks/RESULTS.md) with 8 epochs and crop-flip augmentation
-CANDIDATES=${CANDIDATES:-"kd4=cifar:distill=4 kd16-a0-aug=cifar:alpha=0,distill=16,epochs=8,augment=crop-flip"}
+# kd4: the cifar preset plus distillation; masked: the cifar-masked preset (kd4 with the masked-kd forget term at
+# beta 40, which validation chose over kd4 on a cifar-small model on CPU, 2026-12-08, benchmarks/RESULTS.md)
+CANDIDATES=${CANDIDATES:-"kd4=cifar:distill=4 masked=cifar-masked"}
 RANDOM_PRESET=${RANDOM_PRESET:-paper}
 BASE_CLASSES=${BASE_CLASSES:-0}   # classes Retrain/FT/GA/RL run on (each costs about two base-model trainings)
 BASE_BUDGET=${BASE_BUDGET:-150}

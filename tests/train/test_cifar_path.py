@@ -27,7 +27,7 @@ def test_cifar_subset_model_vector_eval(tmp_path):
 
 
 def test_cifar_subset_quality_mechanisms(tmp_path):
-    """cifar-small on a CIFAR-10 subset: the held-out split stays out of every set, a distilled and
+    """cifar-small on a CIFAR-10 subset: the held-out split stays out of every set, a distilled, masked-kd and
     calibrated class vector is tuned on it, a random-subset vector is calibrated against no vector."""
     import dataclasses
 
@@ -45,7 +45,7 @@ def test_cifar_subset_quality_mechanisms(tmp_path):
     assert len(held) == rec["validation"]["count"] and 0 <= rec["metrics"]["val_acc"] <= 100
     split = ForgetSpec(classes=("ship",)).resolve(ds, held)
     assert not np.isin(held, np.concatenate([split.forget, split.retain])).any()
-    recipe = dataclasses.replace(PRESETS["cifar"], epochs=1, distill=4.0)
+    recipe = dataclasses.replace(PRESETS["cifar-masked"], epochs=1)
     res = wf.train_class_vectors(tmp_path / "m", ds, tmp_path / "b", classes=["ship"], recipe=recipe, device="cpu")
     cal = res[0]["calibration"]
     ships_held = int((ds.y_train[held] == 8).sum())
@@ -54,6 +54,7 @@ def test_cifar_subset_quality_mechanisms(tmp_path):
     assert cal["strength"] == (met[0] if met else cal["strength"]) and cal["reached"] == bool(met)
     entry = VectorBank.load(tmp_path / "b").entry("forget-8")
     assert entry.recipe["distill"] == 4.0 and entry.recipe["validation"]["source"] == "model"
+    assert entry.recipe["forget_loss"] == "masked-kd"
     assert entry.metrics["n_forget"] == len(split.forget)  # evaluated on the same forget set it was tuned for
     spec = ForgetSpec(fraction=0.05, seed=0)
     r = dataclasses.replace(PRESETS["paper"], epochs=1)

@@ -168,6 +168,23 @@ def test_warm_start_is_where_training_starts(digits, digits_model_dir):
         train_vectors(model, digits, specs, r, init={"warm": np.full(digits.shape, np.nan, np.float32)})
 
 
+def test_masked_kd_vector_forgets_and_keeps_the_rest(digits, digits_model_dir):
+    """A vector trained with forget_loss="masked-kd" forgets its class and leaves the others' accuracy close to
+    the original's."""
+    import dataclasses
+
+    from forgetrt.train.vectors import train_vectors
+
+    model, _ = load_model(digits_model_dir)
+    r = dataclasses.replace(PRESETS["digits"], epochs=2, forget_loss="masked-kd")
+    (v,) = train_vectors(model, digits, {"f": ForgetSpec(classes=(4,))}, r)
+    fours = np.flatnonzero(digits.y_test == 4)
+    acc_forget = accuracy(predict_logits(model, digits.x_test[fours], digits.scale, v.vector), digits.y_test[fours])
+    drop = _ta_remaining(model, digits, 4) - _ta_remaining(model, digits, 4, v.vector)
+    assert acc_forget <= 10.0, acc_forget
+    assert drop <= 5.0
+
+
 def test_problems_trained_together_stay_independent():
     """Each problem's loss depends only on its own parameters and logits."""
     r = VectorRecipe()
@@ -227,6 +244,8 @@ def test_parse_recipe_presets_with_typed_overrides():
     r = parse_recipe("cifar:distill=8,epochs=8,augment=crop-flip,norm_budget=3")
     assert (r.distill, r.epochs, r.augment, r.norm_budget) == (8.0, 8, "crop-flip", 3.0)
     assert r.alpha == PRESETS["cifar"].alpha
+    m = parse_recipe("cifar-masked")
+    assert (m.forget_loss, m.beta, m.distill) == ("masked-kd", 40.0, 4.0) and PRESETS["cifar"].forget_loss == "margin"
     assert isinstance(r.epochs, int)
     with pytest.raises(UnknownNameError, match="unknown preset 'nope'"):
         parse_recipe("nope:epochs=1")
