@@ -31,8 +31,8 @@ __all__ = [
 
 AUGMENTATIONS = ("none", "shift", "crop-flip")
 #: the forget samples' term: "margin" the paper's hinge on z_y − max_{j≠y} z_j (floor −τ); "masked-kd"
-#: distillation to the original model's output with the sample's own class masked out (the output-mask
-#: reference, which behaves much like Retrain on a forgotten class), κ-free: weighted by β, at temperature T
+#: distillation to the original model's output with the sample's own class (and every class a class spec
+#: forgets) masked out, the output-mask reference; weighted by β, at the distillation temperature T
 FORGET_LOSSES = ("margin", "masked-kd")
 #: how a trained vector's strength s (the vector used is s·δ) is chosen on validation data:
 #: "ua-target" the smallest s whose UA reaches ``ua_target`` (class-wise), "retrain-proxy" the s
@@ -104,9 +104,9 @@ class VectorRecipe:
     gamma: float = field(default=0.9, metadata={"help": "ExponentialLR factor per epoch (paper: 0.9)."})
     batch_size: int = field(default=256, metadata={"help": "Mini-batch size per vector (paper: 256)."})
     alpha: float = field(default=1.0, metadata={"help": "Retain cross-entropy weight α (paper: 1)."})
-    beta: float = field(default=5.0, metadata={"help": "Forget margin weight β (paper: 3-10; default 5)."})
+    beta: float = field(default=5.0, metadata={"help": "Forget term weight β (paper: 3-10; default 5)."})
     lam: float = field(default=1.0, metadata={"help": "L2 norm penalty weight λ (paper: 1)."})
-    tau: float = field(default=1.0, metadata={"help": "Margin floor τ (paper: 1)."})
+    tau: float = field(default=1.0, metadata={"help": "Margin floor τ (paper: 1; the margin forget term only)."})
     seed: int = 0
     forget_share: float | None = field(
         default=None, metadata={"help": "Share of forget samples per batch (default: natural mix)."}
@@ -118,13 +118,15 @@ class VectorRecipe:
         default=0.0,
         metadata={"help": "Weight κ of distillation to the original model's outputs on retain samples (0: off)."},
     )
-    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature T of the distillation term."})
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature T of the distillation and masked-kd terms."}
+    )
     forget_loss: str = field(
         default="margin",
         metadata={
             "help": "Forget samples' term: margin (the paper's hinge, floor tau) or masked-kd (distil to the "
-            "original model's output with the forgotten class masked out, weight beta, temperature "
-            "--distill-temperature).",
+            "original model's output with the sample's own class, and every class the vector forgets whole, "
+            "masked out; weight beta, temperature --distill-temperature).",
             "choices": FORGET_LOSSES,
         },
     )

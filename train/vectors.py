@@ -10,8 +10,9 @@ given vector: a warm start, as ``compose --refine`` does from the sum of class v
 
 Two optional terms (``VectorRecipe``): ``distill`` κ adds κ·T²·KL(softmax(z⁰/T) ‖ softmax(z/T)) on retain
 samples, z⁰ the frozen model's logits on the clean image; ``forget_loss="masked-kd"`` replaces the margin by
-β·T²·KL(softmax(m(z⁰)/T) ‖ softmax(z/T)) on forget samples, m setting the sample's own class logit to −∞:
-they are pulled towards what the original model would say with that class removed at the output, rather
+β·T²·KL(softmax(m(z⁰)/T) ‖ softmax(z/T)) on forget samples, m setting to −∞ the logit of the sample's own
+class and, for a spec of whole classes, of every class it forgets: they are pulled towards what the
+original model would say with those classes removed at its output (the output-mask reference), rather
 than pushed past whichever class is nearest.
 
 Independent problems (one vector per class, say) are trained *together*: their parameters are
@@ -68,16 +69,18 @@ def _objective(
     params: torch.Tensor,
     r: VectorRecipe,
     original: torch.Tensor | None = None,
+    forgotten: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-problem loss [P] for logits [P, B, C], labels [P, B], forget mask [P, B], params [P, ...].
 
     ``original``: the frozen model's logits on the same clean images (no δ), needed when
     ``r.distill > 0``: the retain samples then also pay κ·T²·KL(softmax(original/T) ‖ softmax(logits/T)),
     which holds the model's whole output on retain data where it was, not only its argmax; and when
-    ``r.forget_loss == "masked-kd"`` (see the module's docstring).
+    ``r.forget_loss == "masked-kd"`` (see the module's docstring), which also masks ``forgotten`` [P, C]
+    (the classes each problem forgets whole; none: only each sample's own class).
     """
     if original is None and (r.distill > 0 or r.forget_loss == "masked-kd"):
-        raise InvalidInputError("the distillation term needs the original model's logits")
+        raise InvalidInputError("the distillation and masked-kd terms need the original model's logits")
     b = logits.shape[1]
     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     fmask = is_forget.float()
@@ -92,7 +95,10 @@ def _objective(
         ).sum(-1)
         retain_term = retain_term + r.distill * t * t * (kl * (1 - fmask)).sum(1) / b
     if r.forget_loss == "masked-kd":
-        q = torch.softmax(original.scatter(-1, y.unsqueeze(-1), float("-inf")) / t, -1)  # q_y = 0
+        drop = torch.zeros_like(original, dtype=torch.bool).scatter(-1, y.unsqueeze(-1), True)
+        if forgotten is not None:
+            drop = drop | forgotten[:, None, :]
+        q = torch.softmax(original.masked_fill(drop, float("-inf")) / t, -1)  # 0 on every masked class
         per_sample = (torch.special.xlogy(q, q) - q * nn.functional.log_softmax(logits / t, -1)).sum(-1) * t * t
     else:
         per_sample = _margin(logits, y).clamp(min=-r.tau)
@@ -150,9 +156,11 @@ def _optimize(
     r: VectorRecipe,
     desc: str,
     project=None,
+    forgotten: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Run the paper's optimizer over ``params`` [P, ...]; ``to_delta(params) -> [P, C, H, W]``;
-    ``project(params)``, if given, runs in place after every step (the norm budget)."""
+    ``project(params)``, if given, runs in place after every step (the norm budget); ``forgotten`` [P, C]: the
+    classes each problem forgets whole (masked-kd's target masks them)."""
     device = data.device
     gen = torch.Generator().manual_seed(r.seed)
     params = params.detach().clone().to(device).requires_grad_(True)
@@ -160,6 +168,7 @@ def _optimize(
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.gamma)
     sampler = _Sampler(masks, r, gen)
     fmask_dev = torch.from_numpy(masks).to(device)
+    forgotten_dev = None if forgotten is None else torch.from_numpy(forgotten).to(device)
     p = masks.shape[0]
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -182,7 +191,7 @@ def _optimize(
                     if r.distill > 0 or r.forget_loss == "masked-kd":
                         with torch.no_grad():
                             original = model(_channels_last(x.flatten(0, 1))).float().view_as(logits)
-                loss = _objective(logits, y, is_forget, params, r, original)
+                loss = _objective(logits, y, is_forget, params, r, original, forgotten_dev)
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 if r.grad_clip is not None:
@@ -229,6 +238,20 @@ def _masks(ds: Dataset, specs: Sequence[ForgetSpec], held_out: np.ndarray | None
     for i, s in enumerate(specs):
         masks[i, s.resolve(ds, held_out).forget] = True
     return masks
+
+
+def _forgotten_classes(ds: Dataset, specs: Sequence[ForgetSpec], r: VectorRecipe) -> np.ndarray | None:
+    """[P, num_classes] bool: the classes each spec forgets whole (none for fractions and index files), for
+    masked-kd's target; refuses a spec that would leave no class to pull its samples towards."""
+    if r.forget_loss != "masked-kd":
+        return None
+    out = np.zeros((len(specs), ds.num_classes), bool)
+    for i, sp in enumerate(specs):
+        if sp.classes is not None:
+            out[i, [ds.class_index(c) for c in sp.classes]] = True
+    if out.all(1).any():
+        raise InvalidInputError("masked-kd needs at least one class the vector does not forget")
+    return out
 
 
 def _training_set(ds: Dataset, masks: np.ndarray, exclude: np.ndarray | None, device) -> tuple[DeviceData, np.ndarray]:
@@ -295,6 +318,7 @@ def train_vectors(
         if np.shape(v) != tuple(ds.shape) or not np.isfinite(v).all():
             raise InvalidInputError(f"starting vector {n!r} must be finite with shape {tuple(ds.shape)}")
     masks = _masks(ds, [specs[n] for n in names], held_out)  # validates every spec before any training
+    forgotten = _forgotten_classes(ds, [specs[n] for n in names], recipe)
     data, masks = _training_set(ds, masks, _union(held_out, exclude), device)
     project = _norm_projection(recipe.norm_budget)
     out: list[TrainedVector] = []
@@ -307,7 +331,15 @@ def train_vectors(
                 start[i] = torch.from_numpy(np.asarray(init[n], np.float32))
         label = group[0] if len(group) == 1 else f"{len(group)} vectors"
         deltas = _optimize(
-            model, data, masks[g : g + len(group)], start, lambda prm: prm, recipe, f"forget vectors ({label})", project
+            model,
+            data,
+            masks[g : g + len(group)],
+            start,
+            lambda prm: prm,
+            recipe,
+            f"forget vectors ({label})",
+            project,
+            None if forgotten is None else forgotten[g : g + len(group)],
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -359,6 +391,7 @@ def learn_composition(
             recipe,
             f"compose {name}",
             project,
+            _forgotten_classes(ds, [spec], recipe),
         )[0]
         .cpu()
         .numpy()

@@ -75,7 +75,7 @@ def test_distillation_term():
     assert logits.grad.abs().sum() > 0
     # only retain samples pay the term: changing the forget sample's original logits changes nothing
     other2 = other.clone()
-    other2[0, 0] += 5.0
+    other2[0, 0, 1] += 5.0  # one logit (softmax ignores a shift of the whole row)
     torch.testing.assert_close(_objective(logits, y, is_forget, params, kd, original=other2), moved)
     with pytest.raises(InvalidInputError, match="original model's logits"):
         _objective(logits, y, is_forget, params, kd)
@@ -101,11 +101,21 @@ def test_masked_kd_forget_term():
     ce = torch.nn.functional.cross_entropy(logits[0].detach(), y[0], reduction="none")
     expected = (ce[~is_forget[0]].sum() + beta * t * t * kl[is_forget[0]].sum()) / 5
     torch.testing.assert_close(got.detach(), expected.view(1), rtol=1e-5, atol=1e-6)
-    assert bool((kl >= 0).all())
-    # retain samples' original logits do not enter the forget term (no distillation here)
+    # retain samples' original logits do not enter the forget term (no distillation here); a forget sample's do
     other = original.clone()
-    other[0, 1] += 4.0
+    other[0, 1, 2] += 4.0
     torch.testing.assert_close(_objective(logits, y, is_forget, params, r, original=other), got)
+    other[0, 0, 1] += 4.0
+    assert not torch.allclose(_objective(logits, y, is_forget, params, r, original=other), got)
+    # a spec forgetting classes 2 and 3 whole: both are masked out of every forget sample's target
+    forgotten = torch.tensor([[False, False, True, True]])
+    both = _objective(logits, y, is_forget, params, r, original=original, forgotten=forgotten)
+    masked[:, 2:] = float("-inf")
+    q2 = torch.softmax(masked / t, -1)
+    assert float(q2[:, 2:].sum()) == 0.0
+    kl2 = torch.where(q2 > 0, q2 * (torch.log(q2) - logp), torch.zeros(())).sum(-1)
+    expected2 = (ce[~is_forget[0]].sum() + beta * t * t * kl2[is_forget[0]].sum()) / 5
+    torch.testing.assert_close(both.detach(), expected2.view(1), rtol=1e-5, atol=1e-6)
     # descending the term lowers the forgotten class's share on the forget samples
     got.sum().backward()
     assert bool((logits.grad[0, is_forget[0], y[0][is_forget[0]]] > 0).all())

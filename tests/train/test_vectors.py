@@ -185,6 +185,26 @@ def test_masked_kd_vector_forgets_and_keeps_the_rest(digits, digits_model_dir):
     assert drop <= 5.0
 
 
+def test_masked_kd_without_distillation_and_its_class_masks(digits, digits_model_dir):
+    """masked-kd computes the original model's logits itself when distillation is off; a class spec's classes
+    are masked for it, a fraction's are not; a spec forgetting every class is refused."""
+    import dataclasses
+
+    from forgetrt.train.vectors import _forgotten_classes, train_vectors
+
+    model, _ = load_model(digits_model_dir)
+    r = dataclasses.replace(PRESETS["paper"], epochs=1, epoch_share=0.2, forget_loss="masked-kd")
+    assert r.distill == 0.0
+    (v,) = train_vectors(model, digits, {"f": ForgetSpec(classes=(1, 7))}, r)
+    assert np.isfinite(v.vector).all() and np.abs(v.vector).sum() > 0
+    specs = [ForgetSpec(classes=(1, 7)), ForgetSpec(fraction=0.1, seed=0)]
+    got = _forgotten_classes(digits, specs, r)
+    assert got.shape == (2, 10) and np.flatnonzero(got[0]).tolist() == [1, 7] and not got[1].any()
+    assert _forgotten_classes(digits, specs, PRESETS["paper"]) is None
+    with pytest.raises(InvalidInputError, match="at least one class"):
+        _forgotten_classes(digits, [ForgetSpec(classes=tuple(range(10)))], r)
+
+
 def test_problems_trained_together_stay_independent():
     """Each problem's loss depends only on its own parameters and logits."""
     r = VectorRecipe()
