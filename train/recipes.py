@@ -149,6 +149,11 @@ class VectorRecipe:
     #: the strengths calibration tries (retrain-proxy also tries 0: no vector)
     strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5, 2.0)
 
+    @property
+    def uses_original_logits(self) -> bool:
+        """Whether training needs the frozen model's logits on the clean images (distillation, masked-kd)."""
+        return self.distill > 0 or self.forget_loss == "masked-kd"
+
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise InvalidInputError(f"epochs must be >= 1, got {self.epochs}")

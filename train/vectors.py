@@ -79,7 +79,7 @@ def _objective(
     ``r.forget_loss == "masked-kd"`` (see the module's docstring), which also masks ``forgotten`` [P, C]
     (the classes each problem forgets whole; none: only each sample's own class).
     """
-    if original is None and (r.distill > 0 or r.forget_loss == "masked-kd"):
+    if original is None and r.uses_original_logits:
         raise InvalidInputError("the distillation and masked-kd terms need the original model's logits")
     b = logits.shape[1]
     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -188,7 +188,7 @@ def _optimize(
                 original = None
                 with amp:
                     logits = model(_channels_last((x + delta[:, None]).flatten(0, 1))).float().view(p, x.shape[1], -1)
-                    if r.distill > 0 or r.forget_loss == "masked-kd":
+                    if r.uses_original_logits:
                         with torch.no_grad():
                             original = model(_channels_last(x.flatten(0, 1))).float().view_as(logits)
                 loss = _objective(logits, y, is_forget, params, r, original, forgotten_dev)
