@@ -442,11 +442,13 @@ async def _read_asgi_body(declared: str | None, receive: Callable, limits: Serve
 
 class _Counted:
     """ASGI middleware: every response is counted by route and status, and an exception nobody handled
-    becomes a JSON 500 (counted too) instead of a plain-text one."""
+    becomes a JSON 500 (counted too) instead of a plain-text one. With ``instance``, every response (errors
+    and refusals included) names the server that gave it in ``x-forgetrt-instance``."""
 
-    def __init__(self, app, metrics: ServerMetrics) -> None:
+    def __init__(self, app, metrics: ServerMetrics, instance: str | None = None) -> None:
         self.app, self.metrics = app, metrics
         self._children: dict[tuple[str, int], Any] = {}  # at most routes x statuses entries
+        self._instance = (INSTANCE_HEADER.encode(), instance.encode("latin-1")) if instance else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -456,6 +458,8 @@ class _Counted:
         async def counted_send(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
+                if self._instance is not None:
+                    message = {**message, "headers": [*message.get("headers", ()), self._instance]}
             await send(message)
 
         try:
@@ -516,7 +520,7 @@ _OCTET_STREAM = b"application/octet-stream"
 _APPLICATION_JSON = b"application/json"
 
 
-async def _send_ok(send, body: bytes, media_type: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def _send_ok(send, body: bytes, media_type: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
     """A 200 answer on ASGI directly (what a Starlette Response sends, without building one)."""
     head = [(b"content-length", str(len(body)).encode()), (b"content-type", media_type), *headers]
     await send({"type": "http.response.start", "status": 200, "headers": head})
@@ -589,7 +593,6 @@ def create_app(
     ``service``: the :class:`ModelService` to share with another front end (gRPC); made here if not given.
     ``runtime`` None: ``service`` runs the model elsewhere (a front-end process of :mod:`.frontends`),
     which restores the control plane's bank itself."""
-    extra_raw = [(INSTANCE_HEADER.encode(), instance.encode("latin-1"))] if instance else []
     metrics = metrics or ServerMetrics()
     if runtime is not None:
         restored = control.restore(runtime)
@@ -710,17 +713,15 @@ def create_app(
             raw = _bytes_tensor(data) if data.dtype == object else data.tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
             head = json.dumps(resp).encode()
-            return await _send_ok(
-                send, head + raw, _OCTET_STREAM, [(_HEADER_LEN_B, str(len(head)).encode()), *extra_raw]
-            )
+            return await _send_ok(send, head + raw, _OCTET_STREAM, [(_HEADER_LEN_B, str(len(head)).encode())])
         log.debug("infer %d images in %.2f ms", len(outcome.logits), 1e3 * (time.perf_counter() - t0))
         if data.size >= OFFLOAD_VALUES:
             try:
                 encoded = await offload.run(_encode_json, resp, data)
             except WorkerLost as e:
                 return await _failed(e)(scope, receive, send)
-            return await _send_ok(send, encoded, _APPLICATION_JSON, extra_raw)
-        return await _send_ok(send, _encode_json(resp, data), _APPLICATION_JSON, extra_raw)
+            return await _send_ok(send, encoded, _APPLICATION_JSON)
+        return await _send_ok(send, _encode_json(resp, data), _APPLICATION_JSON)
 
     async def repo_index(request: Request) -> Response:
         return JSONResponse([{"name": model_name, "version": "1", "state": "READY"}])
@@ -786,7 +787,7 @@ def create_app(
     app.router.redirect_slashes = False  # no 307 to a client-named Host: a trailing slash is a JSON 404
     app.state.offload = offload
     app.state.service = svc
-    return _Counted(_InferRoutes(app, infer), metrics)  # type: ignore[return-value]
+    return _Counted(_InferRoutes(app, infer), metrics, instance)  # type: ignore[return-value]
 
 
 HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")

@@ -98,8 +98,12 @@ def test_an_admission_hook_refuses_with_json_503_and_unreadiness(runtime):
     gate["why"] = "lease lapsed"
     r = _infer(c)
     assert r.status_code == 503 and r.json() == {"error": "lease lapsed"}
-    assert c.get("/v2/health/ready").json() == {"ready": False, "reason": "lease lapsed"}
+    ready = c.get("/v2/health/ready")
+    assert ready.json() == {"ready": False, "reason": "lease lapsed"}
     assert c.get("/v2/health/live").status_code == 200  # alive, just not taking traffic
+    # every answer names its server, refusals and errors too (which replica of several refused?)
+    for answer in (r, ready, c.get("/v2/health/live"), c.get("/no/such/route")):
+        assert answer.headers.get_list("x-forgetrt-instance") == ["r1"], answer.headers
 
 
 def test_json_logs_are_one_object_per_line_with_extras():
