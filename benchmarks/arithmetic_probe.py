@@ -29,6 +29,7 @@ from dataclasses import replace
 
 import numpy as np
 from classwise_sweep import calibrated
+from vector_sweep import subset_arg
 
 DEFAULT_TASKS = "0,3;1,7;2,8;4,9;5,6;0,3,5;1,4,7;2,6,9"
 DEFAULT_VARIANTS = (
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a model folder (instead of --report)")
     p.add_argument("--bank", help="a bank with the model's class vectors forget-0 ... (instead of --report)")
     p.add_argument("--data", default="digits")
-    p.add_argument("--subset", help="N_TRAIN,N_TEST: the subset unlearning_report.py --subset trained on")
+    p.add_argument(
+        "--subset", type=subset_arg, help="N_TRAIN,N_TEST: the subset unlearning_report.py --subset trained on"
+    )
     p.add_argument("--preset", default="digits", help="the class vectors' recipe (PRESET[:key=value,...])")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="multi-class targets, ';'-separated")
     p.add_argument("--variant", action="append", help="NAME=all|targets|refine[:key=value,...]; repeat")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_model(model_dir, dev)
     ds = wf.as_dataset(a.data, info.iospec)
     if a.subset:
-        ds = ds.subset(*(int(x) for x in a.subset.split(",")), seed=0)  # as unlearning_report.py draws it
+        ds = ds.subset(*a.subset, seed=0)  # as unlearning_report.py draws it
     held = wf._held_out(info, ds)
     recipe = parse_recipe(a.preset)
     val_idx, val_ho, _ = wf._validation(info, ds, recipe, held)

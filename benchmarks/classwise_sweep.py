@@ -22,7 +22,7 @@ import platform
 import time
 
 import numpy as np
-from vector_sweep import parse_candidate
+from vector_sweep import parse_candidate, subset_arg
 
 
 def calibrated(model, ds, split, vector, recipe, val_idx, val_held_out) -> tuple:
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="digits")
     p.add_argument("--recipe", action="append", required=True, help="NAME=PRESET[:key=value,...]; repeat")
     p.add_argument("--classes", default="all", help="'all' or a comma list")
-    p.add_argument("--subset", help="N_TRAIN,N_TEST: the subset unlearning_report.py --subset trained on")
+    p.add_argument(
+        "--subset", type=subset_arg, help="N_TRAIN,N_TEST: the subset unlearning_report.py --subset trained on"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         model, info = load_model(model_dir, dev)
         ds = wf.as_dataset(a.data, info.iospec)
         if a.subset:
-            ds = ds.subset(*(int(x) for x in a.subset.split(",")), seed=0)  # as unlearning_report.py draws it
+            ds = ds.subset(*a.subset, seed=0)  # as unlearning_report.py draws it
         held = wf._held_out(info, ds)
         classes = range(ds.num_classes) if a.classes == "all" else [int(c) for c in a.classes.split(",")]
         specs = {f"forget-{c}": ForgetSpec(classes=(c,)) for c in classes}

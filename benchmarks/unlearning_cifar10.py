@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from vector_sweep import subset_arg
 
 from forgetrt.runtime.files import atomic_write_json
 from forgetrt.train import workflows as wf
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--augment", default=None, choices=["none", "shift", "crop-flip"])
     p.add_argument("--no-retrain", action="store_true", help="skip the Retrain baseline")
-    p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST random subset (CPU smoke runs)")
+    p.add_argument("--subset", type=subset_arg, default=None, help="N_TRAIN,N_TEST random subset (CPU smoke runs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/unlearning-cifar10")
     a = p.parse_args(argv)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_data(f"cifar10:{a.data}")
     load_s = time.perf_counter() - t0
     if a.subset:
-        ntr, nte = (int(x) for x in a.subset.split(","))
+        ntr, nte = a.subset
         ds = ds.subset(ntr, nte, seed=0)
     recipe = PRESETS[a.preset]
     changes = {

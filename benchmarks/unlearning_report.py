@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vector_sweep import subset_arg
 
 from forgetrt.runtime.bank import VectorBank
 from forgetrt.runtime.files import atomic_write_json
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds: a stage that would likely not finish in what is left is skipped (and listed as skipped)",
     )
-    p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST seeded random subset (smoke runs)")
+    p.add_argument("--subset", type=subset_arg, default=None, help="N_TRAIN,N_TEST seeded random subset (smoke runs)")
     p.add_argument(
         "--image-size", type=int, default=None, help="resize imagefolder data to this side (e.g. 224 for CIFAR-10)"
     )
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     ds = load_data(a.data, image_size=a.image_size)
     if a.subset:
-        ntr, nte = (int(x) for x in a.subset.split(","))
+        ntr, nte = a.subset
         ds = ds.subset(ntr, nte, seed=0)
     report_data_s = time.perf_counter() - t_start
 

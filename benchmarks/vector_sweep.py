@@ -23,7 +23,7 @@ from pathlib import Path
 
 from forgetrt.runtime.errors import InvalidInputError
 from forgetrt.train import workflows as wf
-from forgetrt.train.data import ForgetSpec, load_data
+from forgetrt.train.data import ForgetSpec, load_data, parse_subset
 from forgetrt.train.recipes import VectorRecipe, parse_recipe
 
 KEYS = ("UA", "RA", "TA", "MIA_efficacy")
@@ -40,6 +40,14 @@ def parse_candidate(text: str) -> tuple[str, VectorRecipe]:
         raise SystemExit(f"bad --recipe {text!r}: {e}") from None
 
 
+def subset_arg(text: str) -> tuple[int, int]:
+    """argparse type for ``--subset N_TRAIN,N_TEST``: a usage error, not a traceback, when malformed."""
+    try:
+        return parse_subset(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a ForgetRT model folder")
@@ -52,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--bank", default="runs/sweep-bank", help="scratch bank folder for the candidates")
     p.add_argument("--json", required=True)
-    p.add_argument("--subset", default=None, help="N_TRAIN,N_TEST seeded random subset (the model's, for smoke runs)")
+    p.add_argument(
+        "--subset",
+        type=subset_arg,
+        default=None,
+        help="N_TRAIN,N_TEST seeded random subset (the model's, for smoke runs)",
+    )
     a = p.parse_args(argv)
     cands = [parse_candidate(r) for r in a.recipe]
     spec = (
@@ -62,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ds = load_data(a.data)
     if a.subset:
-        ntr, nte = (int(x) for x in a.subset.split(","))
+        ntr, nte = a.subset
         ds = ds.subset(ntr, nte, seed=0)
     res: dict = {}
     for name, recipe in cands:

@@ -309,3 +309,5 @@ def test_classwise_sweep_small(tmp_path, digits_model_dir):
         assert res["choice"]["chosen"] == min(scores, key=scores.get)
     bad = subprocess.run([*cmd[:-4], "--recipe", "x=paper:wings=2"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "wings" in bad.stderr
+    bad = subprocess.run([*cmd, "--subset", "10000"], capture_output=True, text=True, env=env)  # a usage error
+    assert bad.returncode == 2 and "bad subset '10000'" in bad.stderr and "Traceback" not in bad.stderr

@@ -43,6 +43,7 @@ __all__ = [
     "ValidationSplit",
     "load_data",
     "parse_data_spec",
+    "parse_subset",
     "cache_dir",
     "DATA_KINDS",
 ]
@@ -119,6 +120,18 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------- spec parsing
+
+
+def parse_subset(text: str) -> tuple[int, int]:
+    """``N_TRAIN,N_TEST`` (two positive whole numbers): the sizes :meth:`Dataset.subset` draws."""
+    parts = text.split(",") if isinstance(text, str) else []
+    try:
+        n_train, n_test = (int(x) for x in parts)
+    except ValueError:
+        raise InvalidInputError(f"bad subset {text!r}: want N_TRAIN,N_TEST, two whole numbers") from None
+    if n_train < 1 or n_test < 1:
+        raise InvalidInputError(f"bad subset {text!r}: both sizes must be >= 1")
+    return n_train, n_test
 
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:

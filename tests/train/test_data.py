@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from forgetrt.runtime.errors import DataError, InvalidInputError, UnknownNameError
-from forgetrt.train.data import CIFAR10_CLASSES, ForgetSpec, load_data, parse_data_spec
+from forgetrt.train.data import CIFAR10_CLASSES, ForgetSpec, load_data, parse_data_spec, parse_subset
 
 
 def test_digits_split(digits):
@@ -30,6 +30,18 @@ def test_digits_split(digits):
 def test_bad_data_specs(spec, err, msg):
     with pytest.raises(err, match=msg):
         parse_data_spec(spec)
+
+
+@pytest.mark.parametrize("text", ["", "10", "10,x", "10,20,30", "0,5", "5,-1", "1.5,2", " ,3"])
+def test_bad_subsets_are_typed_errors(text):
+    with pytest.raises(InvalidInputError, match="bad subset"):
+        parse_subset(text)
+
+
+def test_subset_sizes_parse_and_draw(digits):
+    assert parse_subset("100, 50") == (100, 50)
+    small = digits.subset(*parse_subset("100,50"), seed=0)
+    assert len(small.y_train) == 100 and len(small.y_test) == 50
 
 
 def test_missing_cifar_source(tmp_path):
