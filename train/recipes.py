@@ -223,7 +223,8 @@ PRESETS: dict[str, VectorRecipe] = {
 }
 #: "cifar" with distillation on retain samples (κ 4) and the masked-kd forget term at β 40: chosen on
 #: validation data over the ten classes of a cifar-small model on a CIFAR-10 subset (CPU, 2026-12-08;
-#: benchmarks/RESULTS.md), against "cifar" with κ 4 and the margin. Not yet measured on resnet18-cifar.
+#: benchmarks/RESULTS.md), against "cifar" with κ 4 and the margin; β 20 and 80, α 0 with κ 16, T 4 and
+#: 10 epochs were each worse on validation (classes 0, 3, 5). Not yet measured on resnet18-cifar.
 PRESETS["cifar-masked"] = replace(PRESETS["cifar"], distill=4.0, forget_loss="masked-kd", beta=40.0)
 
 
