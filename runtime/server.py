@@ -442,8 +442,10 @@ async def _read_asgi_body(declared: str | None, receive: Callable, limits: Serve
 
 class _Counted:
     """ASGI middleware: every response is counted by route and status, and an exception nobody handled
-    becomes a JSON 500 (counted too) instead of a plain-text one. With ``instance``, every response (errors
-    and refusals included) names the server that gave it in ``x-forgetrt-instance``."""
+    becomes a JSON 500 (counted too) instead of a plain-text one. With ``instance``, every response the app
+    sends (errors and refusals included) names the server that gave it in ``x-forgetrt-instance``; answers
+    the HTTP server or a proxy in front makes itself (a malformed request line, a proxy's backpressure 503)
+    never reach the app and carry no such header."""
 
     def __init__(self, app, metrics: ServerMetrics, instance: str | None = None) -> None:
         self.app, self.metrics = app, metrics

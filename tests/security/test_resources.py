@@ -306,13 +306,14 @@ def test_an_unexpected_failure_is_a_json_500(digits_bundle):
 
     rt.infer_async = broken  # a bug nobody anticipated, not a client's mistake
     metrics = ServerMetrics()
-    srv = Live(create_app(rt, "digits", metrics=metrics), ServerLimits())
+    srv = Live(create_app(rt, "digits", metrics=metrics, instance="r1"), ServerLimits())
     try:
         body = json.dumps(
             {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
         )
         r = httpx.post(f"{srv.url}{INFER}", content=body, timeout=5)
         assert r.status_code == 500 and r.json() == {"error": "internal server error"}
+        assert r.headers.get_list("x-forgetrt-instance") == ["r1"]  # a failure names its server too
         assert 'status="500"' in httpx.get(f"{srv.url}/metrics", timeout=5).text
         x = np.zeros((1, 1, 8, 8), np.float32)
         assert rt.infer(x).logits.shape == (1, 10)  # the runtime itself is fine
