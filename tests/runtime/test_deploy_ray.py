@@ -91,6 +91,51 @@ def test_scale_and_cluster_configs_are_checked():
     assert ScaleConfig(replicas=3).deployment_options()["num_replicas"] == 3
 
 
+def test_a_replica_stops_before_the_lease_the_coordinator_counts_and_refuses_without_one(monkeypatch):
+    """The replica's side of the lease, without Ray: its lease runs from when it *sent* the poll, for 0.9 of
+    the coordinator's lease (so it always stops first), only for a poll that granted one; without a lease
+    it refuses with the reason, and a poll that failed leaves the old lease to run out, never renews it."""
+    ray = pytest.importorskip("ray", reason="needs the 'ray' extra")
+    from forgetrt.runtime.deploy import ForgetRTReplica
+
+    clock = [100.0]
+    monkeypatch.setattr("forgetrt.runtime.deploy.time.monotonic", lambda: clock[0])
+    answers: list = []
+
+    class _Poll:
+        def remote(self, replica, applied, wait_s, sha):
+            clock[0] += 1.5  # the long poll takes 1.5 s; the lease counts from before it
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    class _Coordinator:
+        poll = _Poll()
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    rep = object.__new__(ForgetRTReplica)
+    rep.replica, rep.cluster, rep.coordinator = "r0", ClusterConfig(lease_s=4.0, poll_s=1.0), _Coordinator()
+    rep.applied, rep.applied_sha, rep.lease_until, rep.last_error = 0, None, 0.0, None
+    rep.last_contact = clock[0]
+    state = {"generation": 0, "bank": None, "vectors_sha256": None}
+
+    assert "holds no current bank lease" in rep.admission()
+    answers.append({**state, "lease_for": 0})
+    rep._sync_once(wait_s=1.0)  # sent at 100, answered at 101.5
+    assert rep.lease_until == pytest.approx(100.0 + 0.9 * 4.0)
+    assert rep.admission() is None
+    answers.append({**state, "lease_for": None})  # no lease granted (e.g. a bank it has not applied)
+    rep._sync_once(wait_s=1.0)  # sent at 101.5: the lease it holds is not extended
+    assert rep.lease_until == pytest.approx(103.6)
+    clock[0] = 103.6
+    assert "holds no current bank lease" in rep.admission()
+    answers.append(ray.exceptions.GetTimeoutError("coordinator slow"))
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        rep._sync_once(wait_s=1.0)
+    assert rep.lease_until == pytest.approx(103.6) and rep.last_contact == pytest.approx(101.5 + 1.5)
+
+
 # --------------------------------------------------------------------------- a local Ray cluster
 
 
