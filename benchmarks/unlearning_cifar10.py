@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_data(f"cifar10:{a.data}")
     load_s = time.perf_counter() - t0
     if a.subset:
-        ntr, nte = a.subset
-        ds = ds.subset(ntr, nte, seed=0)
+        ds = ds.subset(*a.subset, seed=0)
     recipe = PRESETS[a.preset]
     changes = {
         k: v

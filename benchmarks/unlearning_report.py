@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     ds = load_data(a.data, image_size=a.image_size)
     if a.subset:
-        ntr, nte = a.subset
-        ds = ds.subset(ntr, nte, seed=0)
+        ds = ds.subset(*a.subset, seed=0)
     report_data_s = time.perf_counter() - t_start
 
     def epochs(r):

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ds = load_data(a.data)
     if a.subset:
-        ntr, nte = a.subset
-        ds = ds.subset(ntr, nte, seed=0)
+        ds = ds.subset(*a.subset, seed=0)
     res: dict = {}
     for name, recipe in cands:
         t0 = time.perf_counter()
